@@ -1,0 +1,73 @@
+"""Async, keep-last-K Orbax checkpoints holding params, optimizer state, step, RNG, the data
+iterator position and the model config, restorable onto any mesh."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointMismatchError(ValueError):
+  pass
+
+
+class Checkpointer:
+
+  def __init__(self, directory: str | Path, *, every: int, keep: int, async_save: bool = True):
+    self.directory = Path(directory).absolute()
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=max(every, 1), max_to_keep=keep, create=True,
+        enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options, item_names=("state", "data", "model"))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state, data_state: dict, model: dict, *, force: bool = False
+           ) -> bool:
+    """Saves if `step` is due (every N) or `force`; returns whether a save started. Older
+    checkpoints are removed only after this one is committed (Orbax's keep-last-K)."""
+    return self.manager.save(
+        step, force=force,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                data=ocp.args.JsonSave(data_state),
+                                model=ocp.args.JsonSave(model)))
+
+  def read_model(self, step: int) -> dict:
+    return self.manager.restore(
+        step, args=ocp.args.Composite(model=ocp.args.JsonRestore()))["model"]
+
+  def check_model(self, step: int, model: dict) -> None:
+    """Refuses to resume a run whose checkpoint was written for another model shape."""
+    saved = self.read_model(step)
+    diffs = {k: (saved.get(k), model.get(k)) for k in set(saved) | set(model)
+             if saved.get(k) != model.get(k)}
+    if diffs:
+      listing = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}"
+                          for k, (a, b) in sorted(diffs.items()))
+      raise CheckpointMismatchError(
+          f"{self.directory} holds a checkpoint (step {step}) of a different model ({listing}). "
+          f"Nothing was overwritten. Use a new --workdir, or run with the config that "
+          f"wrote it.")
+
+  def restore(self, step: int, abstract_state) -> tuple[Any, dict]:
+    """Restores onto the shardings carried by `abstract_state` (any mesh)."""
+    restored = self.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                      data=ocp.args.JsonRestore()))
+    return restored["state"], restored["data"]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

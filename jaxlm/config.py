@@ -1,0 +1,175 @@
+"""Run configuration: ml_collections ConfigDicts from recipe files, command-line overrides
+(`--config.optim.learning_rate=1e-3`) and checks that name the fix."""
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+from pathlib import Path
+
+import ml_collections
+
+from jaxlm.models.config import FIELDS as MODEL_FIELDS
+from jaxlm.models.config import LlamaConfig, from_preset
+from jaxlm.parallel.rules import DEFAULT_RULES
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_RECIPE = "tiny_demo"
+
+
+class ConfigError(ValueError):
+  pass
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every recipe starts from this and changes what it needs."""
+  c = ml_collections.ConfigDict()
+  # A preset names the architecture; any field set here (not None) overrides the preset.
+  c.model = ml_collections.ConfigDict({"preset": "tiny", "init_from": "",
+                                       **{f: None for f in MODEL_FIELDS}})
+  c.mesh = ml_collections.ConfigDict(
+      {"data": 1, "fsdp": -1, "tensor": 1, "rules": DEFAULT_RULES})
+  c.data = ml_collections.ConfigDict({
+      "corpus": "embedded",  # "embedded" (Jane Austen, shipped) or a .txt / .jsonl(.gz) path
+      "tokenizer": "embedded",  # "embedded" or a tokenizer.json path
+      "seq_len": 256,
+      "batch_size": 16,  # global, across all devices and processes
+      "validation_fraction": 0.02,
+      "seed": 0,
+      "cache_dir": "~/.cache/jaxlm",
+  })
+  c.optim = ml_collections.ConfigDict({
+      "name": "adamw",  # adamw | adam | sgd | adafactor | lion
+      "learning_rate": 3e-4,
+      "schedule": "cosine",  # constant | cosine | linear | exponential | step | wsd
+      "warmup_steps": 100,
+      "decay_steps": 0,  # 0: decay over train.steps
+      "final_lr_ratio": 0.1,
+      "transition_steps": 1000,  # exponential / step: steps per decay period
+      "decay_rate": 0.5,  # exponential / step: multiplier per period
+      "staircase": False,
+      "boundaries": (),  # step: explicit decay steps (overrides transition_steps)
+      "decay_fraction": 0.2,  # wsd: share of steps spent decaying
+      "b1": 0.9,
+      "b2": 0.95,
+      "eps": 1e-8,
+      "weight_decay": 0.1,  # never applied to norms and biases
+      "momentum": 0.9,  # sgd
+      "nesterov": False,  # sgd
+      "grad_clip_norm": 1.0,  # 0 disables
+  })
+  c.train = ml_collections.ConfigDict({
+      "steps": 1000,
+      "seed": 0,
+      "grad_accum_steps": 1,
+      "label_smoothing": 0.0,
+      "z_loss": 0.0,
+      "log_every": 10,
+      "eval_every": 100,  # 0 disables evaluation
+      "eval_batches": 4,
+      "peak_tflops_per_device": 0.0,  # 0: look up the device kind; used for MFU only
+  })
+  c.checkpoint = ml_collections.ConfigDict({"every": 500, "keep": 3, "async_save": True})
+  return c
+
+
+def resolve_recipe(path_or_name: str) -> Path:
+  path = Path(path_or_name)
+  if path.is_file():
+    return path
+  named = RECIPES_DIR / (path_or_name if path_or_name.endswith(".py") else path_or_name + ".py")
+  if named.is_file():
+    return named
+  known = sorted(p.stem for p in RECIPES_DIR.glob("*.py")) if RECIPES_DIR.is_dir() else []
+  raise ConfigError(f"No config file {path_or_name!r}. Pass a path to a .py file with "
+                    f"get_config(), or a recipe name: {', '.join(known) or '(none found)'}.")
+
+
+def load_config(path_or_name: str = DEFAULT_RECIPE, overrides=()) -> ml_collections.ConfigDict:
+  path = resolve_recipe(path_or_name)
+  spec = importlib.util.spec_from_file_location(f"jaxlm_recipe_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{path} defines no get_config() function.")
+  config = module.get_config()
+  apply_overrides(config, overrides)
+  config.lock()
+  return config
+
+
+def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  keys = []
+  for key, value in config.items():
+    full = f"{prefix}{key}"
+    keys.append(full)
+    if isinstance(value, ml_collections.ConfigDict):
+      keys.extend(flat_keys(value, full + "."))
+  return keys
+
+
+def _unknown_key(key: str, config) -> ConfigError:
+  close = difflib.get_close_matches(key, flat_keys(config), n=3, cutoff=0.6)
+  hint = f" Did you mean {', '.join(close)}?" if close else ""
+  return ConfigError(f"Unknown config key {key!r}.{hint}")
+
+
+def _parse_value(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text  # a bare string such as a path or a name
+
+
+def set_value(config: ml_collections.ConfigDict, key: str, value) -> None:
+  *parents, leaf = key.split(".")
+  node = config
+  for part in parents:
+    if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+      raise _unknown_key(key, config)
+    node = node[part]
+  if leaf not in node:
+    raise _unknown_key(key, config)
+  current = node[leaf]
+  if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  if isinstance(current, tuple) and isinstance(value, list):
+    value = tuple(value)
+  try:
+    with node.unlocked():
+      node[leaf] = value
+  except TypeError as e:
+    raise ConfigError(f"Bad value for {key}: {value!r} ({e}).") from None
+
+
+def apply_overrides(config, overrides) -> None:
+  """overrides: ["--config.a.b=value", "config.a.b=value", "a.b=value"] or a dict."""
+  items = overrides.items() if isinstance(overrides, dict) else []
+  if not isinstance(overrides, dict):
+    parsed = []
+    for arg in overrides:
+      text = arg.removeprefix("--").removeprefix("config.")
+      if "=" not in text:
+        raise ConfigError(f"Override {arg!r} needs the form --config.section.key=value.")
+      key, raw = text.split("=", 1)
+      parsed.append((key, _parse_value(raw)))
+    items = parsed
+  for key, value in items:
+    set_value(config, key, value)
+
+
+def model_config(config) -> LlamaConfig:
+  fields = {k: v for k, v in config.model.items()
+            if k in MODEL_FIELDS and v is not None}
+  if isinstance(fields.get("rope_scaling"), ml_collections.ConfigDict):
+    fields["rope_scaling"] = fields["rope_scaling"].to_dict()
+  return from_preset(config.model.preset, **fields)
+
+
+def shape_signature(cfg: LlamaConfig) -> dict:
+  """What must match for a checkpoint to be resumable by a config."""
+  keys = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "mlp_dim",
+          "qkv_bias", "tie_embeddings", "param_dtype")
+  sig = {k: getattr(cfg, k) for k in keys}
+  sig["head_dim"] = cfg.resolved_head_dim
+  return sig

@@ -1,0 +1,1 @@
+"""Text sources, tokenization and deterministic, resumable batches."""

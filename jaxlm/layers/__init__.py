@@ -1,0 +1,1 @@
+"""Building blocks of the models. They know logical axis names, never meshes."""

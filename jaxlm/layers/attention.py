@@ -1,0 +1,60 @@
+"""Grouped-query self-attention with rotary embeddings, causal, document and sliding-window
+masking, through `jax.nn.dot_product_attention` (cuDNN flash on GPU, XLA elsewhere)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.layers.linear import Einsum
+from jaxlm.layers.rotary import apply_rotary, inverse_frequencies
+from jaxlm.layers.sharding import constrain
+
+
+def resolve_attention_impl(requested: str | None) -> str | None:
+  if requested is not None:
+    return requested
+  return "cudnn" if jax.default_backend() == "gpu" else "xla"
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    d, hd = cfg.hidden_size, cfg.resolved_head_dim
+    n, k = cfg.num_heads, cfg.num_kv_heads
+    common = dict(rngs=rngs, param_dtype=jnp.dtype(cfg.param_dtype),
+                  compute_dtype=jnp.dtype(cfg.compute_dtype), init_std=cfg.init_std)
+    bias = cfg.qkv_bias
+    self.q_proj = Einsum("btd,dnh->btnh", (d, n, hd), ("embed", "heads", "head_dim"),
+                         bias_shape=(n, hd) if bias else None,
+                         bias_names=("heads", "head_dim"), **common)
+    self.k_proj = Einsum("btd,dkh->btkh", (d, k, hd), ("embed", "kv_heads", "head_dim"),
+                         bias_shape=(k, hd) if bias else None,
+                         bias_names=("kv_heads", "head_dim"), **common)
+    self.v_proj = Einsum("btd,dkh->btkh", (d, k, hd), ("embed", "kv_heads", "head_dim"),
+                         bias_shape=(k, hd) if bias else None,
+                         bias_names=("kv_heads", "head_dim"), **common)
+    self.o_proj = Einsum("btnh,nhd->btd", (n, hd, d), ("heads", "head_dim", "embed"), **common)
+    # A tuple of floats, not an array: static, so not mistaken for model state.
+    self.inv_freq = tuple(inverse_frequencies(hd, cfg.rope_theta, cfg.rope_scaling).tolist())
+    self.sliding_window = cfg.sliding_window
+    self.implementation = cfg.attention_impl
+
+  def __call__(self, x: jax.Array, positions: jax.Array,
+               segment_ids: jax.Array | None) -> jax.Array:
+    q = constrain(self.q_proj(x), ("act_batch", "act_length", "act_heads", None))
+    k = constrain(self.k_proj(x), ("act_batch", "act_length", "act_kv_heads", None))
+    v = constrain(self.v_proj(x), ("act_batch", "act_length", "act_kv_heads", None))
+    q = apply_rotary(q, positions, self.inv_freq)
+    k = apply_rotary(k, positions, self.inv_freq)
+    mask = None
+    if segment_ids is not None:
+      # Tokens attend only within their own document; padding (id 0) only to padding,
+      # so no query row is ever fully masked.
+      mask = (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    window = None if self.sliding_window is None else (self.sliding_window - 1, 0)
+    out = jax.nn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=True, local_window_size=window,
+        implementation=resolve_attention_impl(self.implementation))
+    out = constrain(out, ("act_batch", "act_length", "act_heads", None))
+    return self.o_proj(out)

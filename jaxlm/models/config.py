@@ -1,0 +1,131 @@
+"""Shape and numerics of a Llama-family decoder, plus named presets."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  vocab_size: int = 32000
+  hidden_size: int = 2048
+  num_layers: int = 16
+  num_heads: int = 16
+  num_kv_heads: int = 16
+  head_dim: int | None = None  # None: hidden_size // num_heads
+  mlp_dim: int = 7168
+  rope_theta: float = 10000.0
+  # None, or a dict in Hugging Face's layout, e.g. {"rope_type": "llama3", "factor": 32.0,
+  # "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+  # or {"rope_type": "linear", "factor": 2.0}.
+  # Stored as sorted (key, value) pairs so the config stays hashable (jit static args).
+  rope_scaling: dict[str, Any] | tuple | None = None
+  max_seq_len: int = 2048
+  norm_eps: float = 1e-5
+  qkv_bias: bool = False  # Qwen2
+  sliding_window: int | None = None  # Mistral: a token sees itself and the window-1 before it
+  tie_embeddings: bool = False
+  dropout_rate: float = 0.0
+  param_dtype: str = "float32"
+  compute_dtype: str = "bfloat16"
+  scan_layers: bool = True
+  # none | full | dots | dots_no_batch | qkv_proj (see layers/remat.py)
+  remat_policy: str = "full"
+  # None: cuDNN flash attention on GPU, XLA elsewhere; or "xla" / "cudnn" explicitly.
+  attention_impl: str | None = None
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    if isinstance(self.rope_scaling, dict):
+      object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+    problems = []
+    if self.num_heads % self.num_kv_heads:
+      problems.append(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                      f"({self.num_kv_heads}) for grouped-query attention")
+    if self.head_dim is None and self.hidden_size % self.num_heads:
+      problems.append(f"hidden_size ({self.hidden_size}) is not divisible by num_heads "
+                      f"({self.num_heads}); set head_dim explicitly")
+    if self.head_dim is not None and self.head_dim % 2:
+      problems.append(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+    if problems:
+      raise ValueError("Invalid model config: " + "; ".join(problems))
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+  def num_params(self, include_embedding: bool = True) -> int:
+    d, hd = self.hidden_size, self.resolved_head_dim
+    attn = d * hd * (self.num_heads * 2 + self.num_kv_heads * 2)
+    if self.qkv_bias:
+      attn += hd * (self.num_heads + 2 * self.num_kv_heads)
+    layer = attn + 3 * d * self.mlp_dim + 2 * d
+    total = self.num_layers * layer + d  # final norm
+    output = 0 if self.tie_embeddings else self.vocab_size * d
+    embedding = self.vocab_size * d
+    if include_embedding:
+      return total + output + embedding
+    # With tied embeddings the shared matrix still does the output projection's work.
+    return total + (self.vocab_size * d if self.tie_embeddings else output)
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x matmul params (no input embedding lookup) plus causal
+    attention counted once, 6 x layers x seq x (heads x head_dim): the QK^T and AV matmuls
+    (2 x 2 x s x d each forward, x3 for backward) halved for the causal mask."""
+    attention = 6 * self.num_layers * seq_len * self.num_heads * self.resolved_head_dim
+    return 6 * self.num_params(include_embedding=False) + attention
+
+  def replace(self, **changes) -> "LlamaConfig":
+    return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, LlamaConfig] = {
+    # Small enough for unit tests on two CPU cores.
+    "tiny": LlamaConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4,
+                        num_kv_heads=2, mlp_dim=128, max_seq_len=128, rope_theta=10000.0,
+                        compute_dtype="float32", remat_policy="none"),
+    # The embedded demo: trains visibly on a laptop CPU within minutes.
+    "demo": LlamaConfig(vocab_size=4096, hidden_size=256, num_layers=4, num_heads=8,
+                        num_kv_heads=4, mlp_dim=768, max_seq_len=256, tie_embeddings=True,
+                        remat_policy="none"),
+    # The reference model of DESIGN.md's performance table.
+    "ref-1.1b": LlamaConfig(vocab_size=32000, hidden_size=2048, num_layers=16, num_heads=16,
+                            num_kv_heads=16, mlp_dim=7168, max_seq_len=2048),
+    "llama3.2-1b": LlamaConfig(
+        vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8,
+        head_dim=64, mlp_dim=8192, rope_theta=500000.0, max_seq_len=131072, norm_eps=1e-5,
+        tie_embeddings=True,
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "llama3-8b": LlamaConfig(
+        vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+        mlp_dim=14336, rope_theta=500000.0, max_seq_len=8192, norm_eps=1e-5),
+    "llama2-7b": LlamaConfig(
+        vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32,
+        mlp_dim=11008, rope_theta=10000.0, max_seq_len=4096, norm_eps=1e-5),
+    "mistral-7b": LlamaConfig(
+        vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+        mlp_dim=14336, rope_theta=10000.0, max_seq_len=32768, norm_eps=1e-5,
+        sliding_window=4096),
+    "qwen2-0.5b": LlamaConfig(
+        vocab_size=151936, hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
+        mlp_dim=4864, rope_theta=1000000.0, max_seq_len=32768, norm_eps=1e-6, qkv_bias=True,
+        tie_embeddings=True),
+    "qwen2-7b": LlamaConfig(
+        vocab_size=152064, hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4,
+        mlp_dim=18944, rope_theta=1000000.0, max_seq_len=32768, norm_eps=1e-6, qkv_bias=True),
+}
+
+FIELDS = tuple(f.name for f in dataclasses.fields(LlamaConfig))
+
+
+def from_preset(name: str, **overrides) -> LlamaConfig:
+  if name not in PRESETS:
+    import difflib
+    close = difflib.get_close_matches(name, PRESETS, n=3)
+    raise ValueError(f"Unknown model preset {name!r}. Known presets: {', '.join(PRESETS)}"
+                     + (f". Did you mean {' or '.join(map(repr, close))}?" if close else ""))
+  unknown = set(overrides) - set(FIELDS)
+  if unknown:
+    raise ValueError(f"Unknown model fields {sorted(unknown)}; valid fields: {', '.join(FIELDS)}")
+  return PRESETS[name].replace(**overrides)

@@ -1,0 +1,1 @@
+"""Optimizers, losses, the pure train step and the training loop."""

@@ -1,0 +1,211 @@
+"""`jaxlm train`: config -> mesh + model + optimizer -> sharded state -> steps, metrics and
+checkpoints, resuming from the workdir's latest checkpoint when there is one."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxlm import config as config_lib
+from jaxlm.checkpoint import Checkpointer
+from jaxlm.data.stream import WindowBatches, split_stream, tokenize_corpus
+from jaxlm.data.text import load_tokenizer
+from jaxlm.parallel.mesh import build_mesh
+from jaxlm.parallel.rules import LogicalRules
+from jaxlm.train.metrics import MetricsWriter, Progress, peak_flops_per_device
+from jaxlm.train.optimizer import make_optimizer
+from jaxlm.train.step import LossConfig
+from jaxlm.train.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+def check_layout(model_cfg, mesh, config) -> None:
+  """Catches layouts that cannot work before anything is compiled, with the fix."""
+  tensor = mesh.shape["tensor"]
+  for name, count in (("num_heads", model_cfg.num_heads),
+                      ("num_kv_heads", model_cfg.num_kv_heads)):
+    if count % tensor:
+      raise config_lib.ConfigError(
+          f"model.{name} = {count} is not divisible by mesh.tensor = {tensor}; use a tensor "
+          f"size that divides {count}.")
+  batch_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+  micro = config.data.batch_size // config.train.grad_accum_steps
+  if config.data.batch_size % config.train.grad_accum_steps:
+    raise config_lib.ConfigError(
+        f"data.batch_size = {config.data.batch_size} is not divisible by "
+        f"train.grad_accum_steps = {config.train.grad_accum_steps}.")
+  if micro % batch_parallel:
+    raise config_lib.ConfigError(
+        f"The per-step batch ({micro} = data.batch_size / train.grad_accum_steps) is not "
+        f"divisible by the data-parallel size data x fsdp = {batch_parallel}; use a batch "
+        f"that is a multiple of {batch_parallel * config.train.grad_accum_steps}.")
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a training run is made of, built from a config."""
+  config: object
+  model_cfg: object
+  mesh: object
+  trainer: Trainer
+  schedule: object
+
+  @classmethod
+  def build(cls, config) -> "Run":
+    model_cfg = config_lib.model_config(config)
+    mesh = build_mesh(dict(data=config.mesh.data, fsdp=config.mesh.fsdp,
+                           tensor=config.mesh.tensor))
+    check_layout(model_cfg, mesh, config)
+    tx, schedule = make_optimizer(config.optim, config.train.steps)
+    trainer = Trainer(
+        model_cfg, tx, schedule, LogicalRules(mesh, config.mesh.rules),
+        loss_cfg=LossConfig(config.train.label_smoothing, config.train.z_loss),
+        grad_accum_steps=config.train.grad_accum_steps)
+    return cls(config, model_cfg, mesh, trainer, schedule)
+
+  def global_batch(self, local_rows: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Assembles each process's rows into global arrays sharded over data x fsdp."""
+    out = {}
+    for key, rows in local_rows.items():
+      global_shape = (rows.shape[0] * jax.process_count(),) + rows.shape[1:]
+      sharding = self.trainer.rules.sharding(("batch",) + (None,) * (rows.ndim - 1),
+                                             global_shape, "batch " + key)
+      out[key] = jax.make_array_from_process_local_data(sharding, rows, global_shape)
+    return out
+
+
+def evaluate(run: Run, params, batches: WindowBatches, num_batches: int) -> dict:
+  nll, tokens = 0.0, 0.0
+  for k in range(min(num_batches, batches.batches_per_epoch)):
+    sums = jax.device_get(run.trainer.eval_step(params, run.global_batch(batches.batch(k))))
+    nll += float(sums["nll_sum"])
+    tokens += float(sums["tokens"])
+  loss = nll / max(tokens, 1.0)
+  return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+
+def _check_finite(metrics: dict, step: int, checkpointer: Checkpointer) -> None:
+  bad = [k for k in ("loss", "grad_norm") if not math.isfinite(float(metrics[k]))]
+  if bad:
+    last = checkpointer.latest_step()
+    raise NonFiniteLossError(
+        f"Non-finite {' and '.join(bad)} at step {step} (loss={float(metrics['loss'])}, "
+        f"grad_norm={float(metrics['grad_norm'])}). Nothing was saved for it; the last good "
+        f"checkpoint is {'step ' + str(last) if last is not None else 'none'} in "
+        f"{checkpointer.directory}. Lower optim.learning_rate or enable optim.grad_clip_norm.")
+
+
+def train(config, workdir: str | Path) -> dict:
+  """Trains until config.train.steps; returns the last logged metrics."""
+  workdir = Path(workdir).expanduser().absolute()
+  is_main = jax.process_index() == 0
+  run = Run.build(config)
+  model_cfg, trainer = run.model_cfg, run.trainer
+  signature = config_lib.shape_signature(model_cfg)
+
+  tokenizer_vocab = load_tokenizer(config.data.tokenizer).get_vocab_size()
+  if tokenizer_vocab > model_cfg.vocab_size:
+    raise config_lib.ConfigError(
+        f"The tokenizer has {tokenizer_vocab} tokens but model.vocab_size is "
+        f"{model_cfg.vocab_size}; set --config.model.vocab_size={tokenizer_vocab} or more.")
+  tokens = tokenize_corpus(config.data.corpus, config.data.tokenizer, config.data.cache_dir)
+  train_tokens, val_tokens = split_stream(tokens, config.data.validation_fraction)
+  data = WindowBatches(train_tokens, config.data.seq_len, config.data.batch_size,
+                       seed=config.data.seed, process_index=jax.process_index(),
+                       process_count=jax.process_count())
+  val_data = WindowBatches(val_tokens, config.data.seq_len, config.data.batch_size,
+                           seed=config.data.seed, process_index=jax.process_index(),
+                           process_count=jax.process_count(), shuffle=False) \
+      if config.train.eval_every and config.data.validation_fraction > 0 else None
+
+  checkpointer = Checkpointer(workdir / "checkpoints", every=config.checkpoint.every,
+                              keep=config.checkpoint.keep,
+                              async_save=config.checkpoint.async_save)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    checkpointer.check_model(latest, signature)
+    state, data_state = checkpointer.restore(latest, trainer.abstract_state())
+    data.restore(data_state)
+    if is_main:
+      print(f"Resuming from step {latest} in {checkpointer.directory}", flush=True)
+  else:
+    state = trainer.init_state(config.train.seed)
+  if is_main:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+  start = int(jax.device_get(state["step"]))
+  total = config.train.steps
+  tokens_per_step = config.data.batch_size * config.data.seq_len
+  flops_per_step = model_cfg.flops_per_token(config.data.seq_len) * tokens_per_step
+  peak = peak_flops_per_device(config.train.peak_tflops_per_device)
+  writer = MetricsWriter(workdir, enabled=is_main)
+  progress = Progress(total, start, enabled=is_main)
+  if is_main:
+    progress.write(f"model: {model_cfg.num_params() / 1e6:.2f}M params | mesh "
+                   f"{dict(run.mesh.shape)} | {jax.device_count()} x "
+                   f"{jax.devices()[0].device_kind} | {tokens_per_step:,} tokens/step")
+
+  last_logged: dict = {}
+  pending = 0
+  timer = time.perf_counter()
+  timed_steps = 0
+  try:
+    for step in range(start, total):
+      state, metrics = trainer.train_step(state, run.global_batch(next(data)))
+      done = step + 1
+      pending += 1
+      if step == start:
+        # The first step includes compilation: report it and start timing afterwards.
+        jax.block_until_ready(metrics)
+        compile_s = time.perf_counter() - timer
+        if is_main:
+          progress.write(f"step {done}: compiled and ran in {compile_s:.1f}s")
+        timer, timed_steps = time.perf_counter(), 0
+      else:
+        timed_steps += 1
+      will_save = checkpointer.manager.should_save(done) or done == total
+      log_now = done % config.train.log_every == 0 or done == total
+      if log_now or will_save:
+        host = jax.device_get(metrics)
+        _check_finite(host, done, checkpointer)
+      if log_now:
+        elapsed = time.perf_counter() - timer
+        step_time = elapsed / timed_steps if timed_steps else float("nan")
+        tokens_per_s = tokens_per_step / step_time if timed_steps else float("nan")
+        last_logged = {
+            "loss": float(host["loss"]), "perplexity": math.exp(min(float(host["nll"]), 50.0)),
+            "learning_rate": float(host["learning_rate"]),
+            "grad_norm": float(host["grad_norm"]), "step_time_s": step_time,
+            "tokens_per_s": tokens_per_s, "tokens_seen": done * tokens_per_step,
+            "mfu": (flops_per_step / step_time / (peak * jax.device_count())
+                    if peak and timed_steps else None),
+        }
+        if config.train.z_loss:
+          last_logged["z_loss"] = float(host["z_loss"])
+        if val_data is not None and (done % config.train.eval_every == 0 or done == total):
+          last_logged.update(evaluate(run, state["params"], val_data,
+                                      config.train.eval_batches))
+        writer.write(done, last_logged)
+        progress.update(pending, last_logged)
+        pending = 0
+        timer, timed_steps = time.perf_counter(), 0
+      if will_save:
+        checkpointer.save(done, state, data.state(), signature, force=done == total)
+  finally:
+    progress.update(pending)
+    progress.close()
+    writer.close()
+    checkpointer.close()
+  return last_logged

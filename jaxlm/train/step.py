@@ -1,0 +1,99 @@
+"""The pure train and eval steps: (state, batch) -> (state, metrics).
+
+state is a plain dict {"step", "params", "opt_state", "rng"} of arrays; batch is a dict of
+int [batch, seq] arrays: input_ids, targets, loss_mask and optionally positions and
+segment_ids. Nothing here knows about meshes: shardings are applied by the caller's jit.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxlm.layers.sharding import activation_sharding, constrain
+from jaxlm.train.loss import cross_entropy
+
+MODEL_INPUTS = ("positions", "segment_ids")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  label_smoothing: float = 0.0
+  z_loss: float = 0.0
+
+
+def _forward_sums(graphdef, params, batch, loss_cfg: LossConfig, dropout_rng):
+  model = nnx.merge(graphdef, params)
+  logits = model(batch["input_ids"], *(batch.get(k) for k in MODEL_INPUTS),
+                 dropout_rng=dropout_rng)
+  return cross_entropy(logits, batch["targets"], batch["loss_mask"],
+                       label_smoothing=loss_cfg.label_smoothing, z_loss=loss_cfg.z_loss)
+
+
+def _split_microbatches(batch, num_micro: int):
+  """[B, ...] -> [num_micro, B // num_micro, ...] such that each device keeps its own rows
+  (micro-batch i holds rows i, i + num_micro, ...), so no data moves between devices."""
+
+  def split(x):
+    x = x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:])
+    x = constrain(x, ("act_batch",) + (None,) * (x.ndim - 1))
+    return jnp.swapaxes(x, 0, 1)
+
+  return jax.tree.map(split, batch)
+
+
+def train_step(state, batch, *, graphdef, tx: optax.GradientTransformation, schedule,
+               loss_cfg: LossConfig, grad_accum_steps: int = 1, dropout: bool = False,
+               activation_resolver=None):
+  with activation_sharding(activation_resolver):
+    step = state["step"]
+    dropout_rng = jax.random.fold_in(state["rng"], step) if dropout else None
+    total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+
+    def sum_loss(params, micro, rng):
+      sums = _forward_sums(graphdef, params, micro, loss_cfg, rng)
+      return sums["loss_sum"], sums
+
+    grad_fn = jax.grad(sum_loss, has_aux=True)
+    if grad_accum_steps == 1:
+      grads, sums = grad_fn(state["params"], batch, dropout_rng)
+    else:
+      micro_batches = _split_microbatches(batch, grad_accum_steps)
+      zeros = jax.tree.map(jnp.zeros_like, state["params"])
+
+      def accumulate(carry, micro_and_index):
+        micro, index = micro_and_index
+        rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
+        grads, sums = grad_fn(state["params"], micro, rng)
+        carry_grads, carry_sums = carry
+        return (jax.tree.map(jnp.add, carry_grads, grads),
+                jax.tree.map(jnp.add, carry_sums, sums)), None
+
+      empty_sums = {k: jnp.zeros((), jnp.float32)
+                    for k in ("loss_sum", "nll_sum", "z_loss_sum", "tokens")}
+      (grads, sums), _ = jax.lax.scan(
+          accumulate, (zeros, empty_sums),
+          (micro_batches, jnp.arange(grad_accum_steps)))
+
+    grads = jax.tree.map(lambda g: g / total_tokens, grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {
+        "loss": sums["loss_sum"] / total_tokens,
+        "nll": sums["nll_sum"] / total_tokens,
+        "z_loss": sums["z_loss_sum"] / total_tokens,
+        "tokens": sums["tokens"],
+        "grad_norm": optax.tree.norm(grads),
+        "learning_rate": jnp.asarray(schedule(step), jnp.float32),
+    }
+    new_state = dict(state, step=step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+
+def eval_step(params, batch, *, graphdef, activation_resolver=None):
+  with activation_sharding(activation_resolver):
+    sums = _forward_sums(graphdef, params, batch, LossConfig(), None)
+    return {"nll_sum": sums["nll_sum"], "tokens": sums["tokens"]}

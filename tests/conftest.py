@@ -1,0 +1,36 @@
+"""Eight simulated CPU devices for every test, set before JAX initialises."""
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def token_cache(tmp_path_factory):
+  """One tokenization of the embedded corpus shared by the whole session."""
+  return str(tmp_path_factory.mktemp("token_cache"))
+
+
+@pytest.fixture
+def tiny_config(token_cache):
+  """A factory for a tiny, fast, fp32 training config; overrides as {"a.b": value}."""
+  from jaxlm.config import apply_overrides, base_config
+
+  def make(**overrides):
+    config = base_config()
+    apply_overrides(config, {
+        "model.preset": "tiny", "model.vocab_size": 4096, "model.compute_dtype": "float32",
+        "data.seq_len": 32, "data.batch_size": 8, "data.cache_dir": token_cache,
+        "optim.learning_rate": 1e-3, "optim.warmup_steps": 2, "train.steps": 6,
+        "train.log_every": 1, "train.eval_every": 0, "checkpoint.every": 3,
+        "checkpoint.async_save": False,
+        **{k.replace("__", "."): v for k, v in overrides.items()}})
+    return config
+
+  return make

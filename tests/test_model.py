@@ -1,0 +1,113 @@
+"""Model behaviour that parity with Hugging Face cannot show: layouts of the same weights,
+masking, rope scaling, dropout and remat."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxlm.layers.rotary import inverse_frequencies
+from jaxlm.models import Llama, from_preset
+
+
+def _model(**changes):
+  return Llama(from_preset("tiny", **changes), rngs=nnx.Rngs(0))
+
+
+def _ids(batch=2, seq=12, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).integers(0, 256, (batch, seq)))
+
+
+def _with_config(model, **changes):
+  """The same weights under another config (e.g. unrolled layers, other remat)."""
+  other = Llama(model.cfg.replace(**changes), rngs=nnx.Rngs(1))
+  nnx.update(other, nnx.state(model))
+  return other
+
+
+def test_scan_and_unrolled_layers_agree():
+  model = _model()
+  unrolled = _with_config(model, scan_layers=False)
+  np.testing.assert_allclose(model(_ids()), unrolled(_ids()), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots", "minimal"])
+def test_remat_policies_keep_gradients(policy):
+  model = _model()
+  remat = _with_config(model, remat_policy=policy)
+  loss = lambda m: jnp.mean(m(_ids()) ** 2)
+  g_ref = nnx.grad(loss)(model)
+  g = nnx.grad(loss)(remat)
+  for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_attention_never_crosses_documents():
+  model = _model()
+  ids = _ids(batch=1)
+  segments = jnp.array([[1] * 5 + [2] * 7])
+  positions = jnp.array([list(range(5)) + list(range(7))])
+  packed = model(ids, positions, segments)
+  # Document 2 alone, at the same positions, gives the same logits...
+  alone = model(ids[:, 5:], positions[:, 5:], segments[:, 5:])
+  np.testing.assert_allclose(packed[:, 5:], alone, rtol=1e-5, atol=1e-5)
+  # ...and changing document 1 does not reach document 2.
+  changed = model(ids.at[0, :5].set(7), positions, segments)
+  np.testing.assert_allclose(changed[:, 5:], packed[:, 5:], rtol=1e-6, atol=1e-6)
+  assert not np.allclose(changed[:, :5], packed[:, :5])
+
+
+def test_causal_future_tokens_do_not_leak():
+  model = _model()
+  ids = _ids(batch=1)
+  a, b = model(ids), model(ids.at[0, 8:].set(3))
+  np.testing.assert_allclose(a[:, :8], b[:, :8], rtol=1e-6, atol=1e-6)
+
+
+def test_sliding_window_limits_the_context():
+  model = _model(sliding_window=4)
+  ids = _ids(batch=1, seq=12)
+  # Layers stack windows: with 2 layers token t sees back to t - 2 * (4 - 1).
+  a, b = model(ids), model(ids.at[0, 0].set(5))
+  np.testing.assert_allclose(a[:, 7:], b[:, 7:], rtol=1e-6, atol=1e-6)
+  assert not np.allclose(a[:, :7], b[:, :7])
+
+
+def test_llama3_rope_scaling_matches_the_published_rule():
+  inv = inverse_frequencies(64, 500000.0, {"rope_type": "llama3", "factor": 32.0,
+                                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                            "original_max_position_embeddings": 8192})
+  base = inverse_frequencies(64, 500000.0)
+  wavelen = 2 * np.pi / base
+  high = wavelen < 8192 / 4
+  low = wavelen > 8192
+  np.testing.assert_allclose(inv[high], base[high])  # short wavelengths untouched
+  np.testing.assert_allclose(inv[low], base[low] / 32, rtol=1e-6)  # long ones slowed 32x
+  mid = ~high & ~low
+  assert mid.any() and np.all((inv[mid] < base[mid]) & (inv[mid] > base[mid] / 32))
+
+
+def test_dropout_is_random_only_with_a_key():
+  model = _model(dropout_rate=0.5)
+  ids = _ids()
+  np.testing.assert_array_equal(model(ids), model(ids))
+  key = jax.random.PRNGKey(0)
+  a, b = model(ids, dropout_rng=key), model(ids, dropout_rng=jax.random.PRNGKey(1))
+  assert not np.allclose(a, b)
+  np.testing.assert_array_equal(a, model(ids, dropout_rng=key))
+
+
+def test_bias_tied_and_head_dim_options_build():
+  model = _model(qkv_bias=True, tie_embeddings=True, head_dim=32)
+  state = nnx.to_pure_dict(nnx.state(model))
+  assert "lm_head" not in state
+  assert state["layers"]["attention"]["q_proj"]["bias"].shape == (2, 4, 32)
+  assert state["layers"]["attention"]["q_proj"]["kernel"].shape == (2, 64, 4, 32)
+  assert model(_ids()).shape == (2, 12, 256)
+
+
+def test_param_count_formula_matches_the_arrays():
+  for changes in ({}, {"qkv_bias": True, "tie_embeddings": True}, {"head_dim": 32}):
+    model = _model(**changes)
+    arrays = jax.tree.leaves(nnx.state(model))
+    assert sum(a.size for a in arrays) == model.cfg.num_params()
