@@ -42,7 +42,39 @@ def _parser() -> argparse.ArgumentParser:
   gen.add_argument("--workdir", required=True, help="a workdir written by `jaxlm train`")
   gen.add_argument("--prompt", required=True, help="text to continue")
   gen.add_argument("--max-new-tokens", type=int, default=64)
+  conv = sub.add_parser(
+      "convert", help="Hugging Face / GGUF <-> jaxlm model directories",
+      formatter_class=argparse.RawDescriptionHelpFormatter, description="""\
+Convert models. Sources: an HF directory (config.json + safetensors), a hub id when
+online, a GGUF file, a jaxlm model directory or a `jaxlm train` workdir (latest checkpoint).
+
+  jaxlm convert --from-hf path/to/hf_model --out models/mine        # HF -> jaxlm
+  jaxlm convert --from-gguf model.Q4_1.gguf --out models/mine       # GGUF -> jaxlm
+  jaxlm convert --to-hf models/mine --out hf_out --dtype bfloat16   # jaxlm -> HF
+  jaxlm convert --to-hf runs/tiny_demo --out hf_demo                # a trained run -> HF
+
+Tensors are streamed one at a time; nothing is left at --out if conversion fails.""")
+  source = conv.add_mutually_exclusive_group(required=True)
+  source.add_argument("--from-hf", metavar="SRC", help="HF model directory or hub id")
+  source.add_argument("--from-gguf", metavar="FILE", help="llama.cpp GGUF file")
+  source.add_argument("--to-hf", metavar="MODEL",
+                      help="jaxlm model directory or training workdir to export")
+  conv.add_argument("--out", required=True, help="destination directory (must not exist)")
+  conv.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                    help="stored dtype (default: float32 in jaxlm; the source's for --to-hf)")
+  conv.add_argument("--max-shard-gb", type=float, default=5.0,
+                    help="--to-hf: largest safetensors file before sharding (default 5)")
   return parser
+
+
+def _convert(args) -> str:
+  from jaxlm.loading import load_params, save_hf_dir, save_model_dir
+
+  if args.to_hf:
+    loaded = load_params(args.to_hf)
+    return str(save_hf_dir(loaded, args.out, dtype=args.dtype, max_shard_gb=args.max_shard_gb))
+  loaded = load_params(args.from_hf or args.from_gguf, dtype=args.dtype)
+  return str(save_model_dir(loaded, args.out))
 
 
 def _split_overrides(argv):
@@ -63,6 +95,8 @@ def main(argv=None) -> int:
       config = config_lib.load_config(args.config, overrides)
       metrics = train(config, args.workdir)
       print(json.dumps({"workdir": str(Path(args.workdir).absolute()), **metrics}))
+    elif args.command == "convert":
+      print(f"wrote {_convert(args)}")
     elif args.command == "show-config":
       print(config_lib.load_config(args.config, overrides))
     elif args.command == "generate":
@@ -70,7 +104,7 @@ def main(argv=None) -> int:
         raise config_lib.ConfigError("generate takes no --config overrides.")
       from jaxlm.generate.workdir import generate_from_workdir
       print(generate_from_workdir(args.workdir, args.prompt, args.max_new_tokens))
-  except (config_lib.ConfigError, FileNotFoundError, ValueError) as e:
+  except (config_lib.ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
     print(f"jaxlm {args.command}: error: {e}", file=sys.stderr)
     return 2
   return 0

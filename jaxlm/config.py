@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
+import json
 from pathlib import Path
 
 import ml_collections
@@ -159,11 +160,47 @@ def apply_overrides(config, overrides) -> None:
 
 
 def model_config(config) -> LlamaConfig:
+  """The preset, or with model.init_from the source model's own architecture, updated by
+  every model field set (not None) in the config."""
   fields = {k: v for k, v in config.model.items()
             if k in MODEL_FIELDS and v is not None}
   if isinstance(fields.get("rope_scaling"), ml_collections.ConfigDict):
     fields["rope_scaling"] = fields["rope_scaling"].to_dict()
+  if config.model.init_from:
+    from jaxlm.loading import read_config
+    source, _ = read_config(config.model.init_from)
+    # Training defaults, not the source's: fp32 master weights, bf16 compute.
+    defaults = {"param_dtype": "float32", "compute_dtype": "bfloat16"}
+    return source.replace(**{**defaults, **fields})
   return from_preset(config.model.preset, **fields)
+
+
+def read_workdir_config(workdir: Path) -> ml_collections.ConfigDict:
+  """The config a `jaxlm train` workdir was run with (its config.json)."""
+  path = workdir / "config.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} not found: is {workdir} a `jaxlm train` workdir?")
+  saved = json.loads(path.read_text())
+  saved["mesh"]["rules"] = [tuple(r) for r in saved["mesh"]["rules"]]
+  config = base_config()
+  config.update_from_flattened_dict(_flatten(saved))
+  return config
+
+
+def is_workdir(path: Path) -> bool:
+  config = path / "config.json"
+  return (path / "checkpoints").is_dir() and config.is_file() and "mesh" in json.loads(
+      config.read_text())
+
+
+def _flatten(tree, prefix=""):
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict) and key != "rope_scaling":
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+  return out
 
 
 def shape_signature(cfg: LlamaConfig) -> dict:

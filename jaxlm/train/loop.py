@@ -52,6 +52,15 @@ def check_layout(model_cfg, mesh, config) -> None:
         f"that is a multiple of {batch_parallel * config.train.grad_accum_steps}.")
 
 
+def training_tokenizer(config) -> str:
+  """A fine-tune uses its base model's tokenizer unless the config names another."""
+  init_from = config.model.init_from
+  if config.data.tokenizer == "embedded" and init_from and Path(init_from).is_dir() and (
+      Path(init_from) / "tokenizer.json").is_file():
+    return str(Path(init_from) / "tokenizer.json")
+  return config.data.tokenizer
+
+
 @dataclasses.dataclass
 class Run:
   """Everything a training run is made of, built from a config."""
@@ -114,12 +123,13 @@ def train(config, workdir: str | Path) -> dict:
   model_cfg, trainer = run.model_cfg, run.trainer
   signature = config_lib.shape_signature(model_cfg)
 
-  tokenizer_vocab = load_tokenizer(config.data.tokenizer).get_vocab_size()
+  tokenizer_spec = training_tokenizer(config)
+  tokenizer_vocab = load_tokenizer(tokenizer_spec).get_vocab_size()
   if tokenizer_vocab > model_cfg.vocab_size:
     raise config_lib.ConfigError(
         f"The tokenizer has {tokenizer_vocab} tokens but model.vocab_size is "
         f"{model_cfg.vocab_size}; set --config.model.vocab_size={tokenizer_vocab} or more.")
-  tokens = tokenize_corpus(config.data.corpus, config.data.tokenizer, config.data.cache_dir)
+  tokens = tokenize_corpus(config.data.corpus, tokenizer_spec, config.data.cache_dir)
   train_tokens, val_tokens = split_stream(tokens, config.data.validation_fraction)
   data = WindowBatches(train_tokens, config.data.seq_len, config.data.batch_size,
                        seed=config.data.seed, process_index=jax.process_index(),
@@ -139,6 +149,13 @@ def train(config, workdir: str | Path) -> dict:
     data.restore(data_state)
     if is_main:
       print(f"Resuming from step {latest} in {checkpointer.directory}", flush=True)
+  elif config.model.init_from:
+    from jaxlm.loading import load_params
+    loaded = load_params(config.model.init_from, cfg=model_cfg,
+                         shardings=trainer.param_shardings)
+    state = trainer.init_from_params(loaded.params, config.train.seed)
+    if is_main:
+      print(f"Initialised from {config.model.init_from}", flush=True)
   else:
     state = trainer.init_state(config.train.seed)
   if is_main:

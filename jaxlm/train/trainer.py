@@ -76,6 +76,11 @@ class Trainer:
     return {"step": jnp.zeros((), jnp.int32), "params": params,
             "opt_state": self.tx.init(params), "rng": jax.random.PRNGKey(seed)}
 
+  def init_from_params(self, params, seed: int):
+    """A fresh optimizer around given (already sharded) parameters, e.g. a converted model."""
+    return jax.jit(self.state_from_params, static_argnums=1,
+                   out_shardings=self.state_shardings, donate_argnums=0)(params, seed)
+
   def init_state(self, seed: int):
     """Initialises directly into the target shardings: no device ever holds the whole model
     unless the layout says so."""

@@ -1,0 +1,1 @@
+"""Hugging Face (safetensors + config.json) and GGUF <-> jaxlm."""

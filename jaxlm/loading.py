@@ -1,0 +1,224 @@
+"""Load any model jaxlm understands — a Hugging Face directory, a jaxlm model directory, a
+GGUF file or a hub id when online — and write jaxlm model directories and HF exports.
+
+A jaxlm model directory holds jaxlm_model.json (the LlamaConfig, the family and the source
+config.json), params/ (an Orbax checkpoint of the parameters) and the tokenizer files.
+Writes go to a temporary sibling that is renamed into place only when complete, so a failed
+conversion never leaves a partial directory at the destination.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from jaxlm import config as config_lib
+from jaxlm.convert import hf as hf_io
+from jaxlm.convert.errors import ConversionError
+from jaxlm.convert.hf_config import family_for, model_fields, write_hf_config
+from jaxlm.models import Llama, LlamaConfig
+from jaxlm.parallel.rules import LogicalRules, state_shardings
+
+MODEL_FILE = "jaxlm_model.json"
+
+
+@dataclasses.dataclass
+class LoadedParams:
+  cfg: LlamaConfig
+  params: dict
+  family: str
+  hf_config: dict | None  # the source config.json, kept for round trips
+  source: Path | None  # where tokenizer and generation files can be copied from
+  tokenizer_file: str | None = None  # a training run's tokenizer.json ("embedded" or a path)
+
+
+def _with_dtype(cfg: LlamaConfig, dtype: str | None) -> LlamaConfig:
+  dtype = dtype or "float32"
+  return cfg.replace(param_dtype=dtype, compute_dtype=dtype)
+
+
+def shardings_for(cfg: LlamaConfig, mesh, rules=None):
+  if mesh is None:
+    return None
+  abstract = nnx.state(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
+  return state_shardings(LogicalRules(mesh, *(() if rules is None else (rules,))), abstract)
+
+
+def fetch_from_hub(repo_id: str) -> Path:
+  try:
+    from huggingface_hub import snapshot_download
+    return Path(snapshot_download(repo_id, allow_patterns=[
+        "*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]))
+  except Exception as e:  # offline, unknown repo, no permission: all need a local path
+    raise ConversionError(
+        f"{repo_id!r} is not a local path and could not be fetched from the Hugging Face hub "
+        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Offline, pass a "
+        f"local model directory (config.json + *.safetensors).") from None
+
+
+def resolve_source(path: str | Path) -> Path:
+  local = Path(path).expanduser()
+  if local.exists():
+    return local
+  text = str(path)
+  if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+    return fetch_from_hub(text)
+  raise FileNotFoundError(f"{path} does not exist (expected an HF model directory, a jaxlm "
+                          f"model directory or a .gguf file).")
+
+
+def read_config(path: str | Path) -> tuple[LlamaConfig, str]:
+  """The architecture of a model directory, workdir or GGUF file, without loading weights."""
+  path = resolve_source(path)
+  if config_lib.is_workdir(path):
+    cfg = config_lib.model_config(config_lib.read_workdir_config(path))
+    return cfg, family_for(cfg)
+  if path.suffix == ".gguf":
+    from jaxlm.convert.gguf_import import read_gguf_config
+    return read_gguf_config(path)
+  if (path / MODEL_FILE).is_file():
+    meta = json.loads((path / MODEL_FILE).read_text())
+    return LlamaConfig(**meta["model"]), meta["family"]
+  if hf_io.is_hf_directory(path):
+    cfg, family, _ = hf_io.read_hf_directory_config(path)
+    return cfg, family
+  raise ConversionError(f"{path} is neither a Hugging Face model directory (config.json + "
+                        f"safetensors), a jaxlm model directory ({MODEL_FILE}) nor a .gguf file.")
+
+
+def load_params(path: str | Path, *, cfg: LlamaConfig | None = None, mesh=None,
+                shardings=None, dtype: str | None = None) -> LoadedParams:
+  """cfg: the architecture to load into (default: the source's own, float32 or `dtype`).
+  Weights are placed on `shardings`, or on those `mesh` implies, as they are read."""
+  path = resolve_source(path)
+  source_cfg, family = read_config(path)
+  cfg = cfg or _with_dtype(source_cfg, dtype)
+  shardings = shardings if shardings is not None else shardings_for(cfg, mesh)
+  if path.suffix == ".gguf":
+    from jaxlm.convert.gguf_import import load_gguf_params
+    return LoadedParams(cfg, load_gguf_params(path, cfg, shardings), family, None, path)
+  if config_lib.is_workdir(path):
+    return _load_workdir(path, cfg, shardings)
+  if (path / MODEL_FILE).is_file():
+    meta = json.loads((path / MODEL_FILE).read_text())
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, cfg.param_dtype,
+                                                             sharding=sh),
+                          hf_io.abstract_params(cfg),
+                          shardings or shardings_for(cfg, _single_device_mesh()))
+    with ocp.StandardCheckpointer() as checkpointer:
+      params = checkpointer.restore((path / "params").absolute(), target)
+    return LoadedParams(cfg, params, family, meta.get("hf_config"), path)
+  _, _, hf = hf_io.read_hf_directory_config(path)
+  return LoadedParams(cfg, hf_io.load_hf_params(path, cfg, shardings), family, hf, path)
+
+
+def _load_workdir(workdir: Path, cfg: LlamaConfig, shardings) -> LoadedParams:
+  """Parameters of a training run's latest checkpoint."""
+  from jaxlm.checkpoint import Checkpointer
+  from jaxlm.train.loop import Run
+
+  config = config_lib.read_workdir_config(workdir)
+  with config.unlocked():  # restore on whatever devices this machine has
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
+  run = Run.build(config)
+  checkpointer = Checkpointer(workdir / "checkpoints", every=1, keep=1)
+  step = checkpointer.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"No checkpoint in {workdir / 'checkpoints'} yet.")
+  state, _ = checkpointer.restore(step, run.trainer.abstract_state())
+  checkpointer.close()
+  params = jax.tree.map(lambda x: x.astype(cfg.param_dtype), state["params"])
+  if shardings is not None:
+    params = jax.device_put(params, shardings)
+  source = None
+  hf = None
+  if config.model.init_from:
+    source = resolve_source(config.model.init_from)
+    hf = json.loads((source / "config.json").read_text()) if hf_io.is_hf_directory(source) \
+        else None
+  from jaxlm.train.loop import training_tokenizer
+  has_tokenizer = source is not None and (source / "tokenizer.json").is_file()
+  return LoadedParams(cfg, params, family_for(cfg), hf, source,
+                      tokenizer_file=None if has_tokenizer else training_tokenizer(config))
+
+
+def _single_device_mesh():
+  from jaxlm.parallel.mesh import build_mesh
+  return build_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+
+
+def load_model(path: str | Path, mesh=None, dtype: str | None = None) -> Llama:
+  """A Llama whose call on int input_ids [batch, seq] returns float32 logits
+  [batch, seq, vocab]. dtype sets parameter and compute dtype (default float32); with a
+  mesh the weights are placed sharded as they load."""
+  loaded = load_params(path, mesh=mesh, dtype=dtype)
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: Llama(loaded.cfg, rngs=nnx.Rngs(0))))
+  return nnx.merge(graphdef, loaded.params)
+
+
+@contextlib.contextmanager
+def _atomic_directory(out: Path):
+  """Yields a temporary directory that becomes `out` only if the block succeeds."""
+  out = out.expanduser().absolute()
+  if out.exists():
+    raise FileExistsError(f"{out} already exists; choose a new --out or remove it first.")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+  try:
+    yield tmp
+    os.replace(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def _copy_sidecars(loaded: LoadedParams, dest: Path) -> None:
+  source = loaded.source
+  if loaded.tokenizer_file:
+    from jaxlm.data.text import load_tokenizer
+    load_tokenizer(loaded.tokenizer_file).save(str(dest / "tokenizer.json"))
+  if source is not None and source.suffix == ".gguf":
+    from jaxlm.convert.gguf_import import save_gguf_tokenizer
+    save_gguf_tokenizer(source, dest)
+    return
+  if source is None or not source.is_dir():
+    return
+  for name in hf_io.SIDECAR_FILES:
+    if (source / name).is_file():
+      shutil.copy2(source / name, dest / name)
+
+
+def save_model_dir(loaded: LoadedParams, out: str | Path) -> Path:
+  out = Path(out)
+  with _atomic_directory(out) as tmp:
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save((tmp / "params").absolute(), loaded.params)
+      checkpointer.wait_until_finished()
+    (tmp / MODEL_FILE).write_text(json.dumps(
+        {"format": "jaxlm-model", "version": 1, "family": loaded.family,
+         "model": model_fields(loaded.cfg), "hf_config": loaded.hf_config}, indent=2))
+    _copy_sidecars(loaded, tmp)
+  return out.expanduser().absolute()
+
+
+def save_hf_dir(loaded: LoadedParams, out: str | Path, *, dtype: str | None = None,
+                max_shard_gb: float = 5.0) -> Path:
+  """An HF directory that transformers' from_pretrained loads."""
+  dtype = dtype or hf_io.source_dtype(loaded.hf_config or {})
+  out = Path(out)
+  with _atomic_directory(out) as tmp:
+    hf_io.save_hf_params(tmp, loaded.cfg, loaded.params, dtype=dtype,
+                         max_shard_bytes=int(max_shard_gb * 2**30))
+    config = write_hf_config(loaded.cfg, loaded.family or family_for(loaded.cfg), dtype=dtype,
+                             base=loaded.hf_config)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    _copy_sidecars(loaded, tmp)
+  return out.expanduser().absolute()
