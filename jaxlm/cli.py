@@ -32,6 +32,15 @@ def _parser() -> argparse.ArgumentParser:
                      help="recipe: a .py path or a name in configs/ (default: tiny_demo)")
   train.add_argument("--workdir", default="runs/tiny_demo",
                      help="run directory for checkpoints and metrics (default: runs/tiny_demo)")
+  dist = train.add_argument_group(
+      "multi-process", "Normally set by launch/*.sh or the cluster; see README 'Scale out'.")
+  dist.add_argument("--coordinator", help="HOST:PORT of process 0")
+  dist.add_argument("--num-processes", type=int)
+  dist.add_argument("--process-id", type=int)
+  dist.add_argument("--distributed", choices=("auto",),
+                    help="let JAX detect the cluster (TPU pods, SLURM, MPI)")
+  dist.add_argument("--cpu-devices", type=int,
+                    help="simulated CPU devices per process (testing layouts on CPU)")
 
   show = sub.add_parser("show-config", help="print a recipe's full config after overrides")
   show.add_argument("--config", default="tiny_demo", help="recipe path or name")
@@ -91,10 +100,16 @@ def main(argv=None) -> int:
 
   try:
     if args.command == "train":
+      from jaxlm.parallel import distributed
       from jaxlm.train.loop import train
+      distributed.configure_cpu_devices(args.cpu_devices)
+      distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                             auto=args.distributed == "auto")
       config = config_lib.load_config(args.config, overrides)
       metrics = train(config, args.workdir)
-      print(json.dumps({"workdir": str(Path(args.workdir).absolute()), **metrics}))
+      import jax
+      if jax.process_index() == 0:
+        print(json.dumps({"workdir": str(Path(args.workdir).absolute()), **metrics}))
     elif args.command == "convert":
       print(f"wrote {_convert(args)}")
     elif args.command == "show-config":
