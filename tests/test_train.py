@@ -94,3 +94,29 @@ def test_loss_falls_on_the_embedded_corpus(tiny_config, tmp_path):
           "step_time_s"} <= set(rows[-1])
   assert any(name.startswith("events.out.tfevents")
              for name in os.listdir(tmp_path / "tensorboard"))
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tiny_config, tmp_path, capsys):
+  fixed = {"optim__decay_steps": 6}
+  train(tiny_config(**fixed), tmp_path / "straight")
+  run = tmp_path / "run"
+  train(tiny_config(**fixed), run)
+  shards = sorted((run / "checkpoints" / "6" / "state").rglob("d/*"))
+  victim = max(shards, key=lambda p: p.stat().st_size)
+  victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # truncated write
+  train(tiny_config(**fixed), run)  # resumes from step 3, redoes 4..6
+  out = capsys.readouterr().out
+  assert "is incomplete or corrupt" in out and "Resuming from step 3" in out
+  assert (run / "checkpoints" / "6.broken").is_dir()  # kept, not deleted
+  a, _ = _final_params(tiny_config(**fixed), tmp_path / "straight")
+  b, _ = _final_params(tiny_config(**fixed), run)
+  assert_trees_close(a["params"], b["params"], rtol=0, atol=0)
+
+
+def test_checkpoint_without_commit_marker_is_skipped(tiny_config, tmp_path, capsys):
+  train(tiny_config(**{"optim__decay_steps": 6}), tmp_path)
+  (tmp_path / "checkpoints" / "6" / "commit_success.txt").unlink()
+  train(tiny_config(**{"optim__decay_steps": 6}), tmp_path)
+  assert "no commit marker" in capsys.readouterr().out
+  names = {p.name for p in (tmp_path / "checkpoints").iterdir()}
+  assert {"3", "6", "6.broken"} <= names  # redone step 6 saved beside the kept broken one

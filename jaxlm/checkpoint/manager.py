@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,33 @@ class Checkpointer:
           f"{self.directory} holds a checkpoint (step {step}) of a different model ({listing}). "
           f"Nothing was overwritten. Use a new --workdir, or run with the config that "
           f"wrote it.")
+
+  def restore_latest_good(self, abstract_state, model: dict):
+    """(step, state, data_state) from the newest checkpoint that is complete and readable,
+    or None. A broken one (no commit marker, unreadable file) is moved aside to
+    <step>.broken — kept for inspection, never deleted — with a warning, and the previous
+    one is tried."""
+    for step in sorted(self.all_steps(), reverse=True):
+      step_dir = self.directory / str(step)
+      try:
+        if not (step_dir / "commit_success.txt").is_file():
+          raise ValueError("no commit marker (the save never finished)")
+        self.check_model(step, model)
+        state, data_state = self.restore(step, abstract_state)
+        return step, state, data_state
+      except CheckpointMismatchError:
+        raise
+      except Exception as e:  # any failure to read means this checkpoint is unusable
+        aside = step_dir.with_name(f"{step}.broken")
+        log.warning("Checkpoint %s is incomplete or corrupt (%s: %s); moved to %s, trying "
+                    "the previous one.", step_dir, type(e).__name__, str(e)[:300], aside)
+        print(f"WARNING: checkpoint {step_dir} is incomplete or corrupt "
+              f"({type(e).__name__}: {str(e)[:200]}); moved aside to {aside.name}.",
+              flush=True)
+        if jax.process_index() == 0:
+          step_dir.rename(aside)
+        self.manager.reload()
+    return None
 
   def restore(self, step: int, abstract_state) -> tuple[Any, dict]:
     """Restores onto the shardings carried by `abstract_state` (any mesh)."""

@@ -142,10 +142,9 @@ def train(config, workdir: str | Path) -> dict:
   checkpointer = Checkpointer(workdir / "checkpoints", every=config.checkpoint.every,
                               keep=config.checkpoint.keep,
                               async_save=config.checkpoint.async_save)
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    checkpointer.check_model(latest, signature)
-    state, data_state = checkpointer.restore(latest, trainer.abstract_state())
+  restored = checkpointer.restore_latest_good(trainer.abstract_state(), signature)
+  if restored is not None:
+    latest, state, data_state = restored
     data.restore(data_state)
     if is_main:
       print(f"Resuming from step {latest} in {checkpointer.directory}", flush=True)
