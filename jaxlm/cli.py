@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
   gen.add_argument("--workdir", required=True, help="a workdir written by `jaxlm train`")
   gen.add_argument("--prompt", required=True, help="text to continue")
   gen.add_argument("--max-new-tokens", type=int, default=64)
+  from jaxlm.plan_cli import add_plan_parser
+  add_plan_parser(sub)
+
   conv = sub.add_parser(
       "convert", help="Hugging Face / GGUF <-> jaxlm model directories",
       formatter_class=argparse.RawDescriptionHelpFormatter, description="""\
@@ -98,6 +101,9 @@ def main(argv=None) -> int:
   args = _parser().parse_args(rest)
   from jaxlm import config as config_lib  # deferred: keeps --help instant
 
+  if args.command == "plan":  # before anything starts JAX: it may set the device count
+    from jaxlm.plan_cli import run_plan
+    return run_plan(args, overrides)
   try:
     if args.command == "train":
       from jaxlm.parallel import distributed

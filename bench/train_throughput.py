@@ -1,0 +1,170 @@
+"""Training throughput of jaxlm's real train step on synthetic tokens; prints one JSON line.
+
+The defaults are the reference config of DESIGN.md's performance table: preset ref-1.1b,
+sequence 2048, global batch 8, AdamW, bf16 compute, fp32 parameters. The step is the one
+`jaxlm train` runs: Run.build(config), trainer.init_state, trainer.train_step on
+run.global_batch(...) rows. Step 1 compiles (reported as compile_s, compile + one step),
+--warmup more steps are untimed, then --steps steps are timed one by one (each waits for
+its result, so host work per step is included). Any config value can be set with
+--config.SECTION.KEY=VALUE; --mesh takes data/fsdp/tensor sizes (default: fsdp over all
+devices). MFU needs a known device kind or --config.train.peak_tflops_per_device=N.
+
+  python bench/train_throughput.py
+  python bench/train_throughput.py --remat minimal --mesh fsdp=8 --config.optim.grad_clip_norm=0
+  python bench/train_throughput.py --preset tiny --seq-len 64 --batch-size 8 --steps 3  # CPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import flax
+import jax
+import jaxlib
+import numpy as np
+
+from jaxlm.plan import experiment_config
+from jaxlm.plan_cli import parse_layout
+from jaxlm.train.loop import Run
+from jaxlm.train.metrics import peak_flops_per_device
+
+# Lowering is the step every jit cache miss takes, whether or not a persistent compilation
+# cache then supplies the executable.
+LOWERING_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--preset", default="ref-1.1b", help="default: ref-1.1b")
+  parser.add_argument("--seq-len", type=int, default=2048, help="default: 2048")
+  parser.add_argument("--batch-size", type=int, default=8, help="global batch (default: 8)")
+  parser.add_argument("--steps", type=int, default=10, help="timed steps (default: 10)")
+  parser.add_argument("--warmup", type=int, default=2,
+                      help="untimed steps after the compiling first step (default: 2)")
+  parser.add_argument("--remat", help="model.remat_policy (default: the preset's)")
+  parser.add_argument("--optimizer", default="adamw", help="optim.name (default: adamw)")
+  parser.add_argument("--param-dtype", default="float32", help="default: float32")
+  parser.add_argument("--compute-dtype", default="bfloat16", help="default: bfloat16")
+  parser.add_argument("--mesh", type=parse_layout, metavar="AXIS=N[,AXIS=N]",
+                      help="e.g. fsdp=8 or fsdp=4,tensor=2 (default: fsdp over all devices)")
+  parser.add_argument("--seed", type=int, default=0, help="synthetic tokens (default: 0)")
+  overrides = [a for a in argv if a.startswith("--config.")]
+  args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
+  if args.steps < 1 or args.warmup < 0:
+    parser.error("--steps must be at least 1 and --warmup at least 0")
+  return args, overrides
+
+
+class LoweringCounter:
+  """Counts jit lowerings through jax.monitoring: each one is a (re)compile."""
+
+  def __init__(self):
+    self.count = 0
+    jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+  def _on_event(self, event, duration_secs, **kwargs):
+    del duration_secs, kwargs
+    if event == LOWERING_EVENT:
+      self.count += 1
+
+
+def synthetic_rows(rng, batch_size: int, seq_len: int, vocab_size: int) -> dict:
+  """This process's rows of a batch of uniform random tokens."""
+  rows = batch_size // jax.process_count()
+  ids = rng.integers(0, vocab_size, (rows, seq_len + 1), dtype=np.int32)
+  return {"input_ids": ids[:, :-1], "targets": ids[:, 1:],
+          "loss_mask": np.ones((rows, seq_len), np.int32)}
+
+
+def peak_memory_bytes() -> int | None:
+  """The largest peak over this process's devices; None where the backend keeps no stats
+  (CPU)."""
+  stats = [d.memory_stats() for d in jax.local_devices()]
+  peaks = [s["peak_bytes_in_use"] for s in stats if s and "peak_bytes_in_use" in s]
+  return max(peaks) if peaks else None
+
+
+def benchmark(args, overrides) -> dict:
+  counter = LoweringCounter()
+  config, applied = experiment_config(
+      args.preset, args.mesh, seq_len=args.seq_len, batch_size=args.batch_size,
+      optimizer=args.optimizer, remat=args.remat, param_dtype=args.param_dtype,
+      compute_dtype=args.compute_dtype,
+      # The schedule spans the run, so the learning rate stays sane on every step.
+      overrides=[f"--config.train.steps={1 + args.warmup + args.steps}", *overrides])
+  run = Run.build(config)
+  model_cfg = run.model_cfg
+  rng = np.random.default_rng(args.seed)
+  # Two batches alternate: fresh tokens without generating them inside the timed loop.
+  rows = [synthetic_rows(rng, args.batch_size, args.seq_len, model_cfg.vocab_size)
+          for _ in range(2)]
+
+  start = time.perf_counter()
+  state = jax.block_until_ready(run.trainer.init_state(config.train.seed))
+  init_s = time.perf_counter() - start
+
+  def step(i):
+    nonlocal state
+    begin = time.perf_counter()
+    state, metrics = run.trainer.train_step(state, run.global_batch(rows[i % 2]))
+    jax.block_until_ready(metrics)
+    return time.perf_counter() - begin, metrics
+
+  lowerings_before = counter.count
+  compile_s, metrics = step(0)
+  first_step_lowerings = counter.count - lowerings_before
+  first_loss = float(metrics["loss"])
+  lowerings_before = counter.count
+  for i in range(args.warmup):
+    step(1 + i)
+  times = []
+  for i in range(args.steps):
+    seconds, metrics = step(1 + args.warmup + i)
+    times.append(seconds)
+  recompiles = counter.count - lowerings_before
+
+  step_s = statistics.median(times)
+  tokens_per_step = args.batch_size * args.seq_len
+  flops_per_token = model_cfg.flops_per_token(args.seq_len)
+  tflops = flops_per_token * tokens_per_step / step_s / jax.device_count() / 1e12
+  peak = peak_flops_per_device(config.train.peak_tflops_per_device)
+  device = jax.devices()[0]
+  return {
+      "preset": args.preset, "tokens_per_s": tokens_per_step / step_s,
+      "step_time_s": step_s, "step_times_s": [round(t, 6) for t in times],
+      "tflops_per_device": tflops, "mfu": tflops * 1e12 / peak if peak else None,
+      "peak_tflops_per_device": peak / 1e12 if peak else None,
+      "peak_memory_bytes": peak_memory_bytes(), "compile_s": compile_s, "init_s": init_s,
+      # None when this jax emits no lowering events, so a 0 is never a false all-clear.
+      "recompiles": recompiles if first_step_lowerings else None,
+      "loss_first": first_loss, "loss_last": float(metrics["loss"]),
+      "tokens_per_step": tokens_per_step, "flops_per_token": flops_per_token,
+      "num_params": model_cfg.num_params(),
+      "seq_len": args.seq_len, "batch_size": args.batch_size, "steps": args.steps,
+      "warmup": args.warmup, "mesh": {k: int(v) for k, v in run.mesh.shape.items()},
+      "remat_policy": model_cfg.remat_policy, "param_dtype": model_cfg.param_dtype,
+      "compute_dtype": model_cfg.compute_dtype,
+      "device_kind": device.device_kind, "platform": device.platform,
+      "device_count": jax.device_count(), "process_count": jax.process_count(),
+      "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+      "overrides": applied,
+  }
+
+
+def main(argv=None) -> int:
+  args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+  try:
+    result = benchmark(args, overrides)
+  except ValueError as e:  # ConfigError and mesh / sharding errors name the fix
+    print(f"train_throughput: error: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps(result, default=str))
+  return 1 if result["recompiles"] else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

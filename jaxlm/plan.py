@@ -1,0 +1,217 @@
+"""Memory plans: how much each device holds for a model under a mesh layout, before any
+hardware is involved.
+
+For every layout the real train step is built (`Run.build`), lowered on abstract shapes and
+compiled ahead of time, so the numbers come from the same program `jaxlm train` would run.
+Nothing is allocated: an 8B model plans on a laptop. The layouts must use exactly the
+devices JAX sees; on CPU, simulate them before JAX starts (`jax_num_cpu_devices` or
+XLA_FLAGS=--xla_force_host_platform_device_count=N; `jaxlm plan --devices N` does this).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import jax
+
+from jaxlm import config as config_lib
+from jaxlm.parallel.mesh import MESH_AXES
+from jaxlm.train.loop import Run
+
+GIB = 2**30
+BATCH_KEYS = ("input_ids", "targets", "loss_mask")
+
+
+def layout_label(layout: dict) -> str:
+  """{"fsdp": 4, "tensor": 2} -> "fsdp=4 tensor=2"; axes of size 1 are left out."""
+  order = {axis: i for i, axis in enumerate(MESH_AXES)}
+  axes = sorted(layout, key=lambda axis: order.get(axis, len(order)))
+  return " ".join(f"{axis}={layout[axis]}" for axis in axes if layout[axis] != 1) or "1 device"
+
+
+def standard_layouts(num_devices: int) -> list[dict]:
+  """DP, FSDP, TP, then the 2-D mixes (FSDP x TP, DP x TP, DP x FSDP) for each split of the
+  devices into two factors."""
+  n = num_devices
+  layouts = [{"data": n}, {"fsdp": n}, {"tensor": n}] if n > 1 else [{"data": 1}]
+  splits = [k for k in range(2, n) if n % k == 0]
+  layouts += [{"fsdp": n // t, "tensor": t} for t in splits]
+  layouts += [{"data": n // t, "tensor": t} for t in splits]
+  layouts += [{"data": d, "fsdp": n // d} for d in splits]
+  return layouts
+
+
+def experiment_config(preset: str, layout: dict | None = None, *, seq_len: int,
+                      batch_size: int, optimizer: str = "adamw", remat: str | None = None,
+                      param_dtype: str | None = None, compute_dtype: str | None = None,
+                      grad_accum: int = 1, overrides=None):
+  """A locked training config for a preset at a given shape. Returns (config, overrides)
+  where overrides is the flat {key: value} dict applied to base_config(), for the record.
+  None keeps the preset's (or base config's) value; layout None keeps fsdp=-1 (all devices)."""
+  applied = {"model.preset": preset, "data.seq_len": seq_len, "data.batch_size": batch_size,
+             "optim.name": optimizer, "train.grad_accum_steps": grad_accum}
+  if layout is not None:
+    unknown = sorted(set(layout) - set(MESH_AXES))
+    if unknown:
+      raise config_lib.ConfigError(f"Unknown mesh axes {unknown} in layout {layout}; the "
+                                   f"axes are {', '.join(MESH_AXES)}.")
+    applied.update({f"mesh.{axis}": int(layout.get(axis, 1)) for axis in MESH_AXES})
+  for key, value in (("model.remat_policy", remat), ("model.param_dtype", param_dtype),
+                     ("model.compute_dtype", compute_dtype)):
+    if value is not None:
+      applied[key] = value
+  config = config_lib.base_config()
+  config_lib.apply_overrides(config, applied)
+  config_lib.apply_overrides(config, overrides or {})
+  config.lock()
+  keys = [*applied, *_override_keys(overrides or {})]
+  return config, {key: _lookup(config, key) for key in keys}
+
+
+def _override_keys(overrides) -> list[str]:
+  if isinstance(overrides, dict):
+    return list(overrides)
+  return [arg.removeprefix("--").removeprefix("config.").split("=", 1)[0]
+          for arg in overrides]
+
+
+def _lookup(config, key: str):
+  for part in key.split("."):
+    config = config[part]
+  return config
+
+
+def state_bytes(abstract_state) -> dict:
+  """Per-device and global bytes of a sharded abstract train state, from each leaf's shard
+  shape: what the layout puts on one device before any step runs."""
+
+  def per_device(tree):
+    return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+               for leaf in jax.tree.leaves(tree))
+
+  total = sum(math.prod(leaf.shape) * leaf.dtype.itemsize
+              for leaf in jax.tree.leaves(abstract_state))
+  return {"param_bytes": per_device(abstract_state["params"]),
+          "opt_state_bytes": per_device(abstract_state["opt_state"]),
+          "state_bytes": per_device(abstract_state), "state_total_bytes": total}
+
+
+def compiled_memory(compiled) -> dict:
+  """Per-device bytes of a compiled step from XLA's buffer assignment.
+
+  peak = arguments + outputs - aliased + temporaries + generated code, where
+  - arguments are the live inputs (train state and batch shard) at entry;
+  - outputs alias the donated state: `alias` counts output bytes written into argument
+    buffers, so they are subtracted once instead of being counted as inputs and outputs;
+  - temporaries are XLA's scratch for everything in between (saved activations, gradients,
+    gathered weights, collectives' buffers), already packed by liveness;
+  - generated code is the executable itself (0 on CPU).
+  That is what the executable holds while it runs, since XLA reserves the temporaries for
+  the whole step. Not included: the runtime's own reserves (CUDA context, cuDNN and NCCL
+  workspaces, allocator fragmentation), so leave a few GiB of headroom. XLA's own
+  `peak_memory_in_bytes` is not used: on CPU it reports only the arguments. Compiled on CPU,
+  the result estimates an accelerator's: the CPU backend fuses differently, may widen bf16
+  work to f32, and runs attention through XLA (the full [seq, seq] scores) where GPUs use
+  cuDNN flash attention, so temporaries read high for long sequences.
+  """
+  stats = compiled.memory_analysis()
+  out = {"argument_bytes": stats.argument_size_in_bytes,
+         "output_bytes": stats.output_size_in_bytes,
+         "alias_bytes": stats.alias_size_in_bytes,
+         "temp_bytes": stats.temp_size_in_bytes,
+         "code_bytes": stats.generated_code_size_in_bytes}
+  out["peak_bytes"] = (out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
+                       + out["temp_bytes"] + out["code_bytes"])
+  return out
+
+
+def plan_run(run, *, hbm_gib: float, compile_step: bool = True) -> dict:
+  """One row of a plan for a built Run (see plan for the fields)."""
+  mesh = {axis: int(run.mesh.shape[axis]) for axis in MESH_AXES}
+  row = {"layout": layout_label(mesh), "mesh": mesh, "devices": run.mesh.size,
+         "hbm_gib": hbm_gib, **state_bytes(run.trainer.abstract_state())}
+  row["state_ratio"] = row["state_bytes"] * row["devices"] / row["state_total_bytes"]
+  row["fits"] = None
+  if compile_step:
+    shape = (run.config.data.batch_size, run.config.data.seq_len)
+    start = time.perf_counter()
+    compiled = run.trainer.lower_train_step({k: shape for k in BATCH_KEYS}).compile()
+    row["compile_s"] = time.perf_counter() - start
+    row.update(compiled_memory(compiled))
+    row["fits"] = row["peak_bytes"] <= hbm_gib * GIB
+  return row
+
+
+def plan(preset: str, layouts: list[dict], *, seq_len: int, batch_size: int, hbm_gib: float,
+         optimizer: str = "adamw", remat: str | None = None, param_dtype: str | None = None,
+         compute_dtype: str | None = None, grad_accum: int = 1, overrides=None,
+         compile_step: bool = True) -> list[dict]:
+  """Plans each layout (e.g. {"fsdp": 8}, {"fsdp": 4, "tensor": 2}; missing axes are 1) for
+  the preset at seq_len x batch_size (global batch) and returns one row per layout. Each
+  layout must use exactly the devices JAX has (one axis may be -1: fill).
+
+  Row fields, all per device unless named total: param_bytes, opt_state_bytes, state_bytes
+  (the whole train state), state_total_bytes (unsharded), state_ratio (state_bytes over
+  state_total_bytes / devices: 1.0 is perfect sharding, devices is full replication) and,
+  when compiled, argument/output/alias/temp/code/peak bytes (see compiled_memory),
+  compile_s and fits (peak <= hbm_gib; None with compile_step=False, which skips the
+  compile and is instant). A layout that cannot work
+  gives a row with `error` (the message of Run.build, naming the fix) instead of failing
+  the others; dtype and remat None keep the preset's.
+  """
+  rows = []
+  for layout in layouts:
+    try:
+      config, _ = experiment_config(
+          preset, layout, seq_len=seq_len, batch_size=batch_size, optimizer=optimizer,
+          remat=remat, param_dtype=param_dtype, compute_dtype=compute_dtype,
+          grad_accum=grad_accum, overrides=overrides)
+      run = Run.build(config)
+    except ValueError as e:  # ConfigError and ShardingError included: they name the fix
+      rows.append({"layout": layout_label(layout), "mesh": dict(layout), "hbm_gib": hbm_gib,
+                   "devices": _layout_devices(layout), "fits": False, "error": str(e)})
+      continue
+    rows.append(plan_run(run, hbm_gib=hbm_gib, compile_step=compile_step))
+  return rows
+
+
+def _layout_devices(layout: dict) -> int | None:
+  sizes = list(layout.values())
+  return math.prod(sizes) if all(size > 0 for size in sizes) else None  # -1: fills
+
+
+def _gib(value) -> str:
+  return "-" if value is None else f"{value / GIB:.2f}"
+
+
+def _fits(row: dict) -> str:
+  if row["fits"] is None:
+    return "-"
+  return f"{'yes' if row['fits'] else 'NO'} (<= {row['hbm_gib']:g})"
+
+
+def format_table(rows: list[dict]) -> str:
+  """A fixed-width table of plan rows; a layout that cannot work shows its error."""
+  header = ("devices", "layout", "params+opt GiB/dev", "x ideal", "temp GiB", "peak GiB",
+            "fits", "compile s")
+  lines = []
+  for row in rows:
+    if "error" in row:
+      lines.append((str(row["devices"] or "?"), row["layout"], "error: " + row["error"]))
+      continue
+    compile_s = row.get("compile_s")
+    lines.append((str(row["devices"]), row["layout"], _gib(row["state_bytes"]),
+                  f"{row['state_ratio']:.3f}", _gib(row.get("temp_bytes")),
+                  _gib(row.get("peak_bytes")), _fits(row),
+                  "-" if compile_s is None else f"{compile_s:.1f}"))
+  full = [line for line in lines if len(line) == len(header)]
+  widths = [max(len(cell) for cell in column) for column in zip(header, *full)]
+
+  def render(cells):
+    if len(cells) < len(header):  # an error row runs on past the columns
+      return f"{cells[0]:>{widths[0]}}  {cells[1]:<{widths[1]}}  {cells[2]}"
+    return "  ".join(c.rjust(w) if i != 1 else c.ljust(w)
+                     for i, (c, w) in enumerate(zip(cells, widths)))
+
+  rule = "  ".join("-" * w for w in widths)
+  return "\n".join([render(header), rule, *map(render, lines)])

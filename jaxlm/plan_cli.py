@@ -1,0 +1,147 @@
+"""`jaxlm plan`: per-device memory of a model under mesh layouts, from an ahead-of-time
+compile of the real train step. Also runs alone: `python -m jaxlm.plan_cli --help`."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+PLAN_HELP = """\
+Plan per-device memory for a preset under one or more mesh layouts, without allocating
+anything: each layout's train step is lowered on abstract shapes and compiled ahead of time.
+
+  jaxlm plan --preset llama3-8b --mesh fsdp=8 --mesh fsdp=4,tensor=2
+  jaxlm plan --preset llama3-8b --sweep --devices 8 --seq-len 2048 --batch-size 8 --hbm-gib 80
+
+Columns: params+opt GiB/dev is the sharded train state on one device (parameters, optimizer
+state, step, rng); x ideal divides it by (unsharded state / devices): 1.0 is perfect
+sharding, the device count is full replication. temp GiB is XLA's scratch for the step
+(activations, gradients, gathered weights); peak GiB = arguments + outputs - donated
+(aliased) bytes + temp + code; fits compares peak with --hbm-gib.
+
+Devices: the layouts must use exactly the devices JAX sees. --devices N (default: the
+device count of the --mesh layouts) asks for N simulated CPU devices before JAX starts,
+which takes effect when JAX runs on CPU; on an accelerator host with fewer devices than
+the plan, set JAX_PLATFORMS=cpu to plan on simulated CPU devices. Compiled on CPU, the
+numbers estimate an accelerator's: XLA's CPU backend fuses differently and runs attention
+without flash kernels, so temp reads high for long sequences.
+--sweep adds the standard layouts for the device count: DP, FSDP, TP, FSDP x TP, DP x TP,
+DP x FSDP. Any config value can be set with --config.SECTION.KEY=VALUE.
+"""
+
+
+def parse_layout(text: str) -> dict[str, int]:
+  """"fsdp=4,tensor=2" -> {"fsdp": 4, "tensor": 2}."""
+  layout = {}
+  for part in text.split(","):
+    axis, _, size = part.partition("=")
+    try:
+      layout[axis.strip()] = int(size)
+    except ValueError:
+      raise argparse.ArgumentTypeError(
+          f"bad mesh {text!r}: use AXIS=SIZE[,AXIS=SIZE], e.g. fsdp=4,tensor=2") from None
+  return layout
+
+
+def add_plan_parser(subparsers) -> argparse.ArgumentParser:
+  parser = subparsers.add_parser(
+      "plan", help="per-device memory of a model under mesh layouts, without hardware",
+      description=PLAN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--preset", required=True, help="model preset, e.g. llama3-8b")
+  parser.add_argument("--mesh", action="append", type=parse_layout, default=[],
+                      metavar="AXIS=N[,AXIS=N]",
+                      help="a layout over data/fsdp/tensor, e.g. fsdp=8; repeatable")
+  parser.add_argument("--sweep", action="store_true", help="also plan the standard layouts")
+  parser.add_argument("--devices", type=int,
+                      help="device count; simulated on CPU (default: what --mesh uses)")
+  parser.add_argument("--seq-len", type=int, default=2048, help="default: 2048")
+  parser.add_argument("--batch-size", type=int, default=8, help="global batch (default: 8)")
+  parser.add_argument("--hbm-gib", type=float, default=80.0,
+                      help="memory per device to fit in (default: 80)")
+  parser.add_argument("--optimizer", default="adamw", help="optim.name (default: adamw)")
+  parser.add_argument("--remat", help="model.remat_policy (default: the preset's)")
+  parser.add_argument("--param-dtype", help="default: the preset's")
+  parser.add_argument("--compute-dtype", help="default: the preset's")
+  parser.add_argument("--grad-accum", type=int, default=1,
+                      help="train.grad_accum_steps (default: 1)")
+  parser.add_argument("--no-compile", action="store_true",
+                      help="only the sharded state sizes (fast): no temp, peak or fits")
+  parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+  return parser
+
+
+def _normal(layout: dict) -> dict:
+  return {axis: size for axis, size in layout.items() if size != 1}
+
+
+def _mesh_device_count(layouts: list[dict]) -> int | None:
+  from jaxlm.config import ConfigError
+
+  counts = {math.prod(layout.values()) for layout in layouts
+            if all(size > 0 for size in layout.values())}
+  if len(counts) > 1:
+    raise ConfigError(f"The --mesh layouts use different device counts {sorted(counts)}; "
+                      f"plan each count in a run of its own.")
+  return counts.pop() if counts else None
+
+
+def arrange_devices(count: int | None) -> int:
+  """Asks for `count` simulated CPU devices, which JAX allows only before it starts; returns
+  the device count JAX then has, which must be `count`."""
+  import jax
+
+  from jaxlm.config import ConfigError
+
+  if count:
+    try:
+      jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:
+      pass  # JAX already started in this process: its devices are checked below
+  have = jax.device_count()
+  if count and have != count:
+    raise ConfigError(
+        f"The plan is for {count} devices but JAX has {have} "
+        f"{jax.default_backend()} device(s). Simulated CPU devices must be set before JAX "
+        f"starts: run in a fresh process, or set JAX_PLATFORMS=cpu on an accelerator host.")
+  return have
+
+
+def run_plan(args, overrides=()) -> int:
+  """overrides: --config.SECTION.KEY=VALUE strings, applied to every layout."""
+  from jaxlm.config import ConfigError
+  from jaxlm.plan import format_table, plan, standard_layouts
+
+  try:
+    count = arrange_devices(args.devices or _mesh_device_count(args.mesh))
+    layouts = list(args.mesh)
+    if args.sweep:
+      layouts += [layout for layout in standard_layouts(count)
+                  if _normal(layout) not in map(_normal, layouts)]
+    if not layouts:
+      raise ConfigError("Nothing to plan: give one or more --mesh AXIS=N, or --sweep.")
+    rows = plan(args.preset, layouts, seq_len=args.seq_len, batch_size=args.batch_size,
+                hbm_gib=args.hbm_gib, optimizer=args.optimizer, remat=args.remat,
+                param_dtype=args.param_dtype, compute_dtype=args.compute_dtype,
+                grad_accum=args.grad_accum, overrides=list(overrides),
+                compile_step=not args.no_compile)
+  except ValueError as e:  # ConfigError included
+    print(f"jaxlm plan: error: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps(rows) if args.json else format_table(rows))
+  # A layout the user named must work; in a sweep, some standard ones may not.
+  asked_failed = any("error" in row for row in rows[:len(args.mesh)])
+  return 2 if asked_failed or all("error" in row for row in rows) else 0
+
+
+def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  overrides = [a for a in argv if a.startswith("--config.")]
+  parser = argparse.ArgumentParser(prog="jaxlm")
+  add_plan_parser(parser.add_subparsers(dest="command", required=True))
+  args = parser.parse_args(["plan", *(a for a in argv if not a.startswith("--config."))])
+  return run_plan(args, overrides)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,112 @@
+"""The memory planner: sharded state sizes, ahead-of-time compiled memory, layouts that
+cannot work, and the `plan` command (8 simulated devices from conftest)."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxlm import plan_cli
+from jaxlm.models.config import from_preset
+from jaxlm.plan import GIB, format_table, plan, standard_layouts
+
+LLAMA3_8B = dict(seq_len=2048, batch_size=8, hbm_gib=80)
+
+
+@pytest.fixture(scope="module")
+def compiled_8b_fsdp():
+  """The one compile of this file: about 4 s on 2 cores, thanks to the scan over layers."""
+  (row,) = plan("llama3-8b", [{"fsdp": 8}], **LLAMA3_8B)
+  return row
+
+
+def test_fsdp_shards_8b_train_state_within_1_1x_of_ideal():
+  fsdp, dp = plan("llama3-8b", [{"fsdp": 8}, {"data": 8}], **LLAMA3_8B, compile_step=False)
+  num_params = from_preset("llama3-8b").num_params()
+  # fp32 parameters plus AdamW's two fp32 moments; step, rng and counters are bytes.
+  assert abs(fsdp["state_total_bytes"] - 12 * num_params) < 1024
+  assert fsdp["state_total_bytes"] / 8 <= fsdp["state_bytes"] <= 1.1 * fsdp["state_total_bytes"] / 8
+  assert fsdp["param_bytes"] <= 1.1 * 4 * num_params / 8
+  assert fsdp["state_ratio"] <= 1.1
+  assert dp["state_ratio"] > 7.99 and dp["state_bytes"] > 89 * GIB
+
+
+def test_compiled_8b_fsdp_step_donates_its_state(compiled_8b_fsdp):
+  row = compiled_8b_fsdp
+  batch_shard = 3 * 8 * 2048 * 4 // 8  # input_ids, targets, loss_mask: int32 [8, 2048]
+  assert row["argument_bytes"] == row["state_bytes"] + batch_shard
+  # The new state is written over the donated one, so it is not counted twice.
+  assert row["alias_bytes"] == row["state_bytes"]
+  assert row["peak_bytes"] == (row["argument_bytes"] + row["output_bytes"] - row["alias_bytes"]
+                               + row["temp_bytes"] + row["code_bytes"])
+  assert row["state_bytes"] < row["peak_bytes"] < 80 * GIB and row["fits"] is True
+
+
+def test_layouts_that_cannot_work_say_why():
+  rows = plan("tiny", [{"tensor": 8}, {"fsdp": 4}, {"fdsp": 8}, {"data": 8}], seq_len=64,
+              batch_size=4, hbm_gib=1, compile_step=False)
+  errors = [row["error"] for row in rows]
+  assert "num_heads = 4 is not divisible by mesh.tensor = 8" in errors[0]
+  assert "uses 4 devices but 8 are available" in errors[1]
+  assert "Unknown mesh axes ['fdsp']" in errors[2]
+  assert "not divisible by the data-parallel size data x fsdp = 8" in errors[3]
+  assert all(row["fits"] is False for row in rows)
+
+
+def test_overrides_reach_the_model():
+  two, four = (plan("tiny", [{"fsdp": 8}], seq_len=64, batch_size=8, hbm_gib=1,
+                    compile_step=False, overrides=overrides)[0]
+               for overrides in ({}, ["--config.model.num_layers=4"]))
+  assert four["param_bytes"] > 1.5 * two["param_bytes"]
+
+
+def test_standard_layouts_cover_dp_fsdp_tp_and_mixes():
+  layouts = standard_layouts(8)
+  assert {"data": 8} in layouts and {"fsdp": 8} in layouts and {"tensor": 8} in layouts
+  assert {"fsdp": 4, "tensor": 2} in layouts and {"data": 2, "fsdp": 4} in layouts
+  assert len({tuple(sorted(layout.items())) for layout in layouts}) == len(layouts)
+  assert all(math.prod(layout.values()) == 8 for layout in layouts)
+
+
+def test_table_shows_sizes_fit_and_errors(compiled_8b_fsdp):
+  error = plan("llama3-8b", [{"fsdp": 8}], seq_len=2048, batch_size=4, hbm_gib=80,
+               compile_step=False)
+  table = format_table([compiled_8b_fsdp, *error]).splitlines()
+  assert table[0].split() == ["devices", "layout", "params+opt", "GiB/dev", "x", "ideal",
+                              "temp", "GiB", "peak", "GiB", "fits", "compile", "s"]
+  cells = table[2].split()
+  assert cells[:4] == ["8", "fsdp=8", "11.22", "1.000"] and "yes" in cells
+  assert table[3].split()[:3] == ["8", "fsdp=8", "error:"]
+  assert "not divisible by the data-parallel size data x fsdp = 8" in table[3]
+
+
+def test_plan_command(capsys):
+  code = plan_cli.main(["--preset", "tiny", "--mesh", "fsdp=8", "--mesh", "tensor=8",
+                        "--seq-len", "64", "--no-compile"])
+  table = capsys.readouterr().out
+  assert code == 2  # a layout that was asked for cannot work
+  assert "fsdp=8" in table and "error: model.num_heads = 4" in table
+  assert plan_cli.main(["--preset", "tiny", "--sweep", "--seq-len", "64", "--no-compile",
+                        "--json", "--config.model.num_layers=4"]) == 0
+  rows = json.loads(capsys.readouterr().out)
+  assert len(rows) == len(standard_layouts(8))
+
+
+def test_plan_command_refuses_a_device_count_jax_does_not_have(capsys):
+  assert plan_cli.main(["--preset", "tiny", "--mesh", "fsdp=4", "--no-compile"]) == 2
+  assert "plan is for 4 devices but JAX has 8" in capsys.readouterr().err
+
+
+def test_plan_command_simulates_the_devices_it_needs():
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")  # one CPU device by default
+  out = subprocess.run(
+      [sys.executable, "-m", "jaxlm.plan_cli", "--preset", "tiny", "--devices", "4",
+       "--sweep", "--no-compile", "--json", "--seq-len", "64"],
+      env=env, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  rows = json.loads(out.stdout)
+  assert {row["layout"] for row in rows} >= {"data=4", "fsdp=4", "fsdp=2 tensor=2"}
+  assert all(row["devices"] == 4 for row in rows)
+  assert "error" in next(row for row in rows if row["layout"] == "tensor=4")  # 2 kv heads
