@@ -112,7 +112,12 @@ def main(argv=None) -> int:
       distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                              auto=args.distributed == "auto")
       config = config_lib.load_config(args.config, overrides)
-      metrics = train(config, args.workdir)
+      from jaxlm.train.preemption import PREEMPTED_EXIT_CODE, Preempted
+      try:
+        metrics = train(config, args.workdir)
+      except Preempted as e:
+        print(f"jaxlm train: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
       import jax
       if jax.process_index() == 0:
         print(json.dumps({"workdir": str(Path(args.workdir).absolute()), **metrics}))

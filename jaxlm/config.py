@@ -69,6 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
       "eval_every": 100,  # 0 disables evaluation
       "eval_batches": 4,
       "peak_tflops_per_device": 0.0,  # 0: look up the device kind; used for MFU only
+      # stop: end the run naming the step and the last good checkpoint; skip: drop the
+      # update of any step whose loss or gradients are not finite, and keep going
+      "on_nonfinite": "stop",
   })
   c.checkpoint = ml_collections.ConfigDict({"every": 500, "keep": 3, "async_save": True})
   return c

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import config as config_lib
@@ -20,6 +21,7 @@ from jaxlm.parallel.mesh import build_mesh
 from jaxlm.parallel.rules import LogicalRules
 from jaxlm.train.metrics import MetricsWriter, Progress, peak_flops_per_device
 from jaxlm.train.optimizer import make_optimizer
+from jaxlm.train.preemption import Preempted, PreemptionWatch
 from jaxlm.train.step import LossConfig
 from jaxlm.train.trainer import Trainer
 
@@ -32,6 +34,9 @@ class NonFiniteLossError(FloatingPointError):
 
 def check_layout(model_cfg, mesh, config) -> None:
   """Catches layouts that cannot work before anything is compiled, with the fix."""
+  if config.train.on_nonfinite not in ("stop", "skip"):
+    raise config_lib.ConfigError(
+        f"train.on_nonfinite must be 'stop' or 'skip', not {config.train.on_nonfinite!r}.")
   tensor = mesh.shape["tensor"]
   for name, count in (("num_heads", model_cfg.num_heads),
                       ("num_kv_heads", model_cfg.num_kv_heads)):
@@ -80,7 +85,8 @@ class Run:
     trainer = Trainer(
         model_cfg, tx, schedule, LogicalRules(mesh, config.mesh.rules),
         loss_cfg=LossConfig(config.train.label_smoothing, config.train.z_loss),
-        grad_accum_steps=config.train.grad_accum_steps)
+        grad_accum_steps=config.train.grad_accum_steps,
+        skip_nonfinite=config.train.on_nonfinite == "skip")
     return cls(config, model_cfg, mesh, trainer, schedule)
 
   def global_batch(self, local_rows: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -105,12 +111,14 @@ def evaluate(run: Run, params, batches: WindowBatches, num_batches: int) -> dict
 
 
 def _check_finite(metrics: dict, step: int, checkpointer: Checkpointer) -> None:
-  bad = [k for k in ("loss", "grad_norm") if not math.isfinite(float(metrics[k]))]
-  if bad:
+  """The step's loss and gradients, and the parameters it produced, must be finite."""
+  bad = [k for k in ("loss", "grad_norm", "param_norm") if not math.isfinite(float(metrics[k]))]
+  if bad and not int(metrics["skipped"]):
     last = checkpointer.latest_step()
     raise NonFiniteLossError(
         f"Non-finite {' and '.join(bad)} at step {step} (loss={float(metrics['loss'])}, "
-        f"grad_norm={float(metrics['grad_norm'])}). Nothing was saved for it; the last good "
+        f"grad_norm={float(metrics['grad_norm'])}, updated param_norm="
+        f"{float(metrics['param_norm'])}). Nothing was saved for it; the last good "
         f"checkpoint is {'step ' + str(last) if last is not None else 'none'} in "
         f"{checkpointer.directory}. Lower optim.learning_rate or enable optim.grad_clip_norm.")
 
@@ -174,6 +182,8 @@ def train(config, workdir: str | Path) -> dict:
                    f"{jax.devices()[0].device_kind} | {tokens_per_step:,} tokens/step")
 
   last_logged: dict = {}
+  skipped = jnp.zeros((), jnp.int32)  # summed on device: no sync per step
+  preemption = PreemptionWatch(config.train.log_every)
   pending = 0
   timer = time.perf_counter()
   timed_steps = 0
@@ -182,6 +192,7 @@ def train(config, workdir: str | Path) -> dict:
       state, metrics = trainer.train_step(state, run.global_batch(next(data)))
       done = step + 1
       pending += 1
+      skipped = skipped + metrics["skipped"]
       if step == start:
         # The first step includes compilation: report it and start timing afterwards.
         jax.block_until_ready(metrics)
@@ -203,7 +214,9 @@ def train(config, workdir: str | Path) -> dict:
         last_logged = {
             "loss": float(host["loss"]), "perplexity": math.exp(min(float(host["nll"]), 50.0)),
             "learning_rate": float(host["learning_rate"]),
-            "grad_norm": float(host["grad_norm"]), "step_time_s": step_time,
+            "grad_norm": float(host["grad_norm"]), "param_norm": float(host["param_norm"]),
+            "step_time_s": step_time,
+            "skipped_steps": int(skipped),
             "tokens_per_s": tokens_per_s, "tokens_seen": done * tokens_per_step,
             "mfu": (flops_per_step / step_time / (peak * jax.device_count())
                     if peak and timed_steps else None),
@@ -217,9 +230,15 @@ def train(config, workdir: str | Path) -> dict:
         progress.update(pending, last_logged)
         pending = 0
         timer, timed_steps = time.perf_counter(), 0
-      if will_save:
-        checkpointer.save(done, state, data.state(), signature, force=done == total)
+      stop = preemption.should_stop(done)
+      if stop and not will_save:
+        _check_finite(jax.device_get(metrics), done, checkpointer)
+      if will_save or stop:
+        checkpointer.save(done, state, data.state(), signature, force=done == total or stop)
+      if stop:
+        raise Preempted(done, checkpointer.directory)
   finally:
+    preemption.close()
     progress.update(pending)
     progress.close()
     writer.close()

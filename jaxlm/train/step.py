@@ -47,7 +47,7 @@ def _split_microbatches(batch, num_micro: int):
 
 def train_step(state, batch, *, graphdef, tx: optax.GradientTransformation, schedule,
                loss_cfg: LossConfig, grad_accum_steps: int = 1, dropout: bool = False,
-               activation_resolver=None):
+               skip_nonfinite: bool = False, activation_resolver=None):
   with activation_sharding(activation_resolver):
     step = state["step"]
     dropout_rng = jax.random.fold_in(state["rng"], step) if dropout else None
@@ -79,14 +79,25 @@ def train_step(state, batch, *, graphdef, tx: optax.GradientTransformation, sche
           (micro_batches, jnp.arange(grad_accum_steps)))
 
     grads = jax.tree.map(lambda g: g / total_tokens, grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
+    # The new parameters' norm catches an update that overflowed even from finite gradients.
+    param_norm = optax.tree.norm(params)
+    finite = jnp.isfinite(grad_norm) & jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(param_norm)
+    if skip_nonfinite:
+      # Drop the whole update (params and optimizer moments) when anything overflowed.
+      keep = lambda new, old: jnp.where(finite, new, old)
+      params = jax.tree.map(keep, params, state["params"])
+      opt_state = jax.tree.map(keep, opt_state, state["opt_state"])
     metrics = {
         "loss": sums["loss_sum"] / total_tokens,
         "nll": sums["nll_sum"] / total_tokens,
         "z_loss": sums["z_loss_sum"] / total_tokens,
         "tokens": sums["tokens"],
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": grad_norm,
+        "param_norm": param_norm,
+        "skipped": (~finite).astype(jnp.int32) if skip_nonfinite else jnp.zeros((), jnp.int32),
         "learning_rate": jnp.asarray(schedule(step), jnp.float32),
     }
     new_state = dict(state, step=step + 1, params=params, opt_state=opt_state)

@@ -21,7 +21,7 @@ class Trainer:
 
   def __init__(self, model_cfg: LlamaConfig, tx: optax.GradientTransformation, schedule,
                rules: LogicalRules, *, loss_cfg: steps.LossConfig = steps.LossConfig(),
-               grad_accum_steps: int = 1):
+               grad_accum_steps: int = 1, skip_nonfinite: bool = False):
     self.model_cfg = model_cfg
     self.tx = tx
     self.rules = rules
@@ -33,7 +33,7 @@ class Trainer:
     resolver = rules.activation_resolver()
     train_fn = functools.partial(
         steps.train_step, graphdef=self.graphdef, tx=tx, schedule=schedule,
-        loss_cfg=loss_cfg, grad_accum_steps=grad_accum_steps,
+        loss_cfg=loss_cfg, grad_accum_steps=grad_accum_steps, skip_nonfinite=skip_nonfinite,
         dropout=model_cfg.dropout_rate > 0, activation_resolver=resolver)
     self._train_fn = train_fn
     self._eval_fn = functools.partial(steps.eval_step, graphdef=self.graphdef,
