@@ -45,12 +45,32 @@ def _parser() -> argparse.ArgumentParser:
   show = sub.add_parser("show-config", help="print a recipe's full config after overrides")
   show.add_argument("--config", default="tiny_demo", help="recipe path or name")
 
-  gen = sub.add_parser("generate", help="greedy text from a trained workdir",
-                       description="Greedy continuation of a prompt with the latest "
-                       "checkpoint of a `jaxlm train` workdir.")
-  gen.add_argument("--workdir", required=True, help="a workdir written by `jaxlm train`")
-  gen.add_argument("--prompt", required=True, help="text to continue")
+  gen = sub.add_parser(
+      "generate", help="generate text from a model or a training run",
+      formatter_class=argparse.RawDescriptionHelpFormatter, description="""\
+Continue prompts with a KV cache (jitted prefill + decode). MODEL is an HF directory, a
+jaxlm model directory, a .gguf file or a `jaxlm train` workdir (latest checkpoint).
+
+  jaxlm generate --model runs/tiny_demo --prompt "It is a truth universally"
+  jaxlm generate --model models/smollm2 --chat --prompt "What is the capital of France?"
+  jaxlm generate --model models/smollm2 --prompt "Once" --temperature 0.8 --top-p 0.9 --seed 1
+  jaxlm generate --model models/smollm2 --prompt "Once" --num-beams 4 --length-penalty 1.0""")
+  gen.add_argument("--model", required=True, help="model directory, .gguf file or workdir")
+  gen.add_argument("--prompt", required=True, action="append",
+                   help="text to continue; repeat for a batch of prompts")
+  gen.add_argument("--chat", action="store_true",
+                   help="wrap each prompt as a user message in the tokenizer's chat template")
   gen.add_argument("--max-new-tokens", type=int, default=64)
+  gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+  gen.add_argument("--top-k", type=int, default=0, help="0 = no top-k filter")
+  gen.add_argument("--top-p", type=float, default=1.0, help="1 = no nucleus filter")
+  gen.add_argument("--num-beams", type=int, default=1, help=">1: beam search")
+  gen.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam score = sum log p / new_tokens ** this (Hugging Face's rule)")
+  gen.add_argument("--seed", type=int, default=0)
+  gen.add_argument("--stop", action="append", default=[],
+                   help="cut the output before this string; repeatable")
+
   from jaxlm.plan_cli import add_plan_parser
   add_plan_parser(sub)
 
@@ -128,8 +148,13 @@ def main(argv=None) -> int:
     elif args.command == "generate":
       if overrides:
         raise config_lib.ConfigError("generate takes no --config overrides.")
-      from jaxlm.generate.workdir import generate_from_workdir
-      print(generate_from_workdir(args.workdir, args.prompt, args.max_new_tokens))
+      from jaxlm.generate.text import generate_text
+      outputs = generate_text(
+          args.model, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat,
+          stop=args.stop, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+          num_beams=args.num_beams, length_penalty=args.length_penalty, seed=args.seed)
+      for prompt, output in zip(args.prompt, outputs):
+        print(output if args.chat else prompt + output)
   except (config_lib.ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
     print(f"jaxlm {args.command}: error: {e}", file=sys.stderr)
     return 2

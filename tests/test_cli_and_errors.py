@@ -67,7 +67,7 @@ def test_train_then_generate_from_the_command_line(token_cache, tmp_path, capsys
                "--config.train.eval_every=0", f"--config.data.cache_dir={token_cache}"]
   assert cli.main(["train", "--workdir", workdir, *overrides]) == 0
   assert '"loss"' in capsys.readouterr().out
-  assert cli.main(["generate", "--workdir", workdir, "--prompt", "It is a truth",
+  assert cli.main(["generate", "--model", workdir, "--prompt", "It is a truth",
                    "--max-new-tokens", "5"]) == 0
   text = capsys.readouterr().out
   assert text.startswith("It is a truth") and len(text.strip()) > len("It is a truth")

@@ -196,3 +196,19 @@ def test_offline_hub_id_asks_for_a_local_directory(monkeypatch):
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   with pytest.raises(ConversionError, match="pass a local model directory"):
     load_params("some-org/some-model")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_greedy_generation_matches_transformers(case, tmp_path):
+  from jaxlm.generate.decode import generate
+  model, path = build_hf(case, tmp_path)
+  prompts = [[5, 17, 99, 3], [42, 7, 8, 120, 64, 2, 31]]  # different lengths: left-padded
+  eos = model.generation_config.eos_token_id
+  eos = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+  ours = generate(jaxlm.load_model(path), prompts, max_new_tokens=10, eos_ids=eos)
+  for prompt, got in zip(prompts, ours):
+    with torch.no_grad():
+      hf = model.generate(torch.as_tensor([prompt]), max_new_tokens=10, do_sample=False,
+                          num_beams=1, pad_token_id=0)[0, len(prompt):].tolist()
+    hf = hf[:next((i for i, t in enumerate(hf) if t in eos), len(hf))]
+    assert got == hf

@@ -65,3 +65,11 @@ def test_export_to_hf_loads_in_transformers(converted, reference, tmp_path):
   chat = transformers.AutoTokenizer.from_pretrained(out).apply_chat_template(
       [{"role": "user", "content": "hi"}], tokenize=False)
   assert "<|im_start|>user" in chat
+
+
+def test_chat_answers_paris(converted, capsys):
+  from jaxlm.cli import main
+  assert main(["generate", "--model", str(converted), "--chat", "--prompt",
+               "What is the capital of France?", "--max-new-tokens", "24"]) == 0
+  answer = capsys.readouterr().out
+  assert "Paris" in answer, answer

@@ -1,5 +1,6 @@
 """Grouped-query self-attention with rotary embeddings, causal, document and sliding-window
-masking, through `jax.nn.dot_product_attention` (cuDNN flash on GPU, XLA elsewhere)."""
+masking, through `jax.nn.dot_product_attention` (cuDNN flash on GPU, XLA elsewhere), and an
+optional key/value cache for generation."""
 from __future__ import annotations
 
 import jax
@@ -11,10 +12,12 @@ from jaxlm.layers.rotary import apply_rotary, inverse_frequencies
 from jaxlm.layers.sharding import constrain
 
 
-def resolve_attention_impl(requested: str | None) -> str | None:
+def resolve_attention_impl(requested: str | None, dtype) -> str:
+  """cuDNN flash attention where it applies (GPU, 16-bit inputs), XLA elsewhere."""
   if requested is not None:
     return requested
-  return "cudnn" if jax.default_backend() == "gpu" else "xla"
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  return "cudnn" if jax.default_backend() == "gpu" and half else "xla"
 
 
 class Attention(nnx.Module):
@@ -40,13 +43,18 @@ class Attention(nnx.Module):
     self.sliding_window = cfg.sliding_window
     self.implementation = cfg.attention_impl
 
-  def __call__(self, x: jax.Array, positions: jax.Array,
-               segment_ids: jax.Array | None) -> jax.Array:
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
+               cache: dict | None = None):
+    """Without a cache: the attention output. With one ({"k", "v"}: [batch, slots, kv_heads,
+    head_dim], "index": the first slot to write, "key_positions": [batch, slots] position of
+    each slot's token, -1 for none, this call's tokens included): (output, {"k", "v"})."""
     q = constrain(self.q_proj(x), ("act_batch", "act_length", "act_heads", None))
     k = constrain(self.k_proj(x), ("act_batch", "act_length", "act_kv_heads", None))
     v = constrain(self.v_proj(x), ("act_batch", "act_length", "act_kv_heads", None))
     q = apply_rotary(q, positions, self.inv_freq)
     k = apply_rotary(k, positions, self.inv_freq)
+    if cache is not None:
+      return self._attend_cached(q, k, v, positions, cache)
     mask = None
     if segment_ids is not None:
       # Tokens attend only within their own document; padding (id 0) only to padding,
@@ -55,6 +63,34 @@ class Attention(nnx.Module):
     window = None if self.sliding_window is None else (self.sliding_window - 1, 0)
     out = jax.nn.dot_product_attention(
         q, k, v, mask=mask, is_causal=True, local_window_size=window,
-        implementation=resolve_attention_impl(self.implementation))
+        implementation=resolve_attention_impl(self.implementation, q.dtype))
     out = constrain(out, ("act_batch", "act_length", "act_heads", None))
     return self.o_proj(out)
+
+  def _attend_cached(self, q, k, v, positions, cache):
+    kv = {name: _write(cache[name], new, cache["index"]) for name, new in (("k", k), ("v", v))}
+    mask = cached_attention_mask(positions, cache["key_positions"], self.sliding_window)
+    # The cached keys sit at arbitrary slots, so causality comes from positions in the mask;
+    # only the XLA implementation takes an arbitrary boolean mask.
+    out = jax.nn.dot_product_attention(q, kv["k"].astype(q.dtype), kv["v"].astype(q.dtype),
+                                       mask=mask, implementation="xla")
+    out = constrain(out, ("act_batch", "act_length", "act_heads", None))
+    return self.o_proj(out), kv
+
+
+def _write(cached: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+  """Writes new [batch, len, kv_heads, head_dim] into the cache's slots index..index+len-1."""
+  cached = jax.lax.dynamic_update_slice(cached, new.astype(cached.dtype), (0, index, 0, 0))
+  return constrain(cached, ("act_batch", None, "act_kv_heads", None))
+
+
+def cached_attention_mask(query_positions: jax.Array, key_positions: jax.Array,
+                          sliding_window: int | None) -> jax.Array:
+  """bool [batch, 1, queries, slots]: a query sees the cached tokens at or before its own
+  position (and within the window); slots without a token (position -1) are never seen."""
+  q = query_positions[:, None, :, None]
+  k = key_positions[:, None, None, :]
+  mask = (k >= 0) & (k <= q)
+  if sliding_window is not None:
+    mask &= q - k < sliding_window
+  return mask
