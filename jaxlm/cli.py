@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import sys
 from pathlib import Path
@@ -69,7 +70,7 @@ jaxlm model directory, a .gguf file or a `jaxlm train` workdir (latest checkpoin
                    help="beam score = sum log p / new_tokens ** this (Hugging Face's rule)")
   gen.add_argument("--seed", type=int, default=0)
   gen.add_argument("--stop", action="append", default=[],
-                   help="cut the output before this string; repeatable")
+                   help="cut the output before this string (\\n etc. understood); repeatable")
 
   from jaxlm.plan_cli import add_plan_parser
   add_plan_parser(sub)
@@ -151,7 +152,8 @@ def main(argv=None) -> int:
       from jaxlm.generate.text import generate_text
       outputs = generate_text(
           args.model, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat,
-          stop=args.stop, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+          stop=[codecs.decode(text, "unicode_escape") for text in args.stop],
+          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
           num_beams=args.num_beams, length_penalty=args.length_penalty, seed=args.seed)
       for prompt, output in zip(args.prompt, outputs):
         print(output if args.chat else prompt + output)
