@@ -68,6 +68,8 @@ jaxlm model directory, a .gguf file or a `jaxlm train` workdir (latest checkpoin
   gen.add_argument("--num-beams", type=int, default=1, help=">1: beam search")
   gen.add_argument("--length-penalty", type=float, default=1.0,
                    help="beam score = sum log p / new_tokens ** this (Hugging Face's rule)")
+  gen.add_argument("--gnmt", action="store_true",
+                   help="beam score = sum log p / ((5 + new_tokens) / 6) ** length penalty")
   gen.add_argument("--seed", type=int, default=0)
   gen.add_argument("--stop", action="append", default=[],
                    help="cut the output before this string (\\n etc. understood); repeatable")
@@ -154,7 +156,8 @@ def main(argv=None) -> int:
           args.model, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat,
           stop=[codecs.decode(text, "unicode_escape") for text in args.stop],
           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-          num_beams=args.num_beams, length_penalty=args.length_penalty, seed=args.seed)
+          num_beams=args.num_beams, length_penalty=args.length_penalty,
+          gnmt_length_penalty=args.gnmt, seed=args.seed)
       for prompt, output in zip(args.prompt, outputs):
         print(output if args.chat else prompt + output)
   except (config_lib.ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:

@@ -127,12 +127,12 @@ def test_one_beam_without_eos_is_greedy():
                                   activation_resolver=None)
   tokens, lengths = decode._beam_decode(
       params, cache, logits, positions[:, -1] + 1, jnp.float32(1.0), graphdef=graphdef,
-      num_beams=1, max_new_tokens=6, eos_ids=(), activation_resolver=None)
+      num_beams=1, max_new_tokens=6, eos_ids=(), activation_resolver=None, gnmt=False)
   assert np.asarray(tokens).tolist() == _greedy_by_full_forwards(model, PROMPTS, 6)
   assert np.asarray(lengths).tolist() == [6] * len(PROMPTS)
 
 
-def _best_by_enumeration(model, prompt, eos, new_tokens, length_penalty):
+def _best_by_enumeration(model, prompt, eos, new_tokens, length_penalty, gnmt=False):
   """The continuation with the highest sum_logp / length ** length_penalty among all that
   end at EOS or after new_tokens tokens, with its margin over the runner-up."""
   tails = [list(t) for t in itertools.product(range(model.cfg.vocab_size), repeat=new_tokens)]
@@ -143,7 +143,8 @@ def _best_by_enumeration(model, prompt, eos, new_tokens, length_penalty):
     for i, token in enumerate(tail):
       total += lp[len(prompt) - 1 + i, token]
       if token == eos or i == new_tokens - 1:
-        scores[tuple(tail[:i + 1])] = total / (i + 1) ** length_penalty
+        n = i + 1
+        scores[tuple(tail[:n])] = total / ((5 + n) / 6 if gnmt else n) ** length_penalty
         break
   ranked = sorted(scores, key=scores.get, reverse=True)
   return list(ranked[0]), scores[ranked[0]] - scores[ranked[1]]
@@ -165,6 +166,19 @@ def test_beam_search_finds_the_best_length_penalised_sequence():
     assert generate(model, prompts, max_new_tokens=3, num_beams=64, eos_ids=(eos,),
                     length_penalty=length_penalty) == expected
   assert len(lengths) > 1  # the length penalty really changed which length wins
+
+
+def test_beam_search_with_the_gnmt_length_penalty():
+  model = _model(seed=1, vocab_size=8, init_std=0.5)
+  prompts, eos = [[3, 1, 4, 1], [5, 2]], 0
+  for alpha in (-8.0, 0.6, 8.0):
+    expected = []
+    for prompt in prompts:
+      best, margin = _best_by_enumeration(model, prompt, eos, 3, alpha, gnmt=True)
+      assert margin > 1e-4
+      expected.append(best[:-1] if best[-1] == eos else best)
+    assert generate(model, prompts, max_new_tokens=3, num_beams=64, eos_ids=(eos,),
+                    length_penalty=alpha, gnmt_length_penalty=True) == expected
 
 
 def test_eos_stops_one_row_while_others_continue():

@@ -6,8 +6,8 @@ sum_logp scores
 
     sum_logp / n ** length_penalty
 
-(HF's `length_penalty`: > 0 favours longer outputs, < 0 shorter ones, 0 ranks by sum_logp;
-it is not GNMT's ((5 + n) / 6) ** alpha). Each step keeps the best num_beams unfinished
+(HF's `length_penalty`: > 0 favours longer outputs, < 0 shorter ones, 0 ranks by sum_logp),
+or with gnmt=True by GNMT's penalty (Wu et al. 2016): sum_logp / ((5 + n) / 6) ** alpha. Each step keeps the best num_beams unfinished
 continuations out of the top max(2, 1 + len(eos_ids)) * num_beams by sum_logp; those of the top
 num_beams that end (EOS, or the last allowed token) compete for num_beams finished slots. A
 prompt stops once its slots are full and its best running beam, scored at the current
@@ -70,7 +70,7 @@ def _add_finished(finished: Finished, tokens, scores, eligible, length) -> Finis
 
 
 def _advance(b: Beams, logits: jax.Array, *, eos_ids: tuple[int, ...], max_new_tokens: int,
-             length_penalty) -> Beams:
+             length_penalty, gnmt: bool) -> Beams:
   """One step on logits [batch * beams, vocab] for the running beams' next token."""
   batch, beams = b.scores.shape
   vocab = logits.shape[-1]
@@ -84,7 +84,8 @@ def _advance(b: Beams, logits: jax.Array, *, eos_ids: tuple[int, ...], max_new_t
   ends = is_eos(new, eos_ids) | (length >= max_new_tokens)
 
   scores, alive = jax.lax.top_k(top_scores + jnp.where(ends, DEAD, 0.0), beams)
-  penalty = length.astype(jnp.float32) ** length_penalty
+  n = length.astype(jnp.float32)
+  penalty = ((5.0 + n) / 6.0 if gnmt else n) ** length_penalty
   eligible = ends & (jnp.arange(keep) < beams) & b.improvable[:, None]
   finished = _add_finished(b.finished, candidates, top_scores / penalty, eligible, length)
   worst = jnp.where(finished.filled, jnp.min(finished.scores, axis=1, keepdims=True), DEAD)
@@ -96,7 +97,7 @@ def _advance(b: Beams, logits: jax.Array, *, eos_ids: tuple[int, ...], max_new_t
 
 def beam_search(forward: Callable, reorder: Callable, logits: jax.Array, cache, *,
                 num_beams: int, max_new_tokens: int, eos_ids: tuple[int, ...],
-                length_penalty) -> tuple[jax.Array, jax.Array]:
+                length_penalty, gnmt: bool = False) -> tuple[jax.Array, jax.Array]:
   """logits: [batch * num_beams, vocab] for the first new token, each prompt's row repeated
   num_beams times, and the matching cache; forward(tokens [batch * num_beams], step, cache)
   -> (logits, cache) feeds each beam's token at `step`; reorder(cache, rows) moves the cache
@@ -104,7 +105,7 @@ def beam_search(forward: Callable, reorder: Callable, logits: jax.Array, cache, 
   [batch, max_new_tokens] and lengths [batch] (a final EOS counted)."""
   advance = lambda b, logits: _advance(b, logits, eos_ids=eos_ids,
                                        max_new_tokens=max_new_tokens,
-                                       length_penalty=length_penalty)
+                                       length_penalty=length_penalty, gnmt=gnmt)
 
   def next_step(carry):
     b, cache = carry

@@ -24,7 +24,8 @@ from jaxlm.models.llama import init_cache, take_cache_rows
 
 def generate(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             num_beams: int = 1, length_penalty: float = 1.0, eos_ids: Sequence[int] = (),
+             num_beams: int = 1, length_penalty: float = 1.0, gnmt_length_penalty: bool = False,
+             eos_ids: Sequence[int] = (),
              seed: int = 0, activation_resolver=None) -> list[list[int]]:
   """The new tokens for each prompt, up to max_new_tokens, ending before the first EOS.
 
@@ -32,7 +33,8 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
   temperature 0 decodes greedily; above 0 it samples from softmax(logits / temperature)
   limited to the top_k tokens (0: all) and to the top_p nucleus (1: all), with
   jax.random.key(seed). num_beams > 1 runs deterministic beam search ranked by
-  sum_logp / new_tokens ** length_penalty, as Hugging Face (see jaxlm.generate.beam).
+  sum_logp / new_tokens ** length_penalty, as Hugging Face, or with gnmt_length_penalty by
+  sum_logp / ((5 + new_tokens) / 6) ** length_penalty (see jaxlm.generate.beam).
   activation_resolver: a mesh's logical-axis resolver (`LogicalRules.activation_resolver()`)
   to shard activations and the cache; None runs wherever the params are.
   """
@@ -50,7 +52,8 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
   next_positions = positions[:, -1] + 1
   if num_beams > 1:
     tokens, lengths = _beam_decode(params, cache, logits, next_positions,
-                                   jnp.float32(length_penalty), num_beams=num_beams, **static)
+                                   jnp.float32(length_penalty), num_beams=num_beams,
+                                   gnmt=gnmt_length_penalty, **static)
   else:
     tokens, lengths = _sample_decode(
         params, cache, logits, next_positions, jax.random.key(seed), jnp.float32(temperature),
@@ -138,13 +141,13 @@ def _sample_decode(params, cache, logits, next_positions, key, temperature, top_
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_beams", "max_new_tokens",
-                                             "eos_ids", "activation_resolver"))
+                                             "eos_ids", "activation_resolver", "gnmt"))
 def _beam_decode(params, cache, logits, next_positions, length_penalty, *, graphdef,
-                 num_beams, max_new_tokens, eos_ids, activation_resolver):
+                 num_beams, max_new_tokens, eos_ids, activation_resolver, gnmt):
   with activation_sharding(activation_resolver):
     # Beams of a prompt share its prefill: repeat the rows rather than prefill each beam.
     rows = jnp.repeat(jnp.arange(logits.shape[0]), num_beams)
     forward = _one_token_forward(nnx.merge(graphdef, params), next_positions[rows])
     return beam_search(forward, take_cache_rows, logits[rows], take_cache_rows(cache, rows),
                        num_beams=num_beams, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                       length_penalty=length_penalty)
+                       length_penalty=length_penalty, gnmt=gnmt)

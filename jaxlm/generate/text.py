@@ -41,7 +41,8 @@ def eos_ids(tokenizer, source: Path | None) -> tuple[int, ...]:
 def generate_text(model_path: str | Path, prompts: Sequence[str], *, max_new_tokens: int = 64,
                   chat: bool = False, stop: Sequence[str] = (), temperature: float = 0.0,
                   top_k: int = 0, top_p: float = 1.0, num_beams: int = 1,
-                  length_penalty: float = 1.0, seed: int = 0) -> list[str]:
+                  length_penalty: float = 1.0, gnmt_length_penalty: bool = False,
+                  seed: int = 0) -> list[str]:
   """The continuation of each prompt (with chat=True, each prompt is one user message and
   the answer is returned), cut before the first stop string."""
   path = resolve_source(model_path)
@@ -57,7 +58,8 @@ def generate_text(model_path: str | Path, prompts: Sequence[str], *, max_new_tok
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: Llama(loaded.cfg, rngs=nnx.Rngs(0))))
   outputs = generate((graphdef, loaded.params), ids, max_new_tokens=max_new_tokens,
                      temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams,
-                     length_penalty=length_penalty, eos_ids=eos_ids(tokenizer, loaded.source),
+                     length_penalty=length_penalty,
+                     gnmt_length_penalty=gnmt_length_penalty, eos_ids=eos_ids(tokenizer, loaded.source),
                      seed=seed)
   return [truncate_at_stop(tokenizer.decode(out, skip_special_tokens=True), stop)
           for out in outputs]
