@@ -41,7 +41,8 @@ class LoadedParams:
 
 
 def _with_dtype(cfg: LlamaConfig, dtype: str | None) -> LlamaConfig:
-  dtype = dtype or "float32"
+  """HF and GGUF sources load as float32 unless asked; jaxlm directories as stored."""
+  dtype = dtype or cfg.param_dtype
   return cfg.replace(param_dtype=dtype, compute_dtype=dtype)
 
 
