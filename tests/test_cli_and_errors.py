@@ -71,3 +71,11 @@ def test_train_then_generate_from_the_command_line(token_cache, tmp_path, capsys
                    "--max-new-tokens", "5"]) == 0
   text = capsys.readouterr().out
   assert text.startswith("It is a truth") and len(text.strip()) > len("It is a truth")
+
+
+@pytest.mark.parametrize("recipe", ["tiny_demo", "ref_1b"])
+def test_every_recipe_loads_and_builds(recipe):
+  from jaxlm.config import model_config
+  config = load_config(recipe)
+  cfg = model_config(config)
+  assert cfg.vocab_size >= 4096 and config.data.batch_size % 8 == 0
