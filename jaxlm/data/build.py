@@ -1,0 +1,143 @@
+"""Sources -> cached rows: read, format, clean, drop exact duplicates, tokenize, cut, split, pack.
+
+Duplicates are dropped across all sources before the split, and the split is decided by a
+seeded hash of the content, so no validation text also appears in training. Examples are
+tokenized and shaped in chunks, streaming into the cache, so memory stays bounded by the
+chunk (plus a 16-byte digest per distinct example, for duplicate detection).
+"""
+from __future__ import annotations
+
+import collections
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from jaxlm.data import cache
+from jaxlm.data.budget import Problems, enforce
+from jaxlm.data.clean import content_digest, is_validation
+from jaxlm.data.formats import Example, Formatter, RowError
+from jaxlm.data.shaping import Pieces, cut_pieces, pack_rows
+from jaxlm.data.sources import Source, fingerprint, read_records
+from jaxlm.data.tokens import TextTokenizer
+
+log = logging.getLogger(__name__)
+
+CHUNK = 4096  # examples tokenized and shaped together
+CONTENT_SETTINGS = ("format", "shaping", "overflow", "stride", "text_unit", "labels",
+                    "prompt_template", "strip_html", "min_chars", "dedupe", "validation_fraction")
+
+
+def _describe(source: Source) -> dict:
+  """The source as the cache sees it: the mixture weight is applied when loading, not here."""
+  return {"kind": source.kind, "target": source.target, "options": source.options,
+          "renames": source.renames}
+
+
+def cache_key(sources: list[Source], tok: TextTokenizer, settings: dict, seq_len: int,
+              seed: int) -> str:
+  return cache.fingerprint({
+      "sources": [{**_describe(s), "content": fingerprint(s)} for s in sources],
+      "tokenizer": tok.fingerprint(),
+      "chat_template": tok.template() if settings["format"] == "chat" else "",
+      "settings": {k: settings[k] for k in CONTENT_SETTINGS},
+      "seq_len": seq_len, "seed": seed})
+
+
+def prepare_rows(sources: list[Source], tok: TextTokenizer, settings: dict, seq_len: int,
+                 seed: int) -> tuple[Path, dict, bool]:
+  """The cache directory holding these sources' rows (built now if absent), its metadata,
+  and whether this call built it."""
+  key = cache_key(sources, tok, settings, seq_len, seed)
+  directory, meta, built = cache.cached_build(
+      settings["cache_dir"], key, lambda out: _build(out, sources, tok, settings, seq_len, seed))
+  if not built:
+    enforce(meta["problems"], settings["error_budget"])
+  log.info("Data rows in %s (%s): %s", directory, "built" if built else "reused", meta["stats"])
+  return directory, meta, built
+
+
+def _tokenize(examples: list[Example], tok: TextTokenizer):
+  """(ids, trained flag per token) of each example."""
+  encoded = iter(tok.encode([text for e in examples for text, _ in e.parts]))
+  out = []
+  for example in examples:
+    ids = [next(encoded) for _ in example.parts]
+    flags = [np.full(len(i), trained) for i, (_, trained) in zip(ids, example.parts)]
+    if example.eos:
+      ids.append(np.array([tok.eos_id], np.int32))
+      flags.append(np.array([example.parts[-1][1]]))
+    out.append((np.concatenate(ids), np.concatenate(flags)))
+  return out
+
+
+def _split_of(pieces: Pieces, digests: list[bytes], seed: int, fraction: float,
+              per_window: bool) -> np.ndarray:
+  """Whether each piece is held out. Examples are split whole, except that the windows of a
+  long example cut without overlap are split one by one (a corpus of a few long books still
+  gets a validation set, and no text is on both sides)."""
+  windows = pieces.window if per_window else np.zeros_like(pieces.window)
+  return np.array([is_validation(digests[e] + int(w).to_bytes(4, "little"), seed, fraction)
+                   for e, w in zip(pieces.example, windows)], bool)
+
+
+def _build(out: Path, sources: list[Source], tok: TextTokenizer, settings: dict, seq_len: int,
+           seed: int) -> dict:
+  formatter = Formatter(settings["format"], labels=settings["labels"],
+                        prompt_template=settings["prompt_template"],
+                        strip_html=settings["strip_html"], tokenizer=tok)
+  problems = Problems()
+  stats = collections.Counter()
+  seen: set[bytes] = set()
+  dtypes = cache.storage_dtypes(tok.vocab_size, seq_len)
+  per_window = settings["overflow"] == "window" and settings["stride"] in (0, seq_len)
+  described = []
+
+  def flush(examples, digests, writers):
+    pieces, counts = cut_pieces(_tokenize(examples, tok), seq_len, overflow=settings["overflow"],
+                                stride=settings["stride"])
+    stats.update(counts)
+    held_out = _split_of(pieces, digests, seed, settings["validation_fraction"], per_window)
+    for split, mask in (("train", ~held_out), ("validation", held_out)):
+      rows = pack_rows(pieces.select(mask), seq_len, settings["shaping"])
+      writers[split].append(rows)
+      stats[f"{split}_pieces"] += int(mask.sum())
+      stats[f"{split}_rows"] += len(rows["input_ids"])
+      stats[f"{split}_tokens"] += int(np.count_nonzero(rows["segment_ids"]))
+      stats[f"{split}_loss_tokens"] += int(rows["loss_mask"].sum())
+
+  for index, source in enumerate(sources):
+    writers = {split: cache.RowWriter(out / split / str(index), dtypes) for split in cache.SPLITS}
+    examples, digests = [], []
+    for record in read_records(source, settings["text_unit"]):
+      problems.rows += 1
+      if record.problem:
+        problems.add(record.where, record.problem)
+        continue
+      try:
+        example = formatter(record.row)
+      except RowError as e:
+        problems.add(record.where, str(e))
+        continue
+      if example.chars < settings["min_chars"]:
+        stats["too_short"] += 1
+        continue
+      digest = content_digest(example.parts)
+      if settings["dedupe"]:
+        if digest in seen:
+          stats["duplicates"] += 1
+          continue
+        seen.add(digest)
+      stats["examples"] += 1
+      examples.append(example)
+      digests.append(digest)
+      if len(examples) == CHUNK:
+        flush(examples, digests, writers)
+        examples, digests = [], []
+    if examples:
+      flush(examples, digests, writers)
+    described.append({**_describe(source),
+                      "rows": {split: writers[split].rows for split in cache.SPLITS}})
+  enforce(problems.report(), settings["error_budget"])
+  return {"seq_len": seq_len, "dtypes": dtypes, "sources": described, "stats": dict(stats),
+          "problems": problems.report()}

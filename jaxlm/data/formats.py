@@ -1,0 +1,131 @@
+"""Rows -> examples: the texts an example is made of, each part marked whether its tokens are
+trained on (loss_mask 1) or only conditioned on.
+
+  text            {text}                     all trained
+  sft             {prompt, completion}       completion trained
+  chat            {messages: [{role, content}, ...]}
+                                             assistant turns trained, rendered with the
+                                             tokenizer's chat template or data.chat_template
+  classification  {text, label}              prompt_template conditioned, " " + label trained
+  pairs           {text_a, text_b, label}    likewise
+
+A label is a string from data.labels or an int indexing it. A row that does not fit raises
+RowError, which the build counts against data.error_budget.
+"""
+from __future__ import annotations
+
+import dataclasses
+import string
+
+from jaxlm.data.clean import strip_html
+from jaxlm.data.sources import DataError
+
+FIELDS = {"text": ("text",), "sft": ("prompt", "completion"), "chat": ("messages",),
+          "classification": ("text",), "pairs": ("text_a", "text_b")}
+DEFAULT_PROMPTS = {"classification": "{text}\nLabel:", "pairs": "{text_a}\n{text_b}\nLabel:"}
+
+
+class RowError(ValueError):
+  """A row that does not fit the format."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  parts: tuple[tuple[str, bool], ...]  # (text, trained)
+  chars: int  # characters of the row's own text, compared with data.min_chars
+  eos: bool  # ends with the end-of-text token; chat templates close their turns themselves
+
+
+class Formatter:
+
+  def __init__(self, fmt: str, *, labels=(), prompt_template: str = "",
+               strip_html: bool = False, tokenizer=None):
+    if fmt not in FIELDS:
+      raise DataError(f"data.format must be one of {', '.join(FIELDS)}, not {fmt!r}.")
+    self.fmt = fmt
+    self.labels = tuple(labels)
+    self.strip_html = strip_html
+    self.tokenizer = tokenizer
+    self.prompt_template = prompt_template or DEFAULT_PROMPTS.get(fmt, "")
+    if fmt in DEFAULT_PROMPTS:
+      if not self.labels:
+        raise DataError(f"data.format = {fmt!r} needs data.labels, the allowed label names.")
+      used = {name for _, name, _, _ in string.Formatter().parse(self.prompt_template) if name}
+      if not used <= set(FIELDS[fmt]):
+        raise DataError(f"data.prompt_template {self.prompt_template!r} uses "
+                        f"{sorted(used - set(FIELDS[fmt]))}; {fmt} rows have "
+                        f"{', '.join(FIELDS[fmt])}.")
+
+  def __call__(self, row: dict) -> Example:
+    if self.fmt == "chat":
+      return self._chat(row)
+    fields = {name: self._text(row, name) for name in FIELDS[self.fmt]}
+    chars = sum(map(len, fields.values()))
+    if self.fmt == "text":
+      return Example(((fields["text"], True),), chars, eos=True)
+    if self.fmt == "sft":
+      return Example(((fields["prompt"], False), (fields["completion"], True)), chars, eos=True)
+    return Example(((self.prompt_template.format(**fields), False), (" " + self._label(row), True)),
+                   chars, eos=True)
+
+  def _clean(self, text: str) -> str:
+    return strip_html(text) if self.strip_html else text
+
+  def _text(self, row: dict, name: str) -> str:
+    if name not in row or row[name] is None:
+      raise RowError(f"missing field {name!r} (has {', '.join(map(repr, row)) or 'none'})")
+    if not isinstance(row[name], str):
+      raise RowError(f"field {name!r} must be a string, got {type(row[name]).__name__}")
+    return self._clean(row[name])
+
+  def _label(self, row: dict) -> str:
+    label = row.get("label")
+    if label is None:
+      raise RowError("missing field 'label'")
+    if isinstance(label, str):
+      if label not in self.labels:
+        raise RowError(f"label {label!r} is not one of data.labels {list(self.labels)}")
+      return label
+    if isinstance(label, int) and not isinstance(label, bool):
+      if not 0 <= label < len(self.labels):
+        raise RowError(f"label index {label} is outside data.labels (0..{len(self.labels) - 1})")
+      return self.labels[label]
+    raise RowError(f"label must be a string or an int index, got {type(label).__name__}")
+
+  def _chat(self, row: dict) -> Example:
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+      raise RowError("field 'messages' must be a non-empty list of {role, content} objects")
+    clean = []
+    for i, message in enumerate(messages):
+      if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+              and isinstance(message.get("content"), str)):
+        raise RowError(f"messages[{i}] must be an object with string 'role' and 'content'")
+      clean.append({"role": message["role"], "content": self._clean(message["content"])})
+    roles = [m["role"] for m in clean]
+    if "assistant" not in roles:
+      raise RowError("no assistant message: nothing to train on")
+    if roles[0] == "assistant":
+      raise RowError("the conversation starts with an assistant message: nothing to condition on")
+    chars = sum(len(m["content"]) for m in clean)
+    return Example(tuple(self._chat_parts(clean)), chars, eos=False)
+
+  def _chat_parts(self, messages: list[dict]):
+    """Renders growing prefixes of the conversation: each turn's text is what it adds to the
+    rendering, and an assistant turn's header (the generation prompt) is conditioned on, so
+    the tokens trained on are those a model generates after the prompt it will be given."""
+    rendered = ""
+    for i, message in enumerate(messages):
+      steps = [(messages[:i], True, False)] if message["role"] == "assistant" else []
+      steps.append((messages[:i + 1], False, message["role"] == "assistant"))
+      for prefix, generation_prompt, trained in steps:
+        try:
+          text = self.tokenizer.render_chat(prefix, add_generation_prompt=generation_prompt)
+        except Exception as e:  # the template rejects this conversation (jinja raise_exception)
+          raise RowError(f"the chat template rejects it ({type(e).__name__}: {e})") from None
+        if not text.startswith(rendered):
+          raise DataError("The chat template renders earlier turns differently once later ones "
+                          "are added, so the assistant tokens cannot be located; set "
+                          "data.chat_template to a template that renders each turn on its own.")
+        yield text[len(rendered):], trained
+        rendered = text

@@ -1,0 +1,147 @@
+"""Tokenized examples -> pieces of at most seq_len (input, target) pairs -> fixed-length rows of
+input_ids, targets, loss_mask, positions and segment_ids.
+
+An example of n tokens gives n - 1 pairs. One longer than a row is cut by data.overflow:
+"window" (windows of seq_len pairs every `stride` pairs; pairs an earlier window already
+trained on are context only, loss_mask 0, so every target is trained once), "truncate_left"
+(keep the end: a long prompt loses its start, the completion stays), "truncate_right" (keep
+the start) or "drop". Each piece is one segment: positions restart at 0 and segment_ids number
+the pieces of a row 1, 2, ...; padding has segment 0 and loss_mask 0.
+
+data.shaping "pack" fills rows best-fit with pieces taken longest first; "window" gives every
+piece its own padded row.
+"""
+from __future__ import annotations
+
+import bisect
+import collections
+import dataclasses
+
+import numpy as np
+
+from jaxlm.data.sources import DataError
+
+FIELDS = ("input_ids", "targets", "loss_mask", "positions", "segment_ids")
+OVERFLOW = ("window", "truncate_left", "truncate_right", "drop")
+SHAPING = ("pack", "window")
+
+
+def check_shaping(shaping: str, overflow: str, stride: int, seq_len: int) -> None:
+  if shaping not in SHAPING:
+    raise DataError(f"data.shaping must be one of {', '.join(SHAPING)}, not {shaping!r}.")
+  if overflow not in OVERFLOW:
+    raise DataError(f"data.overflow must be one of {', '.join(OVERFLOW)}, not {overflow!r}.")
+  if not 0 < stride <= seq_len:
+    raise DataError(f"data.stride must be in 1..seq_len ({seq_len}), or 0 for seq_len; got "
+                    f"{stride}.")
+
+
+@dataclasses.dataclass
+class Pieces:
+  """Pieces of a list of examples, as parallel arrays over pieces."""
+  ids: np.ndarray  # every example's tokens, concatenated
+  trained: np.ndarray  # whether each token is a training target
+  example: np.ndarray  # the example each piece comes from
+  window: np.ndarray  # its number among its example's pieces
+  start: np.ndarray  # index into ids of its first input token
+  size: np.ndarray  # its number of pairs
+  loss_from: np.ndarray  # its first pair with a loss
+
+  def select(self, mask: np.ndarray) -> "Pieces":
+    return dataclasses.replace(self, **{f: getattr(self, f)[mask] for f in (
+        "example", "window", "start", "size", "loss_from")})
+
+
+def _cut(length: int, seq_len: int, overflow: str, stride: int):
+  """(first pair, end pair, first pair with loss) of the pieces one example is cut into."""
+  pairs = length - 1
+  if pairs <= seq_len:
+    return [(0, pairs, 0)]
+  if overflow == "drop":
+    return []
+  if overflow == "truncate_left":
+    return [(pairs - seq_len, pairs, pairs - seq_len)]
+  if overflow == "truncate_right":
+    return [(0, seq_len, 0)]
+  pieces, start, trained_to = [], 0, 0
+  while trained_to < pairs:
+    end = min(start + seq_len, pairs)
+    pieces.append((start, end, trained_to))
+    start, trained_to = start + stride, end
+  return pieces
+
+
+def cut_pieces(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int, *, overflow: str,
+               stride: int = 0) -> tuple[Pieces, collections.Counter]:
+  """examples: (token ids, trained flag per token). Pieces without any loss are dropped."""
+  stride = stride or seq_len
+  stats = collections.Counter()
+  lengths = np.array([len(ids) for ids, _ in examples], np.int64)
+  offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+  ids = np.concatenate([e[0] for e in examples] or [np.zeros(0, np.int32)])
+  trained = np.concatenate([e[1] for e in examples] or [np.zeros(0, bool)]).astype(bool)
+  kept = []
+  for index, (offset, length) in enumerate(zip(offsets, lengths)):
+    cut = _cut(int(length), seq_len, overflow, stride) if length > 1 else []
+    stats["dropped_too_long"] += bool(length > 1 and not cut)
+    for window, (first, end, loss_from) in enumerate(cut):
+      if trained[offset + max(first, loss_from) + 1:offset + end + 1].any():
+        kept.append((index, window, offset + first, end - first, max(loss_from - first, 0)))
+      else:
+        stats["dropped_no_loss"] += 1
+  columns = [np.array(c, np.int64) for c in zip(*kept)] or [np.zeros(0, np.int64)] * 5
+  return Pieces(ids, trained, *columns), stats
+
+
+def _best_fit(lengths: np.ndarray, seq_len: int):
+  """Row, offset and segment number of each piece: longest first, each into the open row it
+  fills most tightly (rows by remaining space, kept in a sorted list of distinct spaces)."""
+  row = np.empty(len(lengths), np.int64)
+  offset = np.empty(len(lengths), np.int64)
+  segment = np.empty(len(lengths), np.int64)
+  spaces: list[int] = []
+  rows_with_space = collections.defaultdict(list)
+  used, segments = [], []
+  for i in np.argsort(-lengths, kind="stable"):
+    need = int(lengths[i])
+    j = bisect.bisect_left(spaces, need)
+    if j < len(spaces):
+      space = spaces[j]
+      r = rows_with_space[space].pop()
+      if not rows_with_space[space]:
+        del spaces[j], rows_with_space[space]
+    else:
+      space, r = seq_len, len(used)
+      used.append(0)
+      segments.append(0)
+    row[i], offset[i] = r, used[r]
+    used[r] += need
+    segments[r] += 1
+    segment[i] = segments[r]
+    left = space - need
+    if left:
+      if left not in rows_with_space:
+        bisect.insort(spaces, left)
+      rows_with_space[left].append(r)
+  return row, offset, segment, len(used)
+
+
+def pack_rows(pieces: Pieces, seq_len: int, shaping: str) -> dict[str, np.ndarray]:
+  """int32 [rows, seq_len] arrays holding the pieces."""
+  size = pieces.size
+  if shaping == "pack":
+    row, offset, segment, num_rows = _best_fit(size, seq_len)
+  else:
+    row, offset, segment = np.arange(len(size)), np.zeros_like(size), np.ones_like(size)
+    num_rows = len(size)
+  # Every token of every piece at once: w is the token's place in its piece.
+  w = np.arange(int(size.sum())) - np.repeat(np.cumsum(size) - size, size)
+  src = np.repeat(pieces.start, size) + w
+  dst = np.repeat(row * seq_len + offset, size) + w
+  rows = {f: np.zeros(num_rows * seq_len, np.int32) for f in FIELDS}
+  rows["input_ids"][dst] = pieces.ids[src]
+  rows["targets"][dst] = pieces.ids[src + 1]
+  rows["loss_mask"][dst] = pieces.trained[src + 1] & (w >= np.repeat(pieces.loss_from, size))
+  rows["positions"][dst] = w
+  rows["segment_ids"][dst] = np.repeat(segment, size)
+  return {f: a.reshape(num_rows, seq_len) for f, a in rows.items()}
