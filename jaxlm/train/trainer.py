@@ -92,16 +92,19 @@ class Trainer:
     return {k: self.rules.sharding(("batch",) + (None,) * (v.ndim - 1), v.shape, "batch " + k)
             for k, v in batch.items()}
 
-  def train_step(self, state, batch):
+  def _jitted_train_step(self, batch):
+    """One jitted step per batch layout (shapes and keys), shared by running and lowering."""
     key = ("train", tuple(sorted((k, v.shape) for k, v in batch.items())))
     if key not in self._compiled_steps:
-      metric_sharding = self.rules.replicated()
       self._compiled_steps[key] = jax.jit(
           self._train_fn,
           in_shardings=(self.state_shardings, self._batch_shardings(batch)),
-          out_shardings=(self.state_shardings, metric_sharding),
+          out_shardings=(self.state_shardings, self.rules.replicated()),
           donate_argnums=(0,))
-    return self._compiled_steps[key](state, batch)
+    return self._compiled_steps[key]
+
+  def train_step(self, state, batch):
+    return self._jitted_train_step(batch)(state, batch)
 
   def eval_step(self, params, batch):
     key = ("eval", tuple(sorted((k, v.shape) for k, v in batch.items())))
@@ -114,8 +117,4 @@ class Trainer:
   def lower_train_step(self, batch_shapes: dict):
     """Ahead-of-time lowering with abstract inputs (no allocation), e.g. for memory plans."""
     batch = {k: jax.ShapeDtypeStruct(s, jnp.int32) for k, s in batch_shapes.items()}
-    jitted = jax.jit(self._train_fn,
-                     in_shardings=(self.state_shardings, self._batch_shardings(batch)),
-                     out_shardings=(self.state_shardings, self.rules.replicated()),
-                     donate_argnums=(0,))
-    return jitted.lower(self.abstract_state(), batch)
+    return self._jitted_train_step(batch).lower(self.abstract_state(), batch)
