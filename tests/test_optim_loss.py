@@ -1,7 +1,6 @@
 """Schedules, optimizers and the loss, against worked values."""
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest

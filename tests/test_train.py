@@ -3,7 +3,6 @@ checkpoints, accumulation, and that the loss really falls."""
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 

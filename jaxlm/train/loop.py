@@ -3,7 +3,6 @@ checkpoints, resuming from the workdir's latest checkpoint when there is one."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import time
