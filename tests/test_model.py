@@ -106,8 +106,20 @@ def test_bias_tied_and_head_dim_options_build():
   assert model(_ids()).shape == (2, 12, 256)
 
 
+GPT2_OPTIONS = dict(norm_type="layer", position_embedding="learned", mlp_type="gelu",
+                   qkv_bias=True, attention_out_bias=True, mlp_bias=True, tie_embeddings=True)
+
+
 def test_param_count_formula_matches_the_arrays():
-  for changes in ({}, {"qkv_bias": True, "tie_embeddings": True}, {"head_dim": 32}):
+  for changes in ({}, {"qkv_bias": True, "tie_embeddings": True}, {"head_dim": 32},
+                  {"mlp_bias": True, "attention_out_bias": True}, GPT2_OPTIONS):
     model = _model(**changes)
     arrays = jax.tree.leaves(nnx.state(model))
     assert sum(a.size for a in arrays) == model.cfg.num_params()
+
+
+def test_gpt2_preset_has_the_published_size():
+  assert from_preset("gpt2").num_params() == 124_439_808
+  # Lookups (token and position tables) do no matmul work; the tied output matrix does.
+  gpt2 = from_preset("gpt2")
+  assert gpt2.num_params(include_embedding=False) == 124_439_808 - 1024 * 768

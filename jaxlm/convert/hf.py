@@ -11,7 +11,7 @@ from flax import nnx
 
 from jaxlm.convert.errors import ConversionError
 from jaxlm.convert.hf_config import hf_dtype, read_hf_config
-from jaxlm.convert.llama_weights import IGNORED_SUFFIXES, hf_shape, llama_table
+from jaxlm.convert.llama_weights import IGNORED_SUFFIXES, hf_shape, hf_table
 from jaxlm.convert.safetensors_io import SafetensorsReader, ShardedSafetensorsWriter
 from jaxlm.models import Llama, LlamaConfig
 
@@ -51,8 +51,8 @@ def _set(tree, path, value):
 def check_tensors(reader, cfg: LlamaConfig, shapes: dict) -> None:
   """Every problem at once: missing, unexpected and mis-shaped tensors, by name."""
   expected = {}
-  for entry in llama_table(cfg):
-    want = hf_shape(entry, _get(shapes, entry.path).shape)
+  for entry in hf_table(cfg):
+    want = hf_shape(entry, *(_get(shapes, path).shape for path in entry.paths))
     expected.update({name: want for name in entry.hf_names(cfg.num_layers)})
   found = set(reader.names())
   missing = [f"{n} {expected[n]}" for n in expected if n not in found]
@@ -73,8 +73,30 @@ def check_tensors(reader, cfg: LlamaConfig, shapes: dict) -> None:
     raise ConversionError("The weights do not match config.json: " + " | ".join(problems))
 
 
+class _Prefixed:
+  """A reader whose names all gain `prefix`."""
+
+  def __init__(self, reader, prefix: str):
+    self.reader, self.prefix = reader, prefix
+
+  def names(self) -> list[str]:
+    return [self.prefix + name for name in self.reader.names()]
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return self.reader.shape(name.removeprefix(self.prefix))
+
+  def get(self, name: str) -> np.ndarray:
+    return self.reader.get(name.removeprefix(self.prefix))
+
+
 def load_hf_params(directory: Path, cfg: LlamaConfig, shardings: dict | None = None) -> dict:
-  return params_from_reader(SafetensorsReader(directory), cfg, shardings)
+  reader = SafetensorsReader(directory)
+  # GPT-2 files saved from the base model (openai-community/gpt2 among them) lack
+  # GPT2LMHeadModel's "transformer." prefix, which transformers adds as it loads them.
+  if (cfg.position_embedding == "learned"
+      and not any(name.startswith("transformer.") for name in reader.names())):
+    reader = _Prefixed(reader, "transformer.")
+  return params_from_reader(reader, cfg, shardings)
 
 
 def params_from_reader(reader, cfg: LlamaConfig, shardings: dict | None = None) -> dict:
@@ -85,15 +107,17 @@ def params_from_reader(reader, cfg: LlamaConfig, shardings: dict | None = None) 
   check_tensors(reader, cfg, shapes)
   dtype = jnp.dtype(cfg.param_dtype)
   params: dict = {}
-  for entry in llama_table(cfg):
-    shape = _get(shapes, entry.path).shape
-    per_layer = shape[1:] if entry.stacked else shape
-    pieces = [entry.layout.to_jaxlm(reader.get(n).astype(dtype), per_layer)
+  for entry in hf_table(cfg):
+    full = [_get(shapes, path).shape for path in entry.paths]
+    per_layer = [shape[1:] for shape in full] if entry.stacked else full
+    # pieces[layer][part]: the arrays of entry.paths, layer by layer
+    pieces = [entry.to_jaxlm(reader.get(n).astype(dtype), per_layer)
               for n in entry.hf_names(cfg.num_layers)]
-    host = np.stack(pieces) if entry.stacked else pieces[0]
+    for part, path in enumerate(entry.paths):
+      host = np.stack([p[part] for p in pieces]) if entry.stacked else pieces[0][part]
+      sharding = _get(shardings, path) if shardings is not None else None
+      _set(params, path, jax.device_put(host, sharding))
     del pieces
-    sharding = _get(shardings, entry.path) if shardings is not None else None
-    _set(params, entry.path, jax.device_put(host, sharding))
   return params
 
 
@@ -101,13 +125,12 @@ def save_hf_params(directory: Path, cfg: LlamaConfig, params: dict, *, dtype: st
                    max_shard_bytes: int) -> None:
   np_dtype = jnp.dtype(dtype)
   writer = ShardedSafetensorsWriter(directory, max_shard_bytes)
-  for entry in llama_table(cfg):
-    host = np.asarray(jax.device_get(_get(params, entry.path)))
-    names = entry.hf_names(cfg.num_layers)
-    for i, name in enumerate(names):
-      tensor = host[i] if entry.stacked else host
-      writer.add(name, entry.layout.to_hf(tensor).astype(np_dtype))
-    del host
+  for entry in hf_table(cfg):
+    hosts = [np.asarray(jax.device_get(_get(params, path))) for path in entry.paths]
+    for i, name in enumerate(entry.hf_names(cfg.num_layers)):
+      arrays = [host[i] for host in hosts] if entry.stacked else hosts
+      writer.add(name, entry.to_hf(arrays).astype(np_dtype))
+    del hosts
   writer.close()
 
 

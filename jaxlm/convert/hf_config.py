@@ -6,9 +6,18 @@ import dataclasses
 from jaxlm.convert.errors import ConversionError
 from jaxlm.models.config import LlamaConfig
 
-FAMILIES = ("llama", "mistral", "qwen2")
+FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                 "qwen2": "Qwen2ForCausalLM"}
+                 "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+# GPT-2 options that change the computation, at the only values jaxlm computes (HF's defaults).
+GPT2_FIXED = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+              "reorder_and_upcast_attn": False, "add_cross_attention": False}
+# What a config.json must express; dtypes, remat, dropout and init are jaxlm's own.
+ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                       "resolved_head_dim", "mlp_dim", "max_seq_len", "norm_eps", "norm_type",
+                       "position_embedding", "mlp_type", "qkv_bias", "attention_out_bias",
+                       "mlp_bias", "sliding_window", "tie_embeddings")
+ROPE_FIELDS = ("rope_theta", "rope_scaling")
 
 
 def _rope(hf: dict) -> tuple[float, dict | None]:
@@ -27,7 +36,17 @@ def read_hf_config(hf: dict) -> tuple[LlamaConfig, str]:
     raise ConversionError(
         f"Unsupported architecture model_type={family!r} "
         f"({', '.join(hf.get('architectures') or [])}). Supported: "
-        f"{', '.join(FAMILIES)} (Llama 2/3/3.1/3.2, Mistral, Qwen2).")
+        f"{', '.join(FAMILIES)} (Llama 2/3/3.1/3.2, Mistral, Qwen2, GPT-2).")
+  read = _read_gpt2 if family == "gpt2" else _read_llama
+  return read(hf, family), family
+
+
+def _refuse(problems: list[str]) -> None:
+  if problems:
+    raise ConversionError("Unsupported config.json settings: " + "; ".join(problems))
+
+
+def _read_llama(hf: dict, family: str) -> LlamaConfig:
   problems = []
   if hf.get("hidden_act", "silu") != "silu":
     problems.append(f"hidden_act={hf['hidden_act']!r} (only 'silu' is supported)")
@@ -35,12 +54,11 @@ def read_hf_config(hf: dict) -> tuple[LlamaConfig, str]:
     problems.append("Llama attention_bias / mlp_bias (biases on o_proj or the MLP)")
   if family == "qwen2" and hf.get("use_sliding_window"):
     problems.append("Qwen2 use_sliding_window=true (per-layer windows)")
-  if problems:
-    raise ConversionError("Unsupported config.json settings: " + "; ".join(problems))
+  _refuse(problems)
   theta, scaling = _rope(hf)
   heads = hf["num_attention_heads"]
   window = hf.get("sliding_window") if family == "mistral" else None
-  cfg = LlamaConfig(
+  return LlamaConfig(
       vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
       num_layers=hf["num_hidden_layers"], num_heads=heads,
       num_kv_heads=hf.get("num_key_value_heads") or heads,
@@ -50,7 +68,24 @@ def read_hf_config(hf: dict) -> tuple[LlamaConfig, str]:
       norm_eps=hf.get("rms_norm_eps", 1e-6), qkv_bias=family == "qwen2",
       sliding_window=window, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
       init_std=hf.get("initializer_range", 0.02), compute_dtype="float32")
-  return cfg, family
+
+
+def _read_gpt2(hf: dict, family: str) -> LlamaConfig:
+  activation = hf.get("activation_function", "gelu_new")
+  problems = [] if activation == "gelu_new" else [
+      f"activation_function={activation!r} (only 'gelu_new' is supported)"]
+  problems += [f"{name}={hf[name]!r} (only {value!r} is supported)"
+               for name, value in GPT2_FIXED.items() if hf.get(name, value) != value]
+  _refuse(problems)
+  d, heads = hf["n_embd"], hf["n_head"]
+  return LlamaConfig(
+      vocab_size=hf["vocab_size"], hidden_size=d, num_layers=hf["n_layer"], num_heads=heads,
+      num_kv_heads=heads, mlp_dim=hf.get("n_inner") or 4 * d,
+      max_seq_len=hf.get("n_positions", 1024), norm_type="layer",
+      norm_eps=hf.get("layer_norm_epsilon", 1e-5), position_embedding="learned",
+      mlp_type="gelu", qkv_bias=True, attention_out_bias=True, mlp_bias=True,
+      tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+      init_std=hf.get("initializer_range", 0.02), compute_dtype="float32")
 
 
 def hf_dtype(hf: dict) -> str | None:
@@ -58,6 +93,8 @@ def hf_dtype(hf: dict) -> str | None:
 
 
 def family_for(cfg: LlamaConfig) -> str:
+  if cfg.position_embedding == "learned":
+    return "gpt2"
   if cfg.qkv_bias:
     return "qwen2"
   return "mistral" if cfg.sliding_window else "llama"
@@ -66,30 +103,53 @@ def family_for(cfg: LlamaConfig) -> str:
 def write_hf_config(cfg: LlamaConfig, family: str | None = None, *, dtype: str,
                     base: dict | None = None) -> dict:
   """A config.json for `cfg`; keys of `base` (the source model's config) are kept so token
-  ids and other settings survive a round trip."""
+  ids and other settings survive a round trip. Raises ConversionError if the family cannot
+  express cfg (the export would silently compute something else)."""
   family = family or family_for(cfg)
-  scaling = dict(cfg.rope_scaling) if cfg.rope_scaling else None
   hf = dict(base or {})
   for stale in ("rope_scaling", "rope_theta", "torch_dtype", "rope_parameters"):
     hf.pop(stale, None)
-  hf.update({
-      "architectures": [ARCHITECTURES[family]], "model_type": family,
-      "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-      "intermediate_size": cfg.mlp_dim, "num_hidden_layers": cfg.num_layers,
-      "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
-      "head_dim": cfg.resolved_head_dim, "hidden_act": "silu",
-      "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-      "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std,
-      "rope_parameters": {"rope_theta": cfg.rope_theta, **(scaling or {"rope_type": "default"})},
-      "dtype": dtype,
-  })
-  if family == "llama":
-    hf.update(attention_bias=False, mlp_bias=False)
-  if family == "mistral":
-    hf["sliding_window"] = cfg.sliding_window
-  if family == "qwen2":
-    hf.update(use_sliding_window=False)
+  hf.update({"architectures": [ARCHITECTURES[family]], "model_type": family,
+             "vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
+             "initializer_range": cfg.init_std, "dtype": dtype})
+  hf.update(_gpt2_fields(cfg) if family == "gpt2" else _llama_fields(cfg, family))
+  _check_expressed(cfg, hf, family)
   return hf
+
+
+def _llama_fields(cfg: LlamaConfig, family: str) -> dict:
+  scaling = dict(cfg.rope_scaling) if cfg.rope_scaling else None
+  fields = {
+      "hidden_size": cfg.hidden_size, "intermediate_size": cfg.mlp_dim,
+      "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+      "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.resolved_head_dim,
+      "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
+      "rms_norm_eps": cfg.norm_eps,
+      "rope_parameters": {"rope_theta": cfg.rope_theta, **(scaling or {"rope_type": "default"})},
+  }
+  if family == "llama":
+    fields.update(attention_bias=False, mlp_bias=False)
+  if family == "mistral":
+    fields["sliding_window"] = cfg.sliding_window
+  if family == "qwen2":
+    fields.update(use_sliding_window=False)
+  return fields
+
+
+def _gpt2_fields(cfg: LlamaConfig) -> dict:
+  return {"n_embd": cfg.hidden_size, "n_layer": cfg.num_layers, "n_head": cfg.num_heads,
+          "n_positions": cfg.max_seq_len, "n_inner": cfg.mlp_dim,
+          "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps, **GPT2_FIXED}
+
+
+def _check_expressed(cfg: LlamaConfig, hf: dict, family: str) -> None:
+  back, _ = read_hf_config(hf)
+  fields = ARCHITECTURE_FIELDS + (ROPE_FIELDS if cfg.position_embedding == "rope" else ())
+  lost = [f"{name}={getattr(cfg, name)!r}" for name in fields
+          if getattr(back, name) != getattr(cfg, name)]
+  if lost:
+    raise ConversionError(f"A {family} config.json cannot express this model's "
+                          f"{', '.join(lost)}.")
 
 
 def model_fields(cfg: LlamaConfig) -> dict:

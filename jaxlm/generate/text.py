@@ -24,7 +24,8 @@ def load_tokenizer_for(path: Path, loaded: LoadedParams):
     return PreTrainedTokenizerFast(tokenizer_object=load_tokenizer(loaded.tokenizer_file),
                                    eos_token=END_OF_TEXT)
   source = loaded.source or path
-  if not any((source / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+  if not any((source / name).is_file()
+             for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
     raise FileNotFoundError(f"No tokenizer files in {source}; generation needs one.")
   return AutoTokenizer.from_pretrained(source)
 

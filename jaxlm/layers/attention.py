@@ -1,6 +1,6 @@
-"""Grouped-query self-attention with rotary embeddings, causal, document and sliding-window
-masking, through `jax.nn.dot_product_attention` (cuDNN flash on GPU, XLA elsewhere), and an
-optional key/value cache for generation."""
+"""Grouped-query self-attention with rotary embeddings (or none, with learned positions),
+causal, document and sliding-window masking, through `jax.nn.dot_product_attention` (cuDNN
+flash on GPU, XLA elsewhere), and an optional key/value cache for generation."""
 from __future__ import annotations
 
 import jax
@@ -37,9 +37,13 @@ class Attention(nnx.Module):
     self.v_proj = Einsum("btd,dkh->btkh", (d, k, hd), ("embed", "kv_heads", "head_dim"),
                          bias_shape=(k, hd) if bias else None,
                          bias_names=("kv_heads", "head_dim"), **common)
-    self.o_proj = Einsum("btnh,nhd->btd", (n, hd, d), ("heads", "head_dim", "embed"), **common)
-    # A tuple of floats, not an array: static, so not mistaken for model state.
-    self.inv_freq = tuple(inverse_frequencies(hd, cfg.rope_theta, cfg.rope_scaling).tolist())
+    self.o_proj = Einsum("btnh,nhd->btd", (n, hd, d), ("heads", "head_dim", "embed"),
+                         bias_shape=(d,) if cfg.attention_out_bias else None,
+                         bias_names=("embed",), **common)
+    # A tuple of floats, not an array: static, so not mistaken for model state. None: the
+    # positions were added to the embeddings instead (learned).
+    self.inv_freq = (tuple(inverse_frequencies(hd, cfg.rope_theta, cfg.rope_scaling).tolist())
+                     if cfg.position_embedding == "rope" else None)
     self.sliding_window = cfg.sliding_window
     self.implementation = cfg.attention_impl
 
@@ -51,8 +55,9 @@ class Attention(nnx.Module):
     q = constrain(self.q_proj(x), ("act_batch", "act_length", "act_heads", None))
     k = constrain(self.k_proj(x), ("act_batch", "act_length", "act_kv_heads", None))
     v = constrain(self.v_proj(x), ("act_batch", "act_length", "act_kv_heads", None))
-    q = apply_rotary(q, positions, self.inv_freq)
-    k = apply_rotary(k, positions, self.inv_freq)
+    if self.inv_freq is not None:
+      q = apply_rotary(q, positions, self.inv_freq)
+      k = apply_rotary(k, positions, self.inv_freq)
     if cache is not None:
       return self._attend_cached(q, k, v, positions, cache)
     mask = None

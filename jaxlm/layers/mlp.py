@@ -8,18 +8,51 @@ from jaxlm.layers.linear import Einsum
 from jaxlm.layers.sharding import constrain
 
 
+def _common(cfg, rngs: nnx.Rngs) -> dict:
+  return dict(rngs=rngs, param_dtype=jnp.dtype(cfg.param_dtype),
+              compute_dtype=jnp.dtype(cfg.compute_dtype), init_std=cfg.init_std)
+
+
+def _into_mlp(cfg, rngs: nnx.Rngs) -> Einsum:
+  m = cfg.mlp_dim
+  return Einsum("btd,dm->btm", (cfg.hidden_size, m), ("embed", "mlp"),
+                bias_shape=(m,) if cfg.mlp_bias else None, bias_names=("mlp",),
+                **_common(cfg, rngs))
+
+
+def _out_of_mlp(cfg, rngs: nnx.Rngs) -> Einsum:
+  d = cfg.hidden_size
+  return Einsum("btm,md->btd", (cfg.mlp_dim, d), ("mlp", "embed"),
+                bias_shape=(d,) if cfg.mlp_bias else None, bias_names=("embed",),
+                **_common(cfg, rngs))
+
+
 class SwiGLU(nnx.Module):
   """down(silu(gate(x)) * up(x)), as in Llama."""
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
-    common = dict(rngs=rngs, param_dtype=jnp.dtype(cfg.param_dtype),
-                  compute_dtype=jnp.dtype(cfg.compute_dtype), init_std=cfg.init_std)
-    d, m = cfg.hidden_size, cfg.mlp_dim
-    self.gate_proj = Einsum("btd,dm->btm", (d, m), ("embed", "mlp"), **common)
-    self.up_proj = Einsum("btd,dm->btm", (d, m), ("embed", "mlp"), **common)
-    self.down_proj = Einsum("btm,md->btd", (m, d), ("mlp", "embed"), **common)
+    self.gate_proj = _into_mlp(cfg, rngs)
+    self.up_proj = _into_mlp(cfg, rngs)
+    self.down_proj = _out_of_mlp(cfg, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
     hidden = constrain(hidden, ("act_batch", "act_length", "act_mlp"))
     return self.down_proj(hidden)
+
+
+class GeluMLP(nnx.Module):
+  """down(gelu(up(x))) with gelu's tanh approximation, as GPT-2 ("gelu_new": c_fc, c_proj)."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    self.up_proj = _into_mlp(cfg, rngs)
+    self.down_proj = _out_of_mlp(cfg, rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    hidden = jax.nn.gelu(self.up_proj(x), approximate=True)
+    hidden = constrain(hidden, ("act_batch", "act_length", "act_mlp"))
+    return self.down_proj(hidden)
+
+
+def make_mlp(cfg, *, rngs: nnx.Rngs) -> SwiGLU | GeluMLP:
+  return (SwiGLU if cfg.mlp_type == "swiglu" else GeluMLP)(cfg, rngs=rngs)

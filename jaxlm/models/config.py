@@ -1,12 +1,19 @@
-"""Shape and numerics of a Llama-family decoder, plus named presets."""
+"""Shape and numerics of the decoder (Llama family and GPT-2), plus named presets."""
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
 
+NORM_TYPES = ("rms", "layer")
+POSITION_EMBEDDINGS = ("rope", "learned")
+MLP_TYPES = ("swiglu", "gelu")
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
+  """The decoder's architecture. The defaults are Llama's; GPT-2 is norm_type="layer",
+  position_embedding="learned", mlp_type="gelu" with every bias on (see the gpt2 preset)."""
   vocab_size: int = 32000
   hidden_size: int = 2048
   num_layers: int = 16
@@ -22,7 +29,13 @@ class LlamaConfig:
   rope_scaling: dict[str, Any] | tuple | None = None
   max_seq_len: int = 2048
   norm_eps: float = 1e-5
-  qkv_bias: bool = False  # Qwen2
+  norm_type: str = "rms"  # rms | layer (LayerNorm with a bias, GPT-2)
+  # rope | learned (an absolute table of max_seq_len positions added to the embeddings, GPT-2)
+  position_embedding: str = "rope"
+  mlp_type: str = "swiglu"  # swiglu | gelu (tanh approximation, GPT-2's "gelu_new")
+  qkv_bias: bool = False  # Qwen2, GPT-2
+  attention_out_bias: bool = False  # GPT-2
+  mlp_bias: bool = False  # GPT-2
   sliding_window: int | None = None  # Mistral: a token sees itself and the window-1 before it
   tie_embeddings: bool = False
   dropout_rate: float = 0.0
@@ -45,7 +58,11 @@ class LlamaConfig:
     if self.head_dim is None and self.hidden_size % self.num_heads:
       problems.append(f"hidden_size ({self.hidden_size}) is not divisible by num_heads "
                       f"({self.num_heads}); set head_dim explicitly")
-    if self.head_dim is not None and self.head_dim % 2:
+    for name, allowed in (("norm_type", NORM_TYPES), ("mlp_type", MLP_TYPES),
+                          ("position_embedding", POSITION_EMBEDDINGS)):
+      if getattr(self, name) not in allowed:
+        problems.append(f"{name}={getattr(self, name)!r} (choose one of {', '.join(allowed)})")
+    if self.head_dim is not None and self.head_dim % 2 and self.position_embedding == "rope":
       problems.append(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
     if problems:
       raise ValueError("Invalid model config: " + "; ".join(problems))
@@ -55,18 +72,27 @@ class LlamaConfig:
     return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
 
   def num_params(self, include_embedding: bool = True) -> int:
-    d, hd = self.hidden_size, self.resolved_head_dim
+    """All parameters, or without the embedding lookups (token and position tables) those
+    that do matmul work."""
+    d, hd, m = self.hidden_size, self.resolved_head_dim, self.mlp_dim
     attn = d * hd * (self.num_heads * 2 + self.num_kv_heads * 2)
     if self.qkv_bias:
       attn += hd * (self.num_heads + 2 * self.num_kv_heads)
-    layer = attn + 3 * d * self.mlp_dim + 2 * d
-    total = self.num_layers * layer + d  # final norm
+    if self.attention_out_bias:
+      attn += d
+    mlp = (3 if self.mlp_type == "swiglu" else 2) * d * m
+    if self.mlp_bias:
+      mlp += (2 if self.mlp_type == "swiglu" else 1) * m + d
+    norm = d if self.norm_type == "rms" else 2 * d
+    total = self.num_layers * (attn + mlp + 2 * norm) + norm  # + final norm
     output = 0 if self.tie_embeddings else self.vocab_size * d
     embedding = self.vocab_size * d
+    if self.position_embedding == "learned":
+      embedding += self.max_seq_len * d
     if include_embedding:
       return total + output + embedding
     # With tied embeddings the shared matrix still does the output projection's work.
-    return total + (self.vocab_size * d if self.tie_embeddings else output)
+    return total + self.vocab_size * d
 
   def flops_per_token(self, seq_len: int) -> float:
     """Training FLOPs per token: 6 x matmul params (no input embedding lookup) plus causal
@@ -114,6 +140,12 @@ PRESETS: dict[str, LlamaConfig] = {
     "qwen2-7b": LlamaConfig(
         vocab_size=152064, hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4,
         mlp_dim=18944, rope_theta=1000000.0, max_seq_len=32768, norm_eps=1e-6, qkv_bias=True),
+    # GPT-2 small (124M), as openai-community/gpt2.
+    "gpt2": LlamaConfig(
+        vocab_size=50257, hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=12,
+        mlp_dim=3072, max_seq_len=1024, norm_type="layer", norm_eps=1e-5,
+        position_embedding="learned", mlp_type="gelu", qkv_bias=True, attention_out_bias=True,
+        mlp_bias=True, tie_embeddings=True),
 }
 
 FIELDS = tuple(f.name for f in dataclasses.fields(LlamaConfig))

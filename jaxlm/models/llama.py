@@ -1,4 +1,6 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2 shapes) in Flax NNX.
+"""The decoder of the Llama family (Llama 2/3, Mistral, Qwen2 shapes) and GPT-2, in Flax NNX.
+GPT-2 differs only in options of the config: LayerNorm, learned absolute positions, a gelu
+MLP and biases on every projection.
 
 Layer parameters are stacked on a leading "layers" axis so that the forward pass can scan
 over them: compile time stays flat in depth and a checkpoint has the same layout whether the
@@ -13,10 +15,10 @@ from flax import nnx
 
 from jaxlm.layers.attention import Attention
 from jaxlm.layers.linear import Einsum, Embedding
-from jaxlm.layers.mlp import SwiGLU
-from jaxlm.layers.norms import RMSNorm
+from jaxlm.layers.mlp import make_mlp
+from jaxlm.layers.norms import make_norm
 from jaxlm.layers.remat import remat
-from jaxlm.layers.sharding import constrain
+from jaxlm.layers.sharding import constrain, param
 from jaxlm.models.config import LlamaConfig
 
 RESIDUAL = ("act_batch", "act_length", "act_embed")
@@ -28,6 +30,10 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None) -> dict:
   keys and values per layer (in dtype, default the compute dtype), the position of the token
   in each slot (-1: none) and the next slot to write, shared by all rows. max_len must hold
   every token fed, padding included: writes past the end would land on the last slots."""
+  if cfg.position_embedding == "learned" and max_len > cfg.max_seq_len:
+    raise ValueError(f"A cache of {max_len} tokens is longer than the model's "
+                     f"{cfg.max_seq_len} learned positions; shorten the prompt or the number "
+                     f"of new tokens.")
   dtype = jnp.dtype(dtype or cfg.compute_dtype)
   shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.resolved_head_dim)
   return {"k": constrain(jnp.zeros(shape, dtype), CACHED_KV),
@@ -51,15 +57,29 @@ def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+class LearnedPositions(nnx.Module):
+  """GPT-2's absolute position embeddings: a [max_seq_len, hidden] table indexed by position."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    self.compute_dtype = jnp.dtype(cfg.compute_dtype)
+    shape = (cfg.max_seq_len, cfg.hidden_size)
+    self.table = param(cfg.init_std * jax.random.normal(rngs.params(), shape,
+                                                        jnp.dtype(cfg.param_dtype)),
+                       (None, "embed"))
+
+  def __call__(self, positions: jax.Array) -> jax.Array:
+    # Padding in a cache has position -1: any row will do, no token attends to it.
+    rows = jnp.clip(positions, 0, self.table.shape[0] - 1)
+    return jnp.take(self.table[...].astype(self.compute_dtype), rows, axis=0)
+
+
 class DecoderLayer(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
-    norm = dict(eps=cfg.norm_eps, param_dtype=jnp.dtype(cfg.param_dtype),
-                compute_dtype=jnp.dtype(cfg.compute_dtype))
-    self.input_norm = RMSNorm(cfg.hidden_size, **norm)
+    self.input_norm = make_norm(cfg)
     self.attention = Attention(cfg, rngs=rngs)
-    self.post_attention_norm = RMSNorm(cfg.hidden_size, **norm)
-    self.mlp = SwiGLU(cfg, rngs=rngs)
+    self.post_attention_norm = make_norm(cfg)
+    self.mlp = make_mlp(cfg, rngs=rngs)
     self.dropout_rate = cfg.dropout_rate
 
   def __call__(self, x, positions, segment_ids, dropout_rng=None, cache=None):
@@ -82,6 +102,8 @@ class Llama(nnx.Module):
                   compute_dtype=jnp.dtype(cfg.compute_dtype))
     self.embed = Embedding(cfg.vocab_size, cfg.hidden_size, rngs=rngs,
                            init_std=cfg.init_std, **dtypes)
+    self.position_embed = (LearnedPositions(cfg, rngs=rngs)
+                           if cfg.position_embedding == "learned" else None)
 
     @nnx.split_rngs(splits=cfg.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -89,7 +111,7 @@ class Llama(nnx.Module):
       return DecoderLayer(cfg, rngs=rngs)
 
     self.layers = stacked_layers(rngs)
-    self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, **dtypes)
+    self.final_norm = make_norm(cfg)
     self.lm_head = None if cfg.tie_embeddings else Einsum(
         "btd,dv->btv", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), rngs=rngs,
         init_std=cfg.init_std, **dtypes)
@@ -105,6 +127,27 @@ class Llama(nnx.Module):
     cached at or before their position; returns (logits, updated cache). Positions then
     default to the slot numbers, a negative position marks padding that no token attends to,
     and segment ids are not taken."""
+    if cache is None:
+      return self._logits(self.hidden_states(input_ids, positions, segment_ids,
+                                             dropout_rng=dropout_rng))
+    x, cache = self.hidden_states(input_ids, positions, segment_ids, dropout_rng=dropout_rng,
+                                  cache=cache)
+    return self._logits(x), cache
+
+  def _logits(self, x: jax.Array) -> jax.Array:
+    if self.lm_head is None:
+      logits = self.embed.attend(x)
+    else:
+      logits = jnp.einsum("btd,dv->btv", x, self.lm_head.kernel[...].astype(x.dtype),
+                          preferred_element_type=jnp.float32)
+    return constrain(logits, ("act_batch", "act_length", "act_vocab"))
+
+  def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None,
+                    segment_ids: jax.Array | None = None, *,
+                    dropout_rng: jax.Array | None = None, cache: dict | None = None):
+    """The final-normed hidden states [batch, seq, hidden] (compute dtype) that the output
+    projection turns into logits, e.g. for a classification head. Arguments as `__call__`;
+    with a cache, returns (hidden states, updated cache)."""
     cfg = self.cfg
     if cache is not None and segment_ids is not None:
       raise ValueError("segment_ids are not supported with a cache; give padding tokens a "
@@ -112,7 +155,14 @@ class Llama(nnx.Module):
     if positions is None:
       first = 0 if cache is None else cache["index"]
       positions = jnp.broadcast_to(first + jnp.arange(input_ids.shape[1]), input_ids.shape)
-    x = constrain(self.embed(input_ids), RESIDUAL)
+      if self.position_embed is not None and cache is None and (
+          input_ids.shape[1] > cfg.max_seq_len):
+        raise ValueError(f"{input_ids.shape[1]} tokens are more than the model's "
+                         f"{cfg.max_seq_len} learned positions.")
+    x = self.embed(input_ids)
+    if self.position_embed is not None:
+      x = x + self.position_embed(positions)
+    x = constrain(x, RESIDUAL)
     layer_def, layer_state = nnx.split(self.layers)
     layer_rngs = (None if dropout_rng is None or cfg.dropout_rate == 0.0
                   else jax.random.split(dropout_rng, cfg.num_layers))
@@ -139,13 +189,7 @@ class Llama(nnx.Module):
       kv = jax.tree.map(lambda *layers: jnp.stack(layers), *per_layer)
 
     x = self.final_norm(x)
-    if self.lm_head is None:
-      logits = self.embed.attend(x)
-    else:
-      logits = jnp.einsum("btd,dv->btv", x, self.lm_head.kernel[...].astype(x.dtype),
-                          preferred_element_type=jnp.float32)
-    logits = constrain(logits, ("act_batch", "act_length", "act_vocab"))
     if cache is None:
-      return logits
-    return logits, {**kv, "positions": shared["key_positions"],
-                    "index": cache["index"] + input_ids.shape[1]}
+      return x
+    return x, {**kv, "positions": shared["key_positions"],
+               "index": cache["index"] + input_ids.shape[1]}
