@@ -43,8 +43,8 @@ def main(argv=None):
   start = time.perf_counter()
   _, meta, built = prepare_data(config, args.tokenizer, args.seq_len, seed=0)
   build_s = time.perf_counter() - start
-  train, _ = build_train_data(config, args.tokenizer, args.seq_len, args.batch_size, seed=0,
-                              process_count=args.process_count)
+  train = build_train_data(config, args.tokenizer, args.seq_len, args.batch_size, seed=0,
+                           process_count=args.process_count).train
   for _ in range(args.warmup):
     next(train)
   batches = tokens = loss_tokens = 0

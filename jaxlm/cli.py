@@ -99,7 +99,44 @@ Tensors are streamed one at a time; nothing is left at --out if conversion fails
                     help="stored dtype (default: float32 in jaxlm; the source's for --to-hf)")
   conv.add_argument("--max-shard-gb", type=float, default=5.0,
                     help="--to-hf: largest safetensors file before sharding (default 5)")
+
+  data = sub.add_parser(
+      "data", help="export installable corpora; build a recipe's tokenized data cache",
+      formatter_class=argparse.RawDescriptionHelpFormatter, description="""\
+  jaxlm data export chatterbot --language english --out data/chatterbot_en.jsonl
+  jaxlm data export tang300 --out data/tang300.jsonl      # Debian fortunes-zh Tang poems
+  jaxlm data prepare --config sft_smollm2                 # tokenize once, print statistics
+
+`prepare` builds the cache `jaxlm train` would build (same --config.data.* overrides), e.g.
+ahead of a multi-host job, and prints row, token and malformed-row counts.""")
+  data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+  export = data_sub.add_parser("export", help="write an installable corpus as jsonl")
+  export.add_argument("corpus", choices=("chatterbot", "tang300", "song100"),
+                      help="chatterbot: PyPI chatterbot-corpus chat pairs; tang300 / song100: "
+                      "Debian fortunes-zh poems")
+  export.add_argument("--out", required=True, help="jsonl file to write")
+  export.add_argument("--language", default="english",
+                      help="chatterbot language directory (english, chinese, ...)")
+  prepare = data_sub.add_parser("prepare", help="build a recipe's tokenized data cache")
+  prepare.add_argument("--config", default="tiny_demo", help="recipe path or name")
   return parser
+
+
+def _data(args, overrides) -> None:
+  from jaxlm import config as config_lib
+
+  if args.data_command == "export":
+    from jaxlm.data.corpora import export_corpus
+    count = export_corpus(args.corpus, args.out, args.language)
+    print(f"wrote {count:,} rows to {args.out}")
+    return
+  from jaxlm.data.pipeline import build_train_data
+  from jaxlm.train.loop import training_tokenizer
+  config = config_lib.load_config(args.config, overrides)
+  data = build_train_data(config.data, training_tokenizer(config), config.data.seq_len,
+                          config.data.batch_size, config.data.seed)
+  data.close()
+  print(data.summary())
 
 
 def _convert(args) -> str:
@@ -146,6 +183,8 @@ def main(argv=None) -> int:
         print(json.dumps({"workdir": str(Path(args.workdir).absolute()), **metrics}))
     elif args.command == "convert":
       print(f"wrote {_convert(args)}")
+    elif args.command == "data":
+      _data(args, overrides)
     elif args.command == "show-config":
       print(config_lib.load_config(args.config, overrides))
     elif args.command == "generate":

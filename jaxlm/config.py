@@ -10,10 +10,13 @@ from pathlib import Path
 
 import ml_collections
 
+from jaxlm.data.pipeline import DEFAULTS as DATA_DEFAULTS
 from jaxlm.models.config import FIELDS as MODEL_FIELDS
 from jaxlm.models.config import LlamaConfig, from_preset
 from jaxlm.parallel.rules import DEFAULT_RULES
 
+# Keys of earlier versions, so that old commands and workdirs get a pointer, not a guess.
+RENAMED_KEYS = {"data.corpus": "data.sources"}
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_RECIPE = "tiny_demo"
 
@@ -30,14 +33,16 @@ def base_config() -> ml_collections.ConfigDict:
                                        **{f: None for f in MODEL_FIELDS}})
   c.mesh = ml_collections.ConfigDict(
       {"data": 1, "fsdp": -1, "tensor": 1, "rules": DEFAULT_RULES})
+  # Data sources, format, shaping and cleaning: see jaxlm/data/pipeline.py and the README.
   c.data = ml_collections.ConfigDict({
-      "corpus": "embedded",  # "embedded" (Jane Austen, shipped) or a .txt / .jsonl(.gz) path
-      "tokenizer": "embedded",  # "embedded" or a tokenizer.json path
+      "tokenizer": "embedded",  # "embedded", a tokenizer.json, or a model directory
       "seq_len": 256,
       "batch_size": 16,  # global, across all devices and processes
-      "validation_fraction": 0.02,
       "seed": 0,
-      "cache_dir": "~/.cache/jaxlm",
+      **DATA_DEFAULTS,
+      # a count of rows (int) or a fraction of them (float)
+      "error_budget": ml_collections.FieldReference(DATA_DEFAULTS["error_budget"],
+                                                    field_type=object),
   })
   c.optim = ml_collections.ConfigDict({
       "name": "adamw",  # adamw | adam | sgd | adafactor | lion
@@ -113,6 +118,8 @@ def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
 
 
 def _unknown_key(key: str, config) -> ConfigError:
+  if key in RENAMED_KEYS:
+    return ConfigError(f"Config key {key!r} is now {RENAMED_KEYS[key]!r}.")
   close = difflib.get_close_matches(key, flat_keys(config), n=3, cutoff=0.6)
   hint = f" Did you mean {', '.join(close)}?" if close else ""
   return ConfigError(f"Unknown config key {key!r}.{hint}")
@@ -135,10 +142,8 @@ def set_value(config: ml_collections.ConfigDict, key: str, value) -> None:
   if leaf not in node:
     raise _unknown_key(key, config)
   current = node[leaf]
-  if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-    value = float(value)
-  if isinstance(current, tuple) and isinstance(value, list):
-    value = tuple(value)
+  if isinstance(current, tuple) and isinstance(value, (list, str)):
+    value = tuple(value) if isinstance(value, list) else (value,)
   try:
     with node.unlocked():
       node[leaf] = value
@@ -186,7 +191,12 @@ def read_workdir_config(workdir: Path) -> ml_collections.ConfigDict:
   saved = json.loads(path.read_text())
   saved["mesh"]["rules"] = [tuple(r) for r in saved["mesh"]["rules"]]
   config = base_config()
-  config.update_from_flattened_dict(_flatten(saved))
+  flat = _flatten(saved)
+  for old, new in RENAMED_KEYS.items():
+    if old in flat:
+      value = flat.pop(old)
+      flat[new] = value if isinstance(value, tuple) else (value,)
+  config.update_from_flattened_dict(flat)
   return config
 
 

@@ -33,7 +33,7 @@ def test_bad_value_type_is_reported():
 
 def test_default_recipe_is_the_demo():
   config = load_config()
-  assert config.model.preset == "demo" and config.data.corpus == "embedded"
+  assert config.model.preset == "demo" and config.data.sources == ("embedded",)
 
 
 def test_mesh_size_must_match_devices():
@@ -73,9 +73,21 @@ def test_train_then_generate_from_the_command_line(token_cache, tmp_path, capsys
   assert text.startswith("It is a truth") and len(text.strip()) > len("It is a truth")
 
 
-@pytest.mark.parametrize("recipe", ["tiny_demo", "ref_1b"])
+@pytest.mark.parametrize("recipe", ["tiny_demo", "ref_1b", "tang_zh"])
 def test_every_recipe_loads_and_builds(recipe):
   from jaxlm.config import model_config
   config = load_config(recipe)
   cfg = model_config(config)
   assert cfg.vocab_size >= 4096 and config.data.batch_size % 8 == 0
+  # (sft_smollm2 starts from the real SmolLM2: tested in test_smollm2.py.)
+
+
+def test_renamed_config_key_names_its_new_name():
+  with pytest.raises(ConfigError, match="'data.corpus' is now 'data.sources'"):
+    load_config("tiny_demo", ["--config.data.corpus=my.txt"])
+
+
+def test_rows_longer_than_learned_positions_are_refused(tiny_config, tmp_path):
+  config = tiny_config(model__position_embedding="learned", model__max_seq_len=16)
+  with pytest.raises(ConfigError, match=r"data.seq_len = 32 is longer than .* max_seq_len = 16"):
+    train(config, tmp_path)

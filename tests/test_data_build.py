@@ -194,7 +194,7 @@ def test_chinese_round_trip_with_a_trained_byte_level_bpe(tmp_path):
   (tmp_path / "tang.txt").write_text(POEMS, encoding="utf-8")
   config = _config(tmp_path, tmp_path / "tang.txt", text_unit="paragraph",
                    validation_fraction=0.0)
-  train, _ = build_train_data(config, bpe, 128, 1, seed=0)
+  train = build_train_data(config, bpe, 128, 1, seed=0).train
   poems = POEMS.strip().split("\n\n")
   directory, meta, _ = prepare_data(config, bpe, 128, seed=0)
   assert sorted(_documents(directory, meta, "train", bpe)) == sorted(poems)

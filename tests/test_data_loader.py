@@ -117,14 +117,15 @@ def test_mixture_of_files_end_to_end(tmp_path):
   sources = (f"{tmp_path / 'alpha.jsonl'}?weight=3", f"{tmp_path / 'beta.jsonl'}?weight=1")
   config = {"sources": sources, "cache_dir": str(tmp_path / "cache"), "validation_fraction": 0.1}
   tokenizer = load_tokenizer("embedded")
-  train, val = build_train_data(config, "embedded", 32, 8, seed=0)
+  data = build_train_data(config, "embedded", 32, 8, seed=0)
+  train, val = data.train, data.validation
   rows = [tokenizer.decode(row.tolist()) for _ in range(25) for row in next(train)["input_ids"]]
   alpha = sum("aaa" in r for r in rows)
   assert abs(alpha - 150) <= 1 and alpha + sum("bbb" in r for r in rows) == 200
   assert val is not None and val.batches_per_epoch >= 1
   state = train.state()
-  again, _ = build_train_data(config, "embedded", 32, 8, seed=0, process_index=1,
-                              process_count=2)
+  again = build_train_data(config, "embedded", 32, 8, seed=0, process_index=1,
+                           process_count=2).train
   again.restore(state)
   _equal(next(again), {f: a[4:] for f, a in next(train).items()})
   train.close()

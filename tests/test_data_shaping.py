@@ -25,9 +25,9 @@ def _jsonl(path, rows):
 def _batches(tmp_path, rows, seq_len=64, global_batch=1, **config):
   tmp_path.mkdir(exist_ok=True)
   source = _jsonl(tmp_path / "data.jsonl", rows)
-  train, _ = build_train_data({"sources": (source,), "validation_fraction": 0.0,
-                               "cache_dir": str(tmp_path / "cache"), "prefetch": 0, **config},
-                              "embedded", seq_len, global_batch, seed=0)
+  train = build_train_data({"sources": (source,), "validation_fraction": 0.0,
+                            "cache_dir": str(tmp_path / "cache"), "prefetch": 0, **config},
+                           "embedded", seq_len, global_batch, seed=0).train
   return train
 
 
@@ -188,9 +188,9 @@ def test_real_chat_template_trains_only_assistant_turns(tmp_path):
                         {"role": "user", "content": "你好"},
                         {"role": "assistant", "content": "你好！"}]}]
   source = _jsonl(tmp_path / "chat.jsonl", rows)
-  train, _ = build_train_data({"sources": (source,), "format": "chat", "prefetch": 0,
-                               "validation_fraction": 0.0, "cache_dir": str(tmp_path / "cache")},
-                              tokenizer, 128, 1, seed=0)
+  train = build_train_data({"sources": (source,), "format": "chat", "prefetch": 0,
+                            "validation_fraction": 0.0, "cache_dir": str(tmp_path / "cache")},
+                           tokenizer, 128, 1, seed=0).train
   batch, trained, contexts = train.batch(0), [], []
   for r, mask in _segments(batch):
     trained.append(tokenizer.decode(batch["targets"][r][mask & (batch["loss_mask"][r] == 1)]))

@@ -151,7 +151,7 @@ def test_train_init_from_an_hf_directory_and_export_back(tiny_config, tmp_path):
   """init_from: the first step's loss is the HF model's loss on that batch; the trained
   run exports to a directory transformers loads."""
   from jaxlm.cli import main
-  from jaxlm.data.stream import WindowBatches, split_stream, tokenize_corpus
+  from jaxlm.data.pipeline import build_train_data
   from jaxlm.train.loop import train
 
   config = transformers.LlamaConfig(**dict(COMMON, vocab_size=4096), num_attention_heads=4,
@@ -163,9 +163,12 @@ def test_train_init_from_an_hf_directory_and_export_back(tiny_config, tmp_path):
                     train__steps=2, optim__learning_rate=1e-4)
   train(run, tmp_path / "run")
   first = json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())
-  tokens = tokenize_corpus(run.data.corpus, run.data.tokenizer, run.data.cache_dir)
-  batch = WindowBatches(split_stream(tokens, run.data.validation_fraction)[0],
-                        run.data.seq_len, run.data.batch_size, seed=run.data.seed).batch(0)
+  train_data = build_train_data(run.data, run.data.tokenizer, run.data.seq_len,
+                                run.data.batch_size, run.data.seed).train
+  batch = train_data.batch(0)
+  train_data.close()
+  # The embedded novels are cut into full windows: one document per row, no padding.
+  assert batch["loss_mask"].all() and (batch["segment_ids"] == 1).all()
   with torch.no_grad():
     logits = model(torch.as_tensor(batch["input_ids"])).logits
     hf_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),

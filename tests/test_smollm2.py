@@ -73,3 +73,25 @@ def test_chat_answers_paris(converted, capsys):
                "What is the capital of France?", "--max-new-tokens", "24"]) == 0
   answer = capsys.readouterr().out
   assert "Paris" in answer, answer
+
+
+def test_sft_recipe_fine_tunes_on_chatterbot_conversations(converted, tmp_path):
+  """configs/sft_smollm2.py at a tiny size: the real model, the real conversations, the
+  model's own chat template and tokenizer, evaluation before and after."""
+  import json
+
+  from jaxlm.config import load_config
+  from jaxlm.data.corpora import export_corpus
+  from jaxlm.train.loop import train
+  export_corpus("chatterbot", tmp_path / "en.jsonl")
+  config = load_config("sft_smollm2", [
+      f"--config.model.init_from={converted}", f"--config.data.sources={tmp_path / 'en.jsonl'}",
+      f"--config.data.cache_dir={tmp_path / 'cache'}", "--config.data.seq_len=64",
+      "--config.train.steps=1", "--config.train.log_every=1", "--config.train.eval_every=1",
+      "--config.train.eval_batches=1", "--config.checkpoint.async_save=False"])
+  metrics = train(config, tmp_path / "run")
+  logged = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+  assert logged[0]["step"] == 0
+  # An instruct model already knows chat replies: far below chance, ln(49152) = 10.8.
+  assert logged[0]["eval_loss"] < 5.0
+  assert np.isfinite(metrics["eval_loss"]) and np.isfinite(metrics["loss"])

@@ -1,12 +1,13 @@
 """One entry point from a flat data config to training and validation batches:
 
-  train, val = build_train_data(config.data, tokenizer, seq_len, global_batch, seed,
-                                process_index, process_count)
+  data = build_train_data(config.data, tokenizer, seq_len, global_batch, seed,
+                          process_index, process_count)
 
-Both iterators serve this process's rows of each global batch as int32 arrays
+data.train and data.validation serve this process's rows of each global batch as int32 arrays
 [global_batch / process_count, seq_len]: input_ids, targets, loss_mask, positions, segment_ids;
 they have .batch(k), next(), .state() / .restore(state) and .batches_per_epoch, like
-WindowBatches. val is None when validation_fraction is 0.
+data.validation is None when validation_fraction is 0; data.meta holds the cache's row counts,
+statistics and malformed rows.
 
 Config keys (a flat dict, e.g. under config.data; missing keys take these defaults, other keys
 are ignored):
@@ -38,9 +39,11 @@ are ignored):
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping
+from pathlib import Path
 
 from jaxlm.data.budget import check_budget_value
 from jaxlm.data.build import prepare_rows
@@ -122,25 +125,47 @@ def prepare_data(data_config: Mapping, tokenizer, seq_len: int, seed: int):
   return prepare_rows(sources, tok, settings, seq_len, seed)
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainData:
+  train: RowBatches
+  validation: RowBatches | None
+  meta: dict  # the cache's metadata: "stats", "problems", row counts
+  directory: Path  # the tokenized cache
+  built: bool  # whether this call built the cache (False: reused)
+
+  def summary(self) -> str:
+    stats, malformed = self.meta["stats"], self.meta["problems"]["malformed"]
+    line = (f"data: {stats.get('train_rows', 0):,} train rows / "
+            f"{stats.get('train_tokens', 0):,} tokens, {stats.get('validation_rows', 0):,} "
+            f"validation rows | {stats.get('duplicates', 0):,} duplicates dropped | cache "
+            f"{'built' if self.built else 'reused'}: {self.directory}")
+    return line + (f" | {malformed:,} malformed rows skipped" if malformed else "")
+
+  def close(self) -> None:
+    for loader in (self.train, self.validation):
+      if loader is not None:
+        loader.close()
+
+
 def build_train_data(data_config: Mapping, tokenizer, seq_len: int, global_batch: int, seed: int,
-                     process_index: int = 0, process_count: int = 1
-                     ) -> tuple[RowBatches, RowBatches | None]:
+                     process_index: int = 0, process_count: int = 1) -> TrainData:
   """tokenizer: a spec ("embedded", a tokenizer.json, a Hugging Face model directory), a
   tokenizers.Tokenizer or a transformers tokenizer. Every process may call this at once: the
   first builds the cache, the others wait and read it."""
   settings = resolve_settings(data_config, seq_len)
   weights = _weights([parse_source(spec) for spec in settings["sources"]])
-  directory, meta, _ = prepare_data(data_config, tokenizer, seq_len, seed)
+  directory, meta, built = prepare_data(data_config, tokenizer, seq_len, seed)
   data_id = hashlib.sha256(json.dumps([meta["fingerprint"], weights]).encode()).hexdigest()[:16]
   common = dict(seed=seed, process_index=process_index, process_count=process_count,
                 prefetch=settings["prefetch"], data_id=data_id)
   train = RowBatches(open_split(directory, meta, "train"), global_batch, weights=weights,
                      shuffle=True, **common)
   if settings["validation_fraction"] == 0:
-    return train, None
+    return TrainData(train, None, meta, directory, built)
   val_parts = open_split(directory, meta, "validation")
   if not sum(len(p["input_ids"]) for p in val_parts):
     raise DataError(f"data.validation_fraction = {settings['validation_fraction']} held out "
                     f"none of {meta['stats'].get('train_pieces', 0)} examples or windows; raise "
                     f"it, or set it to 0 to train without evaluation.")
-  return train, RowBatches(val_parts, global_batch, shuffle=False, **common)
+  return TrainData(train, RowBatches(val_parts, global_batch, shuffle=False, **common), meta,
+                   directory, built)

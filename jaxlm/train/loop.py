@@ -14,7 +14,8 @@ import numpy as np
 
 from jaxlm import config as config_lib
 from jaxlm.checkpoint import Checkpointer
-from jaxlm.data.stream import WindowBatches, split_stream, tokenize_corpus
+from jaxlm.data.loader import RowBatches
+from jaxlm.data.pipeline import build_train_data
 from jaxlm.data.text import load_tokenizer
 from jaxlm.parallel.mesh import build_mesh
 from jaxlm.parallel.rules import LogicalRules
@@ -36,6 +37,11 @@ def check_layout(model_cfg, mesh, config) -> None:
   if config.train.on_nonfinite not in ("stop", "skip"):
     raise config_lib.ConfigError(
         f"train.on_nonfinite must be 'stop' or 'skip', not {config.train.on_nonfinite!r}.")
+  if model_cfg.position_embedding == "learned" and config.data.seq_len > model_cfg.max_seq_len:
+    raise config_lib.ConfigError(
+        f"data.seq_len = {config.data.seq_len} is longer than the model's learned position "
+        f"table (max_seq_len = {model_cfg.max_seq_len}); use data.seq_len <= "
+        f"{model_cfg.max_seq_len}.")
   tensor = mesh.shape["tensor"]
   for name, count in (("num_heads", model_cfg.num_heads),
                       ("num_kv_heads", model_cfg.num_kv_heads)):
@@ -57,11 +63,12 @@ def check_layout(model_cfg, mesh, config) -> None:
 
 
 def training_tokenizer(config) -> str:
-  """A fine-tune uses its base model's tokenizer unless the config names another."""
+  """A fine-tune uses its base model's tokenizer (the directory, which also holds the chat
+  template) unless the config names another."""
   init_from = config.model.init_from
   if config.data.tokenizer == "embedded" and init_from and Path(init_from).is_dir() and (
       Path(init_from) / "tokenizer.json").is_file():
-    return str(Path(init_from) / "tokenizer.json")
+    return str(Path(init_from))
   return config.data.tokenizer
 
 
@@ -99,7 +106,7 @@ class Run:
     return out
 
 
-def evaluate(run: Run, params, batches: WindowBatches, num_batches: int) -> dict:
+def evaluate(run: Run, params, batches: RowBatches, num_batches: int) -> dict:
   nll, tokens = 0.0, 0.0
   for k in range(min(num_batches, batches.batches_per_epoch)):
     sums = jax.device_get(run.trainer.eval_step(params, run.global_batch(batches.batch(k))))
@@ -136,15 +143,11 @@ def train(config, workdir: str | Path) -> dict:
     raise config_lib.ConfigError(
         f"The tokenizer has {tokenizer_vocab} tokens but model.vocab_size is "
         f"{model_cfg.vocab_size}; set --config.model.vocab_size={tokenizer_vocab} or more.")
-  tokens = tokenize_corpus(config.data.corpus, tokenizer_spec, config.data.cache_dir)
-  train_tokens, val_tokens = split_stream(tokens, config.data.validation_fraction)
-  data = WindowBatches(train_tokens, config.data.seq_len, config.data.batch_size,
-                       seed=config.data.seed, process_index=jax.process_index(),
-                       process_count=jax.process_count())
-  val_data = WindowBatches(val_tokens, config.data.seq_len, config.data.batch_size,
-                           seed=config.data.seed, process_index=jax.process_index(),
-                           process_count=jax.process_count(), shuffle=False) \
-      if config.train.eval_every and config.data.validation_fraction > 0 else None
+  loaded_data = build_train_data(
+      config.data, tokenizer_spec, config.data.seq_len, config.data.batch_size,
+      config.data.seed, jax.process_index(), jax.process_count())
+  data = loaded_data.train
+  val_data = loaded_data.validation if config.train.eval_every else None
 
   checkpointer = Checkpointer(workdir / "checkpoints", every=config.checkpoint.every,
                               keep=config.checkpoint.keep,
@@ -176,9 +179,17 @@ def train(config, workdir: str | Path) -> dict:
   writer = MetricsWriter(workdir, enabled=is_main)
   progress = Progress(total, start, enabled=is_main)
   if is_main:
+    progress.write(loaded_data.summary())
     progress.write(f"model: {model_cfg.num_params() / 1e6:.2f}M params | mesh "
                    f"{dict(run.mesh.shape)} | {jax.device_count()} x "
                    f"{jax.devices()[0].device_kind} | {tokens_per_step:,} tokens/step")
+
+  if val_data is not None and start == 0:
+    # The starting point, so that a fine-tune's gain is visible from its first eval.
+    baseline = evaluate(run, state["params"], val_data, config.train.eval_batches)
+    writer.write(0, baseline)
+    if is_main:
+      progress.write(f"step 0: eval_loss {baseline['eval_loss']:.4f}")
 
   last_logged: dict = {}
   skipped = jnp.zeros((), jnp.int32)  # summed on device: no sync per step
@@ -237,6 +248,7 @@ def train(config, workdir: str | Path) -> dict:
       if stop:
         raise Preempted(done, checkpointer.directory)
   finally:
+    loaded_data.close()
     preemption.close()
     progress.update(pending)
     progress.close()

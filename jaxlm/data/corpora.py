@@ -1,0 +1,121 @@
+"""Real corpora that install by package name, written out as jsonl files the pipeline reads.
+
+- chatterbot: PyPI `chatterbot-corpus` (BSD): YAML question/answer conversations in several
+  languages, as chat rows {"messages": [{"role": "user" | "assistant", "content"}], ...}.
+- tang300 / song100: Debian `fortunes-zh` (313 Tang poems, 100 Song lyrics), as text rows
+  {"text": title, author and poem}. Read from /usr/share/games/fortunes when the package is
+  installed, else fetched with `apt-get download` and unpacked (no root needed).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import yaml
+
+from jaxlm.data.sources import DataError
+
+FORTUNES_DIR = Path("/usr/share/games/fortunes")
+FORTUNE_FILES = ("tang300", "song100")
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def chatterbot_languages() -> list[str]:
+  return sorted(p.name for p in _chatterbot_dir().iterdir() if p.is_dir())
+
+
+def _chatterbot_dir() -> Path:
+  spec = importlib.util.find_spec("chatterbot_corpus")
+  if spec is None:
+    raise DataError("The chatterbot corpus is not installed: pip install --no-deps "
+                    "chatterbot-corpus")
+  return Path(spec.origin).parent / "data"
+
+
+def chatterbot_rows(language: str = "english") -> Iterator[dict]:
+  """Each conversation as alternating user / assistant turns, tagged with its topic file."""
+  directory = _chatterbot_dir() / language
+  if not directory.is_dir():
+    raise DataError(f"chatterbot-corpus has no language {language!r}; it has "
+                    f"{', '.join(chatterbot_languages())}.")
+  for path in sorted(directory.glob("*.yml")):
+    document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    for turns in document.get("conversations") or []:
+      # The files hold a few broken entries (a bare string, a single turn, empty turns), which
+      # are skipped; some answers are YAML numbers or booleans, which are kept as text.
+      if not isinstance(turns, list):
+        continue
+      turns = [str(turn).strip() if turn is not None else "" for turn in turns]
+      if len(turns) < 2 or not all(turns):
+        continue
+      yield {"messages": [{"role": "user" if i % 2 == 0 else "assistant", "content": turn}
+                          for i, turn in enumerate(turns)],
+             "topic": path.stem}
+
+
+def parse_fortunes(text: str) -> Iterator[str]:
+  """A fortune file's entries (separated by lines holding only "%"), without terminal colours."""
+  for entry in re.split(r"^%\s*$", ANSI_ESCAPE.sub("", text), flags=re.MULTILINE):
+    entry = entry.strip()
+    if entry:
+      yield entry
+
+
+def fortune_file(name: str) -> Path:
+  """The installed fortunes-zh file, or one unpacked from the Debian package into a cache."""
+  if name not in FORTUNE_FILES:
+    raise DataError(f"Unknown fortune file {name!r}; choose from {', '.join(FORTUNE_FILES)}.")
+  installed = FORTUNES_DIR / name
+  if installed.is_file():
+    return installed
+  cached = Path("~/.cache/jaxlm/fortunes-zh").expanduser() / name
+  if not cached.is_file():
+    _unpack_debian_package("fortunes-zh", f"usr/share/games/fortunes/{name}", cached)
+  return cached
+
+
+def _unpack_debian_package(package: str, member: str, destination: Path) -> None:
+  if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+    raise DataError(f"{package} is not installed and this machine has no apt-get / dpkg-deb to "
+                    f"fetch it; install the Debian package {package} or copy its {member}.")
+  with tempfile.TemporaryDirectory() as tmp:
+    fetched = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True,
+                             text=True)
+    debs = list(Path(tmp).glob(f"{package}_*.deb"))
+    if fetched.returncode or not debs:
+      raise DataError(f"apt-get download {package} failed: {fetched.stderr.strip()}")
+    subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(Path(tmp) / "x")], check=True)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(tmp) / "x" / member, destination)
+
+
+def fortune_rows(name: str) -> Iterator[dict]:
+  for entry in parse_fortunes(fortune_file(name).read_text(encoding="utf-8")):
+    yield {"text": entry}
+
+
+def export_corpus(name: str, out: str | Path, language: str = "english") -> int:
+  """Writes the named corpus to `out` as jsonl (atomically); returns the number of rows."""
+  if name == "chatterbot":
+    rows = chatterbot_rows(language)
+  elif name in FORTUNE_FILES:
+    rows = fortune_rows(name)
+  else:
+    raise DataError(f"Unknown corpus {name!r}; choose from chatterbot, "
+                    f"{', '.join(FORTUNE_FILES)}.")
+  out = Path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  partial = out.with_name(out.name + ".partial")
+  count = 0
+  with open(partial, "w", encoding="utf-8") as f:
+    for row in rows:
+      f.write(json.dumps(row, ensure_ascii=False) + "\n")
+      count += 1
+  partial.replace(out)
+  return count
