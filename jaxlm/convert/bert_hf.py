@@ -1,0 +1,162 @@
+"""Hugging Face BERT / RoBERTa directories (config.json + safetensors) <-> jaxlm `Bert`.
+
+Reads BertModel, BertForMaskedLM, RobertaModel and RobertaForMaskedLM checkpoints (and
+BertForPreTraining ones, whose next-sentence head is dropped); which of the pooler and the
+masked-LM head exist is read from the tensors present. Writes *ForMaskedLM when the model
+has an MLM head, *Model otherwise.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from jaxlm.convert.bert_weights import FAMILIES, params_from_reader, write_tensors
+from jaxlm.convert.errors import ConversionError
+from jaxlm.convert.safetensors_io import SafetensorsReader, ShardedSafetensorsWriter
+from jaxlm.models.bert import ACTIVATIONS, BertConfig
+
+CLASS_PREFIX = {"bert": "Bert", "roberta": "Roberta"}
+_HEAD_DENSE = {"bert": "cls.predictions.transform.dense.weight",
+               "roberta": "lm_head.dense.weight"}
+
+
+class _CanonicalNames:
+  """A reader under today's names: the original BERT checkpoints call LayerNorm parameters
+  gamma / beta, which transformers renames on load."""
+
+  def __init__(self, reader):
+    self._reader = reader
+    self._stored = {self._canonical(n): n for n in reader.names()}
+
+  @staticmethod
+  def _canonical(name: str) -> str:
+    for old, new in ((".gamma", ".weight"), (".beta", ".bias")):
+      if "LayerNorm" in name and name.endswith(old):
+        return name.removesuffix(old) + new
+    return name
+
+  def names(self) -> list[str]:
+    return list(self._stored)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return self._reader.shape(self._stored[name])
+
+  def get(self, name: str):
+    return self._reader.get(self._stored[name])
+
+
+def _family(hf: dict) -> str:
+  family = hf.get("model_type")
+  if family not in FAMILIES:
+    classes = ", ".join(hf.get("architectures") or [])
+    raise ConversionError(f"Unsupported encoder model_type={family!r}"
+                          + (f" ({classes})" if classes else "")
+                          + f". Supported: {', '.join(FAMILIES)}.")
+  return family
+
+
+def config_from_hf(hf: dict, tensor_names: list[str]) -> tuple[BertConfig, str, str]:
+  """-> (config, family, encoder tensor prefix: "" or "bert." / "roberta.")."""
+  family = _family(hf)
+  problems = []
+  act = hf.get("hidden_act", "gelu")
+  if act not in ACTIVATIONS:
+    problems.append(f"hidden_act={act!r} (supported: {', '.join(ACTIVATIONS)})")
+  if hf.get("is_decoder") or hf.get("add_cross_attention"):
+    problems.append("is_decoder / add_cross_attention (decoder use of the encoder)")
+  if hf.get("position_embedding_type", "absolute") != "absolute":
+    problems.append(f"position_embedding_type={hf['position_embedding_type']!r} "
+                    f"(only 'absolute')")
+  if not hf.get("tie_word_embeddings", True):
+    problems.append("tie_word_embeddings=false (an MLM decoder separate from the embeddings)")
+  if problems:
+    raise ConversionError("Unsupported config.json settings: " + "; ".join(problems))
+  prefix = f"{family}." if any(n.startswith(f"{family}.") for n in tensor_names) else ""
+  pad = hf.get("pad_token_id")
+  pad = (1 if family == "roberta" else 0) if pad is None else pad
+  cfg = BertConfig(
+      vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+      num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
+      mlp_dim=hf["intermediate_size"], max_position_embeddings=hf["max_position_embeddings"],
+      type_vocab_size=hf.get("type_vocab_size", 2), layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+      hidden_act=act, mlm_head_act="gelu" if family == "roberta" else act,
+      position_offset=pad + 1 if family == "roberta" else 0, pad_token_id=pad,
+      dropout_rate=hf.get("hidden_dropout_prob", 0.0),
+      pooler=f"{prefix}pooler.dense.weight" in tensor_names,
+      mlm_head=_HEAD_DENSE[family] in tensor_names,
+      init_std=hf.get("initializer_range", 0.02), compute_dtype="float32")
+  return cfg, family, prefix
+
+
+def _open(path: str | Path) -> tuple[dict, _CanonicalNames]:
+  path = Path(path)
+  return (json.loads((path / "config.json").read_text()),
+          _CanonicalNames(SafetensorsReader(path)))
+
+
+def read_bert_config(path: str | Path) -> tuple[BertConfig, str, dict]:
+  """-> (config, family, the raw config.json) of an HF directory, reading no weights."""
+  hf, reader = _open(path)
+  cfg, family, _ = config_from_hf(hf, reader.names())
+  return cfg, family, hf
+
+
+def load_bert(path: str | Path, shardings: dict | None = None) -> tuple[BertConfig, dict]:
+  """An HF directory -> (config, params as a pure dict for `bert_from_params`); shardings,
+  a matching dict of jax.sharding.Sharding, places each tensor as it is read."""
+  hf, reader = _open(path)
+  cfg, family, prefix = config_from_hf(hf, reader.names())
+  return cfg, params_from_reader(reader, cfg, family, prefix, shardings)
+
+
+def _check_representable(cfg: BertConfig, family: str) -> None:
+  roberta = family == "roberta"
+  problems = []
+  if cfg.position_offset != (cfg.pad_token_id + 1 if roberta else 0):
+    problems.append(f"position_offset={cfg.position_offset} with pad_token_id="
+                    f"{cfg.pad_token_id} ({family} needs "
+                    f"{'pad_token_id + 1' if roberta else '0'})")
+  if cfg.mlm_head and cfg.mlm_head_act != ("gelu" if roberta else cfg.hidden_act):
+    problems.append(f"mlm_head_act={cfg.mlm_head_act!r} ({family}'s head uses "
+                    f"{'gelu' if roberta else 'hidden_act'})")
+  if problems:
+    raise ConversionError(f"The model cannot be written as {family}: " + "; ".join(problems))
+
+
+def hf_config_for(cfg: BertConfig, family: str, *, dtype: str, base: dict | None = None) -> dict:
+  """A config.json for `cfg`; keys of `base` (the source model's config) are kept so token
+  ids and other settings survive a round trip."""
+  name = CLASS_PREFIX[family] + ("ForMaskedLM" if cfg.mlm_head else "Model")
+  hf = dict(base or {})
+  hf.pop("torch_dtype", None)
+  hf.setdefault("attention_probs_dropout_prob", cfg.dropout_rate)
+  hf.update({
+      "architectures": [name], "model_type": family, "vocab_size": cfg.vocab_size,
+      "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
+      "num_attention_heads": cfg.num_heads, "intermediate_size": cfg.mlp_dim,
+      "hidden_act": cfg.hidden_act, "max_position_embeddings": cfg.max_position_embeddings,
+      "type_vocab_size": cfg.type_vocab_size, "layer_norm_eps": cfg.layer_norm_eps,
+      "pad_token_id": cfg.pad_token_id, "hidden_dropout_prob": cfg.dropout_rate,
+      "initializer_range": cfg.init_std, "tie_word_embeddings": True,
+      "position_embedding_type": "absolute", "is_decoder": False, "dtype": dtype,
+  })
+  return hf
+
+
+def save_bert(cfg: BertConfig, params: dict, out_dir: str | Path, family: str,
+              dtype: str = "float32", *, base: dict | None = None,
+              max_shard_bytes: int = 5 * 2**30) -> Path:
+  """Writes config.json and safetensors that transformers' from_pretrained loads as
+  {Bert,Roberta}ForMaskedLM (with an MLM head; a pooler is kept as {family}.pooler.*, which
+  *Model classes load) or {Bert,Roberta}Model."""
+  if family not in FAMILIES:
+    raise ConversionError(f"Unknown family {family!r}; choose one of {', '.join(FAMILIES)}.")
+  _check_representable(cfg, family)
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  prefix = f"{family}." if cfg.mlm_head else ""
+  write_tensors(ShardedSafetensorsWriter(out, max_shard_bytes), cfg, params, family, prefix,
+                dtype)
+  config = hf_config_for(cfg, family, dtype=dtype, base=base)
+  (out / "config.json").write_text(json.dumps(config, indent=2))
+  return out

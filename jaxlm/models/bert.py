@@ -1,0 +1,267 @@
+"""BERT-family encoders (BERT, RoBERTa) in Flax NNX: post-LayerNorm bidirectional layers with
+biases everywhere, learned absolute positions, an optional pooler and masked-LM head.
+
+Layers are stacked on a leading "layers" axis and scanned, as in the Llama decoder, and use
+the same logical axis names, so the same sharding rules and checkpoint layout apply.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.layers.attention import resolve_attention_impl
+from jaxlm.layers.linear import Einsum, Embedding
+from jaxlm.layers.norms import LayerNorm
+from jaxlm.layers.remat import remat
+from jaxlm.layers.sharding import constrain, param
+
+RESIDUAL = ("act_batch", "act_length", "act_embed")
+ACTIVATIONS = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  hidden_act: str = "gelu"  # gelu (exact erf), gelu_new / gelu_pytorch_tanh (tanh approx.)
+  # RoBERTa's head always uses exact gelu, whatever hidden_act says.
+  mlm_head_act: str = "gelu"
+  # 0: positions are 0..t-1 (BERT). n > 0: non-padding tokens count from n and padding sits
+  # at n - 1 (RoBERTa: n = pad_token_id + 1), positions derived from input_ids.
+  position_offset: int = 0
+  pad_token_id: int = 0
+  # On the embeddings and on each residual branch (HF hidden_dropout_prob); attention
+  # probabilities are not dropped.
+  dropout_rate: float = 0.0
+  pooler: bool = True
+  mlm_head: bool = True
+  param_dtype: str = "float32"
+  compute_dtype: str = "bfloat16"
+  scan_layers: bool = True
+  remat_policy: str = "none"  # see layers/remat.py
+  attention_impl: str | None = None  # None: cuDNN on GPU for 16-bit, XLA elsewhere
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    problems = []
+    if self.hidden_size % self.num_heads:
+      problems.append(f"hidden_size ({self.hidden_size}) is not divisible by num_heads "
+                      f"({self.num_heads})")
+    for field in ("hidden_act", "mlm_head_act"):
+      if getattr(self, field) not in ACTIVATIONS:
+        problems.append(f"{field}={getattr(self, field)!r} (supported: {', '.join(ACTIVATIONS)})")
+    if problems:
+      raise ValueError("Invalid BERT config: " + "; ".join(problems))
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  def replace(self, **changes) -> "BertConfig":
+    return dataclasses.replace(self, **changes)
+
+
+def _dtypes(cfg: BertConfig) -> dict:
+  return dict(param_dtype=jnp.dtype(cfg.param_dtype), compute_dtype=jnp.dtype(cfg.compute_dtype))
+
+
+def _dense(cfg, equation, shape, names, bias_names, rngs):
+  """An Einsum with a bias over the kernel's trailing (output) axes."""
+  return Einsum(equation, shape, names, rngs=rngs, init_std=cfg.init_std,
+                bias_shape=shape[len(shape) - len(bias_names):], bias_names=bias_names,
+                **_dtypes(cfg))
+
+
+def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+  if rng is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _norm(cfg: BertConfig) -> LayerNorm:
+  return LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, **_dtypes(cfg))
+
+
+def bert_positions(cfg: BertConfig, input_ids: jax.Array) -> jax.Array:
+  if cfg.position_offset == 0:
+    return jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+  # RoBERTa counts only real tokens, so left padding does not shift positions.
+  real = (input_ids != cfg.pad_token_id).astype(jnp.int32)
+  return jnp.cumsum(real, axis=1) * real + cfg.position_offset - 1
+
+
+class Embeddings(nnx.Module):
+
+  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+    dtype = jnp.dtype(cfg.param_dtype)
+    self.word = Embedding(cfg.vocab_size, cfg.hidden_size, rngs=rngs, init_std=cfg.init_std,
+                          **_dtypes(cfg))
+    # Positions and token types are not a vocabulary: tensor parallelism must not split them.
+    self.position = param(cfg.init_std * jax.random.normal(
+        rngs.params(), (cfg.max_position_embeddings, cfg.hidden_size), dtype), (None, "embed"))
+    self.token_type = param(cfg.init_std * jax.random.normal(
+        rngs.params(), (cfg.type_vocab_size, cfg.hidden_size), dtype), (None, "embed"))
+    self.norm = _norm(cfg)
+    self.compute_dtype = jnp.dtype(cfg.compute_dtype)
+
+  def __call__(self, input_ids, positions, token_type_ids):
+    x = (self.word(input_ids)
+         + jnp.take(self.position[...].astype(self.compute_dtype), positions, axis=0)
+         + jnp.take(self.token_type[...].astype(self.compute_dtype), token_type_ids, axis=0))
+    return self.norm(x)
+
+
+class SelfAttention(nnx.Module):
+  """Bidirectional multi-head attention; padded keys are masked out."""
+
+  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+    d, n, hd = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+    self.q_proj = _dense(cfg, "btd,dnh->btnh", (d, n, hd), ("embed", "heads", "head_dim"),
+                         ("heads", "head_dim"), rngs)
+    self.k_proj = _dense(cfg, "btd,dnh->btnh", (d, n, hd), ("embed", "kv_heads", "head_dim"),
+                         ("kv_heads", "head_dim"), rngs)
+    self.v_proj = _dense(cfg, "btd,dnh->btnh", (d, n, hd), ("embed", "kv_heads", "head_dim"),
+                         ("kv_heads", "head_dim"), rngs)
+    self.o_proj = _dense(cfg, "btnh,nhd->btd", (n, hd, d), ("heads", "head_dim", "embed"),
+                         ("embed",), rngs)
+    self.implementation = cfg.attention_impl
+
+  def __call__(self, x: jax.Array, key_mask: jax.Array | None) -> jax.Array:
+    q = constrain(self.q_proj(x), ("act_batch", "act_length", "act_heads", None))
+    k = constrain(self.k_proj(x), ("act_batch", "act_length", "act_kv_heads", None))
+    v = constrain(self.v_proj(x), ("act_batch", "act_length", "act_kv_heads", None))
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    out = jax.nn.dot_product_attention(
+        q, k, v, mask=mask, implementation=resolve_attention_impl(self.implementation, q.dtype))
+    out = constrain(out, ("act_batch", "act_length", "act_heads", None))
+    return self.o_proj(out)
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+    d, m = cfg.hidden_size, cfg.mlp_dim
+    self.up = _dense(cfg, "btd,dm->btm", (d, m), ("embed", "mlp"), ("mlp",), rngs)
+    self.down = _dense(cfg, "btm,md->btd", (m, d), ("mlp", "embed"), ("embed",), rngs)
+    self.act = ACTIVATIONS[cfg.hidden_act]
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    hidden = constrain(self.act(self.up(x)), ("act_batch", "act_length", "act_mlp"))
+    return self.down(hidden)
+
+
+class EncoderLayer(nnx.Module):
+
+  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+    self.attention = SelfAttention(cfg, rngs=rngs)
+    self.attention_norm = _norm(cfg)
+    self.mlp = MLP(cfg, rngs=rngs)
+    self.mlp_norm = _norm(cfg)
+    self.dropout_rate = cfg.dropout_rate
+
+  def __call__(self, x, key_mask, dropout_rng=None):
+    attn_rng = mlp_rng = None
+    if dropout_rng is not None:
+      attn_rng, mlp_rng = jax.random.split(dropout_rng)
+    h = _dropout(self.attention(x, key_mask), self.dropout_rate, attn_rng)
+    x = constrain(self.attention_norm(x + h), RESIDUAL)
+    h = _dropout(self.mlp(x), self.dropout_rate, mlp_rng)
+    return constrain(self.mlp_norm(x + h), RESIDUAL)
+
+
+class MLMHead(nnx.Module):
+  """dense -> activation -> LayerNorm; the vocabulary projection is the word embedding."""
+
+  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+    d = cfg.hidden_size
+    self.dense = _dense(cfg, "btd,de->bte", (d, d), ("embed", None), (None,), rngs)
+    self.norm = _norm(cfg)
+    self.bias = param(jnp.zeros((cfg.vocab_size,), jnp.dtype(cfg.param_dtype)), ("vocab",))
+    self.act = ACTIVATIONS[cfg.mlm_head_act]
+
+  def __call__(self, hidden: jax.Array, word: Embedding) -> jax.Array:
+    h = self.norm(self.act(self.dense(hidden)))
+    return word.attend(h) + self.bias[...].astype(jnp.float32)
+
+
+class Bert(nnx.Module):
+
+  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embeddings = Embeddings(cfg, rngs=rngs)
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def stacked_layers(rngs):
+      return EncoderLayer(cfg, rngs=rngs)
+
+    self.layers = stacked_layers(rngs)
+    d = cfg.hidden_size
+    self.pooler = (_dense(cfg, "bd,de->be", (d, d), ("embed", None), (None,), rngs)
+                   if cfg.pooler else None)
+    self.mlm_head = MLMHead(cfg, rngs=rngs) if cfg.mlm_head else None
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+               token_type_ids: jax.Array | None = None, *,
+               dropout_rng: jax.Array | None = None) -> jax.Array:
+    """input_ids, attention_mask (1 = token, 0 = padding), token_type_ids: int [batch, seq]
+    -> hidden states [batch, seq, hidden] in the compute dtype. Padded positions get outputs
+    too (as in transformers) but no token attends to them."""
+    cfg = self.cfg
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    key_mask = None if attention_mask is None else attention_mask.astype(bool)
+    embed_rng = layer_rngs = None
+    if dropout_rng is not None and cfg.dropout_rate > 0.0:
+      embed_rng, layers_rng = jax.random.split(dropout_rng)
+      layer_rngs = jax.random.split(layers_rng, cfg.num_layers)
+    x = self.embeddings(input_ids, bert_positions(cfg, input_ids), token_type_ids)
+    x = constrain(_dropout(x, cfg.dropout_rate, embed_rng), RESIDUAL)
+    layer_def, layer_state = nnx.split(self.layers)
+
+    def one_layer(x, inputs):
+      state, rng = inputs
+      return nnx.merge(layer_def, state)(x, key_mask, rng), None
+
+    one_layer = remat(one_layer, cfg.remat_policy, prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      x, _ = jax.lax.scan(one_layer, x, (layer_state, layer_rngs))
+    else:
+      for i in range(cfg.num_layers):
+        x, _ = one_layer(x, jax.tree.map(lambda a: a[i], (layer_state, layer_rngs)))
+    return x
+
+  def pooled(self, hidden: jax.Array) -> jax.Array:
+    """The BERT pooler on the first ([CLS] / <s>) token: [batch, seq, d] -> [batch, d]."""
+    if self.pooler is None:
+      raise ValueError("This model has no pooler (BertConfig.pooler=False).")
+    return jnp.tanh(self.pooler(hidden[:, 0]))
+
+  def mlm_logits(self, hidden: jax.Array) -> jax.Array:
+    """Masked-LM logits, float32 [batch, seq, vocab], from the hidden states."""
+    if self.mlm_head is None:
+      raise ValueError("This model has no masked-LM head (BertConfig.mlm_head=False).")
+    logits = self.mlm_head(hidden, self.embeddings.word)
+    return constrain(logits, ("act_batch", "act_length", "act_vocab"))
+
+
+def bert_from_params(cfg: BertConfig, params: dict) -> Bert:
+  """A `Bert` around existing parameters (a pure dict, e.g. from `load_bert`), without
+  initialising random ones first."""
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: Bert(cfg, rngs=nnx.Rngs(0))))
+  return nnx.merge(graphdef, params)
