@@ -1,12 +1,14 @@
-"""Instruction SFT: SmolLM2-135M-Instruct fine-tuned on chatterbot-corpus conversations.
+"""Instruction SFT with LoRA: SmolLM2-135M-Instruct on chatterbot-corpus conversations.
 
-Before running, convert the model and export the conversations (see README "Data"):
+Before running, convert the model and export the conversations (README "Fine-tune"):
   jaxlm convert --from-gguf "$GGUF" --out models/smollm2
   jaxlm data export chatterbot --language english --out data/chatterbot_en.jsonl
 
 Rows are rendered with the model's own chat template and packed; the loss covers assistant
 tokens only. The tokenizer comes from the model directory (data.tokenizer = "embedded" means
-"the base model's own" when model.init_from names a directory with a tokenizer).
+"the base model's own" when model.init_from names a directory with a tokenizer). LoRA rank 16
+on every attention and MLP projection; the frozen base is held in bfloat16. For a full
+fine-tune: --config.finetune.lora_targets= --config.optim.learning_rate=5e-5
 """
 from jaxlm.config import base_config
 
@@ -19,7 +21,11 @@ def get_config():
   config.data.seq_len = 256
   config.data.batch_size = 8
   config.data.validation_fraction = 0.05
-  config.optim.learning_rate = 5e-5
+  config.finetune.lora_targets = "attention|mlp"
+  config.finetune.lora_rank = 16
+  config.finetune.lora_alpha = 32.0
+  config.finetune.frozen_dtype = "bfloat16"
+  config.optim.learning_rate = 5e-4
   config.optim.warmup_steps = 5
   config.optim.weight_decay = 0.0
   config.train.steps = 60  # about one epoch of the 2,025 English conversations

@@ -87,6 +87,9 @@ online, a GGUF file, a jaxlm model directory or a `jaxlm train` workdir (latest 
   jaxlm convert --from-gguf model.Q4_1.gguf --out models/mine       # GGUF -> jaxlm
   jaxlm convert --to-hf models/mine --out hf_out --dtype bfloat16   # jaxlm -> HF
   jaxlm convert --to-hf runs/tiny_demo --out hf_demo                # a trained run -> HF
+  jaxlm convert --to-peft runs/lora --out adapter --base hf/smollm2  # LoRA run -> PEFT
+
+A LoRA run exported with --to-hf has its adapters merged into the weights.
 
 Tensors are streamed one at a time; nothing is left at --out if conversion fails.""")
   source = conv.add_mutually_exclusive_group(required=True)
@@ -94,7 +97,11 @@ Tensors are streamed one at a time; nothing is left at --out if conversion fails
   source.add_argument("--from-gguf", metavar="FILE", help="llama.cpp GGUF file")
   source.add_argument("--to-hf", metavar="MODEL",
                       help="jaxlm model directory or training workdir to export")
+  source.add_argument("--to-peft", metavar="RUN",
+                      help="LoRA training workdir to export as a PEFT adapter")
   conv.add_argument("--out", required=True, help="destination directory (must not exist)")
+  conv.add_argument("--base", help="--to-peft: base model named in adapter_config.json "
+                    "(default: the run's model.init_from)")
   conv.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                     help="stored dtype (default: float32 in jaxlm; the source's for --to-hf)")
   conv.add_argument("--max-shard-gb", type=float, default=5.0,
@@ -142,6 +149,9 @@ def _data(args, overrides) -> None:
 def _convert(args) -> str:
   from jaxlm.loading import load_params, save_hf_dir, save_model_dir
 
+  if args.to_peft:
+    from jaxlm.loading import save_peft_adapter
+    return str(save_peft_adapter(args.to_peft, args.out, args.base))
   if args.to_hf:
     loaded = load_params(args.to_hf)
     return str(save_hf_dir(loaded, args.out, dtype=args.dtype, max_shard_gb=args.max_shard_gb))

@@ -77,6 +77,24 @@ def base_config() -> ml_collections.ConfigDict:
       # stop: end the run naming the step and the last good checkpoint; skip: drop the
       # update of any step whose loss or gradients are not finite, and keep going
       "on_nonfinite": "stop",
+      # Stop when `metric` (an evaluation metric, e.g. eval_loss) has not improved by more
+      # than min_delta for `patience` evaluations; the best checkpoint is kept and is what
+      # loading the workdir gives. "" disables.
+      "early_stopping": ml_collections.ConfigDict(
+          {"metric": "", "mode": "min", "patience": 3, "min_delta": 0.0}),
+  })
+  # What trains. Regexes match parameter paths such as "layers/attention/q_proj/kernel".
+  c.finetune = ml_collections.ConfigDict({
+      "lora_targets": "",  # LoRA on the projections whose path matches, e.g. "attention"
+      "lora_rank": 8,
+      "lora_alpha": 16.0,
+      "lora_dropout": 0.0,
+      "trainable": "",  # "": everything (or only the adapters with LoRA)
+      "freeze": "",  # removed from the trainable set
+      "frozen_dtype": "",  # e.g. "bfloat16": keep frozen weights in less memory
+      "layer_lr_decay": 1.0,  # layer i learns at decay ** (num_layers - 1 - i) x the rate
+      "head_pattern": "^lm_head/",
+      "head_lr_multiplier": 1.0,  # learning-rate multiplier for head_pattern matches
   })
   c.checkpoint = ml_collections.ConfigDict({"every": 500, "keep": 3, "async_save": True})
   return c

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -122,21 +123,13 @@ def load_params(path: str | Path, *, cfg: LlamaConfig | None = None, mesh=None,
 
 
 def _load_workdir(workdir: Path, cfg: LlamaConfig, shardings) -> LoadedParams:
-  """Parameters of a training run's latest checkpoint."""
-  from jaxlm.checkpoint import Checkpointer
-  from jaxlm.train.loop import Run
-
-  config = config_lib.read_workdir_config(workdir)
-  with config.unlocked():  # restore on whatever devices this machine has
-    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
-  run = Run.build(config)
-  checkpointer = Checkpointer(workdir / "checkpoints", every=1, keep=1)
-  step = checkpointer.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"No checkpoint in {workdir / 'checkpoints'} yet.")
-  state, _ = checkpointer.restore(step, run.trainer.abstract_state())
-  checkpointer.close()
-  params = jax.tree.map(lambda x: x.astype(cfg.param_dtype), state["params"])
+  """Parameters of a training run's best checkpoint when it ran with early stopping, else its
+  latest; LoRA adapters are merged into the kernels."""
+  config, run, params = _workdir_checkpoint_params(workdir)
+  if run.trainer.lora is not None:
+    from jaxlm.finetune.lora import merge_lora
+    params = merge_lora(params, run.trainer.lora)
+  params = jax.tree.map(lambda x: x.astype(cfg.param_dtype), params)
   if shardings is not None:
     params = jax.device_put(params, shardings)
   source = None
@@ -149,6 +142,54 @@ def _load_workdir(workdir: Path, cfg: LlamaConfig, shardings) -> LoadedParams:
   has_tokenizer = source is not None and (source / "tokenizer.json").is_file()
   return LoadedParams(cfg, params, family_for(cfg), hf, source,
                       tokenizer_file=None if has_tokenizer else training_tokenizer(config))
+
+
+def _workdir_checkpoint_params(workdir: Path):
+  """(config, run, the whole model's parameters with adapters unmerged) of a workdir's best
+  or latest checkpoint. A checkpoint holds what trained; a frozen base is rebuilt from
+  init_from or the seed."""
+  from jaxlm.checkpoint import Checkpointer
+  from jaxlm.train.early_stopping import read_best
+  from jaxlm.train.loop import Run
+
+  config = config_lib.read_workdir_config(workdir)
+  with config.unlocked():  # restore on whatever devices this machine has
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
+    # A frozen base kept in bf16 saved training memory; exports use its original weights.
+    config.finetune.frozen_dtype = ""
+  run = Run.build(config)
+  checkpointer = Checkpointer(workdir / "checkpoints", every=1, keep=1)
+  step = checkpointer.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"No checkpoint in {workdir / 'checkpoints'} yet.")
+  best = read_best(workdir)
+  if best is not None and best["step"] in checkpointer.all_steps():
+    step = best["step"]
+    print(f"Loading the best checkpoint of {workdir}: step {step} ({best['metric']} = "
+          f"{best['value']:.4f}).", file=sys.stderr, flush=True)
+  state, _ = checkpointer.restore(step, run.trainer.abstract_state(frozen=False))
+  checkpointer.close()
+  if run.trainer.partial:
+    state = run.trainer.resume_state(state, run.fresh_state())
+  return config, run, run.trainer.model_params(state)
+
+
+def save_peft_adapter(workdir: str | Path, out: str | Path, base: str | None = None) -> Path:
+  """A LoRA run's adapters as a PEFT adapter directory (adapter_config.json +
+  adapter_model.safetensors) for `peft.PeftModel.from_pretrained` on its base model, which
+  adapter_config.json names as `base` (default: the run's model.init_from)."""
+  from jaxlm.finetune.lora import export_peft_adapter
+  workdir = resolve_source(workdir)
+  if not config_lib.is_workdir(workdir):
+    raise FileNotFoundError(f"{workdir} is not a `jaxlm train` workdir.")
+  config, run, params = _workdir_checkpoint_params(workdir)
+  if run.trainer.lora is None:
+    raise ValueError(f"{workdir} was not trained with LoRA (finetune.lora_targets is empty); "
+                     f"export it whole with --to-hf.")
+  with _atomic_directory(Path(out)) as tmp:
+    export_peft_adapter(params, run.model_cfg, family_for(run.model_cfg), tmp,
+                        base or config.model.init_from, lora=run.trainer.lora)
+  return Path(out).absolute()
 
 
 def _single_device_mesh():

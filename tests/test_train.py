@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jaxlm.checkpoint import Checkpointer, CheckpointMismatchError
+from jaxlm.config import ConfigError
 from jaxlm.train.loop import Run, train
 
 from tests.helpers import assert_trees_close
@@ -120,3 +121,35 @@ def test_checkpoint_without_commit_marker_is_skipped(tiny_config, tmp_path, caps
   assert "no commit marker" in capsys.readouterr().out
   names = {p.name for p in (tmp_path / "checkpoints").iterdir()}
   assert {"3", "6", "6.broken"} <= names  # redone step 6 saved beside the kept broken one
+
+
+def test_early_stopping_keeps_and_loads_the_best_checkpoint(tiny_config, tmp_path, capsys):
+  """mode=max on a falling eval loss: the first evaluation stays the best, so the run stops
+  after `patience` more; the best checkpoint survives keep=1 and is what loading gives."""
+  from jaxlm.loading import load_params
+  from jaxlm.train.early_stopping import read_best
+  config = tiny_config(train__steps=20, train__eval_every=2, train__eval_batches=1,
+                       optim__learning_rate=3e-3, checkpoint__every=100, checkpoint__keep=1,
+                       train__early_stopping__metric="eval_loss",
+                       train__early_stopping__mode="max", train__early_stopping__patience=2)
+  metrics = train(config, tmp_path)
+  assert metrics["stopped_early_at"] == 6
+  assert "Early stop at step 6" in capsys.readouterr().out
+  best = read_best(tmp_path)
+  assert best["step"] == 2 and best["metric"] == "eval_loss"
+  checkpointer = Checkpointer(tmp_path / "checkpoints", every=1, keep=1)
+  assert checkpointer.all_steps() == [2, 6]
+  state, _ = checkpointer.restore(2, Run.build(config).trainer.abstract_state())
+  checkpointer.close()
+  assert_trees_close(load_params(tmp_path).params, state["params"], rtol=0, atol=0)
+  # Running it again does not train on: the patience is spent.
+  assert train(config, tmp_path) == {}
+  assert read_best(tmp_path)["step"] == 2
+
+
+def test_early_stopping_needs_an_evaluation_metric(tiny_config, tmp_path):
+  with pytest.raises(ConfigError, match="needs evaluation"):
+    train(tiny_config(train__early_stopping__metric="eval_loss"), tmp_path / "a")
+  with pytest.raises(ConfigError, match="choose one of eval_loss, eval_perplexity"):
+    train(tiny_config(train__early_stopping__metric="accuracy", train__eval_every=2,
+                      train__eval_batches=1), tmp_path / "b")

@@ -18,11 +18,27 @@ class CheckpointMismatchError(ValueError):
 
 class Checkpointer:
 
-  def __init__(self, directory: str | Path, *, every: int, keep: int, async_save: bool = True):
+  def __init__(self, directory: str | Path, *, every: int, keep: int, async_save: bool = True,
+               best_metric: str = "", best_mode: str = "min"):
+    """With best_metric, the checkpoint with the best value of that metric (as passed to
+    save) is kept besides the last `keep`: early stopping must not delete its best model."""
     self.directory = Path(directory).absolute()
-    options = ocp.CheckpointManagerOptions(
-        save_interval_steps=max(every, 1), max_to_keep=keep, create=True,
-        enable_async_checkpointing=async_save)
+    common = dict(save_interval_steps=max(every, 1), create=True,
+                  enable_async_checkpointing=async_save)
+    if best_metric:
+      def metric_of(metrics):
+        return metrics[best_metric]
+
+      keep_latest = ocp.checkpoint_managers.LatestN(n=keep)
+      keep_best = ocp.checkpoint_managers.BestN(
+          get_metric_fn=metric_of, reverse=best_mode == "min", n=1,
+          keep_checkpoints_without_metrics=False)
+      options = ocp.CheckpointManagerOptions(
+          **common, best_fn=metric_of, best_mode=best_mode,
+          preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(
+              [keep_latest, keep_best]))
+    else:
+      options = ocp.CheckpointManagerOptions(**common, max_to_keep=keep)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=("state", "data", "model"))
 
@@ -32,15 +48,21 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, step: int, state, data_state: dict, model: dict, *, force: bool = False
-           ) -> bool:
+  def save(self, step: int, state, data_state: dict, model: dict, *, force: bool = False,
+           metrics: dict | None = None) -> bool:
     """Saves if `step` is due (every N) or `force`; returns whether a save started. Older
     checkpoints are removed only after this one is committed (Orbax's keep-last-K)."""
     return self.manager.save(
-        step, force=force,
+        step, force=force, metrics=metrics,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                 data=ocp.args.JsonSave(data_state),
                                 model=ocp.args.JsonSave(model)))
+
+  def best(self) -> tuple[int, dict] | None:
+    """(step, metrics) of the best checkpoint by best_metric, or None."""
+    step = self.manager.best_step()
+    metrics = self.manager.metrics(step) if step is not None else None
+    return (step, metrics) if metrics else None
 
   def read_model(self, step: int) -> dict:
     return self.manager.restore(

@@ -1,6 +1,9 @@
 """Projections and embeddings with logical axis names and separate param/compute dtypes."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -8,8 +11,40 @@ from flax import nnx
 from jaxlm.layers.sharding import LogicalAxes, param
 
 
+class LoRAParam(nnx.Param):
+  """A low-rank adapter factor: its own type so optimizers and exports can select it."""
+
+
+class LoRASalt(nnx.Variable):
+  """Integers that make each adapter's (and each stacked layer's) dropout mask distinct:
+  scanned layers share one module, so only sliced state can tell them apart."""
+
+
+_lora_dropout_key: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar(
+    "jaxlm_lora_dropout_key", default=None)
+
+
+@contextlib.contextmanager
+def lora_dropout(key: jax.Array | None):
+  """Enables LoRA dropout for the calls inside the block. The model threads no rng down to
+  its projections, so training code hands one key in here instead; without one (evaluation,
+  generation) the adapters see their inputs undropped."""
+  token = _lora_dropout_key.set(key)
+  try:
+    yield
+  finally:
+    _lora_dropout_key.reset(token)
+
+
+def _dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
 class Einsum(nnx.Module):
-  """y = einsum(equation, x, W) (+ b). Weights stored in param_dtype, used in compute_dtype."""
+  """y = einsum(equation, x, W) (+ b) (+ scale * einsum(einsum(x, A), B) with a LoRA
+  adapter, see jaxlm/finetune/lora.py). Weights stored in param_dtype, used in
+  compute_dtype."""
 
   def __init__(self, equation: str, shape: tuple[int, ...], names: LogicalAxes, *,
                rngs: nnx.Rngs, param_dtype, compute_dtype, init_std: float,
@@ -19,13 +54,43 @@ class Einsum(nnx.Module):
     self.kernel = param(init_std * jax.random.normal(rngs.params(), shape, param_dtype), names)
     self.bias = (param(jnp.zeros(bias_shape, param_dtype), bias_names)
                  if bias_shape is not None else None)
+    # Without an adapter these stay None: no state, and the same parameters as before.
+    # Data (not static) attributes, so that apply_lora can set them later.
+    self.lora_a, self.lora_b, self.lora_salt = nnx.data(None), nnx.data(None), nnx.data(None)
+    self.lora_scale = self.lora_dropout_rate = 0.0
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = jnp.einsum(self.equation, x.astype(self.compute_dtype),
-                   self.kernel[...].astype(self.compute_dtype))
+    x = x.astype(self.compute_dtype)
+    y = jnp.einsum(self.equation, x, self.kernel[...].astype(self.compute_dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.compute_dtype)
+    if self.lora_a is not None:
+      y = y + self._low_rank(x)
     return y
+
+  def lora_equations(self) -> tuple[str, str]:
+    """(x, A -> low, low, B -> y): the kernel letters shared with x are its inputs."""
+    inputs, kernel = self.equation.split("->")[0].split(",")
+    out = self.equation.split("->")[1]
+    rank = next(c for c in "rzyxwvuqponmlkjihgfedcba" if c not in self.equation)
+    ins = "".join(c for c in kernel if c in inputs)
+    outs = "".join(c for c in kernel if c not in inputs)
+    if kernel != ins + outs:
+      # A and B are reshaped views of the kernel's leading (input) and trailing (output) axes.
+      raise ValueError(f"LoRA needs the kernel's input axes before its output axes; "
+                       f"{self.equation!r} interleaves them.")
+    low = "".join(c for c in inputs if c not in ins) + rank
+    return f"{inputs},{ins}{rank}->{low}", f"{low},{rank}{outs}->{out}"
+
+  def _low_rank(self, x: jax.Array) -> jax.Array:
+    key = _lora_dropout_key.get()
+    if key is not None and self.lora_dropout_rate > 0.0:
+      key = jax.random.fold_in(key, self.lora_salt[...])
+      x = _dropout(x, self.lora_dropout_rate, key)
+    down, up = self.lora_equations()
+    low = jnp.einsum(down, x, self.lora_a[...].astype(self.compute_dtype))
+    y = jnp.einsum(up, low, self.lora_b[...].astype(self.compute_dtype))
+    return self.lora_scale * y
 
 
 class Embedding(nnx.Module):

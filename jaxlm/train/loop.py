@@ -15,10 +15,12 @@ import numpy as np
 from jaxlm import config as config_lib
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.loader import RowBatches
+from jaxlm.finetune.lora import LoRAConfig
 from jaxlm.data.pipeline import build_train_data
 from jaxlm.data.text import load_tokenizer
 from jaxlm.parallel.mesh import build_mesh
 from jaxlm.parallel.rules import LogicalRules
+from jaxlm.train.early_stopping import EarlyStopping
 from jaxlm.train.metrics import MetricsWriter, Progress, peak_flops_per_device
 from jaxlm.train.optimizer import make_optimizer
 from jaxlm.train.preemption import Preempted, PreemptionWatch
@@ -30,6 +32,19 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(FloatingPointError):
   pass
+
+
+FINETUNE_SIGNATURE = ("lora_targets", "lora_rank", "trainable", "freeze")
+
+
+def finetune_options(config) -> dict:
+  """The Trainer's arguments for config.finetune."""
+  f = config.finetune
+  lora = (LoRAConfig(f.lora_targets, f.lora_rank, f.lora_alpha, f.lora_dropout)
+          if f.lora_targets else None)
+  return dict(lora=lora, trainable=f.trainable or None, freeze=f.freeze or None,
+              frozen_dtype=f.frozen_dtype or None, layer_lr_decay=f.layer_lr_decay,
+              head_pattern=f.head_pattern, head_lr_multiplier=f.head_lr_multiplier)
 
 
 def check_layout(model_cfg, mesh, config) -> None:
@@ -92,8 +107,26 @@ class Run:
         model_cfg, tx, schedule, LogicalRules(mesh, config.mesh.rules),
         loss_cfg=LossConfig(config.train.label_smoothing, config.train.z_loss),
         grad_accum_steps=config.train.grad_accum_steps,
-        skip_nonfinite=config.train.on_nonfinite == "skip")
+        skip_nonfinite=config.train.on_nonfinite == "skip", **finetune_options(config))
     return cls(config, model_cfg, mesh, trainer, schedule)
+
+  def signature(self) -> dict:
+    """What a checkpoint must match to be resumed by this run: the model's shapes and, when
+    only part of it trains, which part (a checkpoint then holds only that part)."""
+    signature = config_lib.shape_signature(self.model_cfg)
+    if self.trainer.partial or self.trainer.lora is not None:
+      signature["finetune"] = {key: self.config.finetune[key] for key in FINETUNE_SIGNATURE}
+    return signature
+
+  def fresh_state(self):
+    """The state a new run starts from: the init_from model (with fresh adapters and
+    optimizer), or a random initialisation."""
+    if self.config.model.init_from:
+      from jaxlm.loading import load_params
+      loaded = load_params(self.config.model.init_from, cfg=self.model_cfg,
+                           shardings=self.trainer.base_param_shardings)
+      return self.trainer.init_from_params(loaded.params, self.config.train.seed)
+    return self.trainer.init_state(self.config.train.seed)
 
   def global_batch(self, local_rows: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """Assembles each process's rows into global arrays sharded over data x fsdp."""
@@ -116,6 +149,20 @@ def evaluate(run: Run, params, batches: RowBatches, num_batches: int) -> dict:
   return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 
 
+def _early_stopping(config, val_data) -> EarlyStopping | None:
+  settings = config.train.early_stopping
+  if not settings.metric:
+    return None
+  if val_data is None:
+    raise config_lib.ConfigError(
+        f"train.early_stopping.metric = {settings.metric!r} needs evaluation: set "
+        f"train.eval_every > 0 and data.validation_fraction > 0.")
+  try:
+    return EarlyStopping(settings.metric, settings.mode, settings.patience, settings.min_delta)
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from None
+
+
 def _check_finite(metrics: dict, step: int, checkpointer: Checkpointer) -> None:
   """The step's loss and gradients, and the parameters it produced, must be finite."""
   bad = [k for k in ("loss", "grad_norm", "param_norm") if not math.isfinite(float(metrics[k]))]
@@ -135,7 +182,7 @@ def train(config, workdir: str | Path) -> dict:
   is_main = jax.process_index() == 0
   run = Run.build(config)
   model_cfg, trainer = run.model_cfg, run.trainer
-  signature = config_lib.shape_signature(model_cfg)
+  signature = run.signature()
 
   tokenizer_spec = training_tokenizer(config)
   tokenizer_vocab = load_tokenizer(tokenizer_spec).get_vocab_size()
@@ -149,30 +196,35 @@ def train(config, workdir: str | Path) -> dict:
   data = loaded_data.train
   val_data = loaded_data.validation if config.train.eval_every else None
 
+  stopper = _early_stopping(config, val_data)
   checkpointer = Checkpointer(workdir / "checkpoints", every=config.checkpoint.every,
                               keep=config.checkpoint.keep,
-                              async_save=config.checkpoint.async_save)
-  restored = checkpointer.restore_latest_good(trainer.abstract_state(), signature)
+                              async_save=config.checkpoint.async_save,
+                              best_metric=stopper.metric if stopper else "",
+                              best_mode=stopper.mode if stopper else "min")
+  # Checkpoints hold what trains; a frozen base is rebuilt from where it came from.
+  restored = checkpointer.restore_latest_good(trainer.abstract_state(frozen=False), signature)
   if restored is not None:
     latest, state, data_state = restored
+    if trainer.partial:
+      state = trainer.resume_state(state, run.fresh_state())
     data.restore(data_state)
     if is_main:
       print(f"Resuming from step {latest} in {checkpointer.directory}", flush=True)
-  elif config.model.init_from:
-    from jaxlm.loading import load_params
-    loaded = load_params(config.model.init_from, cfg=model_cfg,
-                         shardings=trainer.param_shardings)
-    state = trainer.init_from_params(loaded.params, config.train.seed)
-    if is_main:
-      print(f"Initialised from {config.model.init_from}", flush=True)
   else:
-    state = trainer.init_state(config.train.seed)
+    state = run.fresh_state()
+    if is_main and config.model.init_from:
+      print(f"Initialised from {config.model.init_from}", flush=True)
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
   start = int(jax.device_get(state["step"]))
   total = config.train.steps
+  if stopper and (best := checkpointer.best()) is not None:
+    stopper.resume(best[0], best[1].get(stopper.metric), start, config.train.eval_every)
+    if stopper.exhausted:  # this run already stopped early: nothing left to do
+      total = start
   tokens_per_step = config.data.batch_size * config.data.seq_len
   flops_per_step = model_cfg.flops_per_token(config.data.seq_len) * tokens_per_step
   peak = peak_flops_per_device(config.train.peak_tflops_per_device)
@@ -186,7 +238,11 @@ def train(config, workdir: str | Path) -> dict:
 
   if val_data is not None and start == 0:
     # The starting point, so that a fine-tune's gain is visible from its first eval.
-    baseline = evaluate(run, state["params"], val_data, config.train.eval_batches)
+    baseline = evaluate(run, trainer.model_params(state), val_data, config.train.eval_batches)
+    if stopper and stopper.metric not in baseline:
+      raise config_lib.ConfigError(
+          f"train.early_stopping.metric = {stopper.metric!r} is not an evaluation metric; "
+          f"choose one of {', '.join(sorted(baseline))}.")
     writer.write(0, baseline)
     if is_main:
       progress.write(f"step 0: eval_loss {baseline['eval_loss']:.4f}")
@@ -212,8 +268,11 @@ def train(config, workdir: str | Path) -> dict:
         timer, timed_steps = time.perf_counter(), 0
       else:
         timed_steps += 1
-      will_save = checkpointer.manager.should_save(done) or done == total
-      log_now = done % config.train.log_every == 0 or done == total
+      eval_now = val_data is not None and (done % config.train.eval_every == 0 or done == total)
+      log_now = done % config.train.log_every == 0 or done == total or eval_now
+      # With early stopping every evaluated step is saved, so that the best one exists.
+      will_save = checkpointer.manager.should_save(done) or done == total or (
+          eval_now and stopper is not None)
       if log_now or will_save:
         host = jax.device_get(metrics)
         _check_finite(host, done, checkpointer)
@@ -233,20 +292,36 @@ def train(config, workdir: str | Path) -> dict:
         }
         if config.train.z_loss:
           last_logged["z_loss"] = float(host["z_loss"])
-        if val_data is not None and (done % config.train.eval_every == 0 or done == total):
-          last_logged.update(evaluate(run, state["params"], val_data,
+        if eval_now:
+          last_logged.update(evaluate(run, trainer.model_params(state), val_data,
                                       config.train.eval_batches))
         writer.write(done, last_logged)
         progress.update(pending, last_logged)
         pending = 0
         timer, timed_steps = time.perf_counter(), 0
+      stop_early = bool(eval_now and stopper and stopper.update(done, last_logged))
       stop = preemption.should_stop(done)
       if stop and not will_save:
         _check_finite(jax.device_get(metrics), done, checkpointer)
       if will_save or stop:
-        checkpointer.save(done, state, data.state(), signature, force=done == total or stop)
+        checkpointer.save(
+            done, trainer.checkpoint_state(state), data.state(), signature,
+            force=done == total or stop or eval_now,
+            metrics={stopper.metric: last_logged[stopper.metric]} if stopper and eval_now
+            else None)
       if stop:
         raise Preempted(done, checkpointer.directory)
+      if stop_early:
+        last_logged["stopped_early_at"] = done
+        if is_main:
+          progress.write(
+              f"Early stop at step {done}: {stopper.metric} has not improved for "
+              f"{stopper.patience} evaluations; best {stopper.best:.4f} at step "
+              f"{stopper.best_step} (kept; loading this workdir gives it).")
+        break
+    if stopper and is_main:
+      checkpointer.wait()
+      stopper.write_best(workdir)
   finally:
     loaded_data.close()
     preemption.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 
 import jax
+import numpy as np
 import optax
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "lion")
@@ -78,3 +79,37 @@ def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation,
   if cfg.grad_clip_norm:
     core = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), core)
   return core, schedule
+
+
+def lr_multipliers(names: dict, *, num_layers: int, layer_decay: float | None = None,
+                   head_pattern: str | None = None, head_multiplier: float = 1.0,
+                   embedding_pattern: str = r"^embed/") -> dict:
+  """Per-parameter learning-rate multipliers (a pure dict like `names`, each parameter's
+  logical axis names). Layer-wise decay: layer i of a stack (leading "layers" axis) gets
+  decay ** (num_layers - 1 - i), shaped [layers, 1, ...] to scale each layer's slice of the
+  shared array; embeddings sit below the first layer, at decay ** num_layers. Parameters
+  matching head_pattern (e.g. a freshly initialised head) get head_multiplier."""
+  decay = 1.0 if layer_decay is None else layer_decay
+
+  def one(path, axes):
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    if head_pattern and re.search(head_pattern, name):
+      return np.float32(head_multiplier)
+    if axes and axes[0] == "layers":
+      per_layer = decay ** (num_layers - 1 - np.arange(num_layers, dtype=np.float64))
+      return per_layer.astype(np.float32).reshape((num_layers,) + (1,) * (len(axes) - 1))
+    if re.search(embedding_pattern, name):
+      return np.float32(decay ** num_layers)
+    return np.float32(1.0)
+
+  return jax.tree_util.tree_map_with_path(one, names, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def scale_by_multipliers(multipliers: dict) -> optax.GradientTransformation:
+  """Multiplies each update by its (broadcast) multiplier; stateless, so it adds no
+  optimizer state. Chained last, it scales the learning rate, weight decay included."""
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, m: u * m.astype(u.dtype), updates, multipliers), state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)

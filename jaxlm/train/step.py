@@ -1,7 +1,9 @@
 """The pure train and eval steps: (state, batch) -> (state, metrics).
 
-state is a plain dict {"step", "params", "opt_state", "rng"} of arrays; batch is a dict of
-int [batch, seq] arrays: input_ids, targets, loss_mask and optionally positions and
+state is a plain dict {"step", "params", "opt_state", "rng"} of arrays, plus "frozen" when
+only part of the model trains: then "params" holds the trainable parameters (the only ones
+with gradients and optimizer state) and "frozen" the rest, in the same nesting. batch is a
+dict of int [batch, seq] arrays: input_ids, targets, loss_mask and optionally positions and
 segment_ids. Nothing here knows about meshes: shardings are applied by the caller's jit.
 """
 from __future__ import annotations
@@ -13,6 +15,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxlm.finetune.trainable import combine
+from jaxlm.layers.linear import lora_dropout
 from jaxlm.layers.sharding import activation_sharding, constrain
 from jaxlm.train.loss import cross_entropy
 
@@ -25,10 +29,21 @@ class LossConfig:
   z_loss: float = 0.0
 
 
-def _forward_sums(graphdef, params, batch, loss_cfg: LossConfig, dropout_rng):
+# Folded into the step's key for LoRA dropout, apart from the model's own dropout stream.
+LORA_STREAM = 1
+
+
+def model_params(state) -> dict:
+  """The whole model's parameters: the trainable ones and, when some are frozen, the rest."""
+  frozen = state.get("frozen")
+  return state["params"] if frozen is None else combine(frozen, state["params"])
+
+
+def _forward_sums(graphdef, params, batch, loss_cfg: LossConfig, dropout_rng, lora_key=None):
   model = nnx.merge(graphdef, params)
-  logits = model(batch["input_ids"], *(batch.get(k) for k in MODEL_INPUTS),
-                 dropout_rng=dropout_rng)
+  with lora_dropout(lora_key):
+    logits = model(batch["input_ids"], *(batch.get(k) for k in MODEL_INPUTS),
+                   dropout_rng=dropout_rng)
   return cross_entropy(logits, batch["targets"], batch["loss_mask"],
                        label_smoothing=loss_cfg.label_smoothing, z_loss=loss_cfg.z_loss)
 
@@ -47,27 +62,34 @@ def _split_microbatches(batch, num_micro: int):
 
 def train_step(state, batch, *, graphdef, tx: optax.GradientTransformation, schedule,
                loss_cfg: LossConfig, grad_accum_steps: int = 1, dropout: bool = False,
-               skip_nonfinite: bool = False, activation_resolver=None):
+               skip_nonfinite: bool = False, adapter_dropout: bool = False,
+               activation_resolver=None):
   with activation_sharding(activation_resolver):
     step = state["step"]
-    dropout_rng = jax.random.fold_in(state["rng"], step) if dropout else None
+    step_rng = jax.random.fold_in(state["rng"], step)
+    dropout_rng = step_rng if dropout else None
+    lora_key = jax.random.fold_in(step_rng, LORA_STREAM) if adapter_dropout else None
     total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+    frozen = state.get("frozen")
 
-    def sum_loss(params, micro, rng):
-      sums = _forward_sums(graphdef, params, micro, loss_cfg, rng)
+    def sum_loss(params, micro, rng, lora_rng):
+      # Differentiating with respect to the trainable part only: no frozen weight gradients.
+      full = params if frozen is None else combine(frozen, params)
+      sums = _forward_sums(graphdef, full, micro, loss_cfg, rng, lora_rng)
       return sums["loss_sum"], sums
 
     grad_fn = jax.grad(sum_loss, has_aux=True)
     if grad_accum_steps == 1:
-      grads, sums = grad_fn(state["params"], batch, dropout_rng)
+      grads, sums = grad_fn(state["params"], batch, dropout_rng, lora_key)
     else:
       micro_batches = _split_microbatches(batch, grad_accum_steps)
       zeros = jax.tree.map(jnp.zeros_like, state["params"])
 
       def accumulate(carry, micro_and_index):
         micro, index = micro_and_index
-        rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
-        grads, sums = grad_fn(state["params"], micro, rng)
+        rng, lora_rng = (None if key is None else jax.random.fold_in(key, index)
+                         for key in (dropout_rng, lora_key))
+        grads, sums = grad_fn(state["params"], micro, rng, lora_rng)
         carry_grads, carry_sums = carry
         return (jax.tree.map(jnp.add, carry_grads, grads),
                 jax.tree.map(jnp.add, carry_sums, sums)), None
@@ -82,7 +104,8 @@ def train_step(state, batch, *, graphdef, tx: optax.GradientTransformation, sche
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    # The new parameters' norm catches an update that overflowed even from finite gradients.
+    # The new parameters' norm catches an update that overflowed even from finite gradients
+    # (of the trainable ones: the frozen ones do not change).
     param_norm = optax.tree.norm(params)
     finite = jnp.isfinite(grad_norm) & jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(param_norm)
     if skip_nonfinite:

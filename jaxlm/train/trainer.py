@@ -1,5 +1,11 @@
 """Wires a model, an optimizer and a mesh together: the sharded train state and the jitted
-step functions with explicit in/out shardings and buffer donation."""
+step functions with explicit in/out shardings and buffer donation.
+
+Fine-tuning options pick what trains: LoRA adapters (`lora`), a regex of trainable
+parameters (`trainable`) minus a regex of frozen ones (`freeze`). When anything is frozen
+the state holds it apart under "frozen" (optionally in `frozen_dtype`), with neither
+gradients nor optimizer state; see step.py. `layer_lr_decay` and `head_lr_multiplier` scale
+the learning rate per layer and for new heads."""
 from __future__ import annotations
 
 import functools
@@ -10,9 +16,12 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from jaxlm.finetune import trainable as subsets
+from jaxlm.finetune.lora import LORA_KEYS, LoRAConfig, apply_lora
 from jaxlm.models import Llama, LlamaConfig
 from jaxlm.parallel.rules import LogicalRules, state_shardings
 from jaxlm.train import step as steps
+from jaxlm.train.optimizer import lr_multipliers, scale_by_multipliers
 
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "positions", "segment_ids")
 
@@ -21,29 +30,71 @@ class Trainer:
 
   def __init__(self, model_cfg: LlamaConfig, tx: optax.GradientTransformation, schedule,
                rules: LogicalRules, *, loss_cfg: steps.LossConfig = steps.LossConfig(),
-               grad_accum_steps: int = 1, skip_nonfinite: bool = False):
+               grad_accum_steps: int = 1, skip_nonfinite: bool = False,
+               lora: LoRAConfig | None = None, trainable: str | None = None,
+               freeze: str | None = None, frozen_dtype: str | None = None,
+               layer_lr_decay: float | None = None, head_pattern: str = r"^lm_head/",
+               head_lr_multiplier: float = 1.0):
     self.model_cfg = model_cfg
-    self.tx = tx
+    self.lora = lora
+    self.frozen_dtype = frozen_dtype
     self.rules = rules
     self.mesh = rules.mesh
-    abstract_model = nnx.eval_shape(lambda: Llama(model_cfg, rngs=nnx.Rngs(0)))
+    abstract_model = nnx.eval_shape(lambda: self._build_model(0))
     self.graphdef, abstract_params = nnx.split(abstract_model)
     self.param_shardings = state_shardings(rules, abstract_params)
+    self.trainable_mask = subsets.trainable_mask(abstract_params, trainable, freeze)
+    self.partial = not all(jax.tree.leaves(self.trainable_mask))
+    self.tx = self._with_lr_multipliers(
+        tx, subsets.logical_names(abstract_params), layer_lr_decay, head_pattern,
+        head_lr_multiplier)
     self.state_shardings = self._state_shardings(nnx.to_pure_dict(abstract_params))
     resolver = rules.activation_resolver()
     train_fn = functools.partial(
-        steps.train_step, graphdef=self.graphdef, tx=tx, schedule=schedule,
+        steps.train_step, graphdef=self.graphdef, tx=self.tx, schedule=schedule,
         loss_cfg=loss_cfg, grad_accum_steps=grad_accum_steps, skip_nonfinite=skip_nonfinite,
-        dropout=model_cfg.dropout_rate > 0, activation_resolver=resolver)
+        dropout=model_cfg.dropout_rate > 0,
+        adapter_dropout=lora is not None and lora.dropout > 0, activation_resolver=resolver)
     self._train_fn = train_fn
     self._eval_fn = functools.partial(steps.eval_step, graphdef=self.graphdef,
                                       activation_resolver=resolver)
     self._compiled_steps = {}
 
+  def _build_model(self, seed) -> Llama:
+    rngs = nnx.Rngs(seed)
+    model = Llama(self.model_cfg, rngs=rngs)
+    if self.lora is not None:
+      apply_lora(model, self.lora.targets, self.lora.rank, self.lora.alpha, self.lora.dropout,
+                 rngs=rngs)
+    return model
+
+  def _with_lr_multipliers(self, tx, names, layer_lr_decay, head_pattern, head_multiplier):
+    if layer_lr_decay in (None, 1.0) and head_multiplier == 1.0:
+      return tx  # the optimizer state keeps its usual layout
+    multipliers = lr_multipliers(
+        names, num_layers=self.model_cfg.num_layers, layer_decay=layer_lr_decay,
+        head_pattern=head_pattern, head_multiplier=head_multiplier)
+    return optax.chain(tx, scale_by_multipliers(self.split(multipliers)[0]))
+
+  def split(self, params) -> tuple[dict, dict]:
+    """A whole-model tree -> (trainable part, frozen part)."""
+    return subsets.partition(params, self.trainable_mask)
+
+  @property
+  def base_param_shardings(self) -> dict:
+    """Shardings of the base model's parameters, without adapters: what init_from loads."""
+    return subsets.select(self.param_shardings, lambda path, _: path[-1] not in LORA_KEYS)
+
+  def model_params(self, state) -> dict:
+    """The whole model's parameters of a train state, e.g. for eval_step or an export."""
+    return steps.model_params(state)
+
   # -- shardings ------------------------------------------------------------------------
 
   def _state_shardings(self, abstract_params):
     replicated = self.rules.replicated()
+    trainable_shardings, frozen_shardings = self.split(self.param_shardings)
+    abstract_params = self.split(abstract_params)[0]
     opt_shapes = jax.eval_shape(self.tx.init, abstract_params)
 
     def like_param(leaf, param, sharding):
@@ -51,33 +102,65 @@ class Trainer:
       return sharding if getattr(leaf, "shape", None) == param.shape else replicated
 
     opt_shardings = optax.tree_map_params(
-        self.tx, like_param, opt_shapes, abstract_params, self.param_shardings,
+        self.tx, like_param, opt_shapes, abstract_params, trainable_shardings,
         transform_non_params=lambda _: replicated)
-    return {"step": replicated, "params": self.param_shardings, "opt_state": opt_shardings,
-            "rng": replicated}
+    shardings = {"step": replicated, "params": trainable_shardings,
+                 "opt_state": opt_shardings, "rng": replicated}
+    if self.partial:
+      shardings["frozen"] = frozen_shardings
+    return shardings
 
   def batch_sharding(self, seq_len: int, batch_size: int) -> NamedSharding:
     return self.rules.sharding(("batch", None), (batch_size, seq_len), "batch")
 
-  def abstract_state(self):
-    """ShapeDtypeStructs with shardings: the restore target for checkpoints."""
+  def abstract_state(self, *, frozen: bool = True):
+    """ShapeDtypeStructs with shardings: the restore target for checkpoints (without the
+    frozen part: the target for `checkpoint_state`'s saves)."""
     shapes = jax.eval_shape(functools.partial(self._init_fn, 0))
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        shapes, self.state_shardings)
+    abstract = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        shapes, self.state_shardings)
+    return abstract if frozen else self.checkpoint_state(abstract)
+
+  # -- checkpoints without the frozen base ------------------------------------------------
+
+  def checkpoint_state(self, state):
+    """What changes during training: the state without its frozen part, which a resume
+    rebuilds from the same base (init_from, or the seed) with `resume_state`."""
+    return {k: v for k, v in state.items() if k != "frozen"}
+
+  def resume_state(self, restored, fresh):
+    """A restored `checkpoint_state` with the frozen part of `fresh` (a state built from the
+    same base, e.g. by init_from_params)."""
+    return dict(restored, frozen=fresh["frozen"]) if "frozen" in fresh else dict(restored)
 
   # -- state ----------------------------------------------------------------------------
 
   def _init_fn(self, seed):
-    model = Llama(self.model_cfg, rngs=nnx.Rngs(seed))
-    params = nnx.to_pure_dict(nnx.state(model))
-    return self.state_from_params(params, seed)
+    return self._state(self._fresh_params(seed), seed)
+
+  def _fresh_params(self, seed):
+    return nnx.to_pure_dict(nnx.state(self._build_model(seed)))
 
   def state_from_params(self, params, seed):
-    return {"step": jnp.zeros((), jnp.int32), "params": params,
-            "opt_state": self.tx.init(params), "rng": jax.random.PRNGKey(seed)}
+    """params: the whole model's, or the base model's alone, which gets fresh adapters (whose
+    base initialisation is never used, so jit drops it)."""
+    if self.lora is not None:
+      params = subsets.combine(self._fresh_params(seed), params)
+    return self._state(params, seed)
+
+  def _state(self, params, seed):
+    trainable, frozen = self.split(params)
+    state = {"step": jnp.zeros((), jnp.int32), "params": trainable,
+             "opt_state": self.tx.init(trainable), "rng": jax.random.PRNGKey(seed)}
+    if self.partial:
+      state["frozen"] = (subsets.cast_floats(frozen, self.frozen_dtype) if self.frozen_dtype
+                         else frozen)
+    return state
 
   def init_from_params(self, params, seed: int):
-    """A fresh optimizer around given (already sharded) parameters, e.g. a converted model."""
+    """A fresh optimizer (and fresh adapters) around given (already sharded) parameters of
+    the whole model or its base, e.g. a converted model."""
     return jax.jit(self.state_from_params, static_argnums=1,
                    out_shardings=self.state_shardings, donate_argnums=0)(params, seed)
 
