@@ -28,7 +28,7 @@ def get_config():
   config.optim.learning_rate = 5e-4
   config.optim.warmup_steps = 5
   config.optim.weight_decay = 0.0
-  config.train.steps = 60  # about one epoch of the 2,025 English conversations
+  config.train.steps = 60  # about two passes over the 898 distinct conversations (207 rows)
   config.train.log_every = 5
   config.train.eval_every = 20
   config.train.eval_batches = 8

@@ -8,14 +8,12 @@ split out, layer weights stacked on a leading layers axis.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from jaxlm.convert.errors import ConversionError
+from jaxlm.convert.hf import check_tensors, expected_tensors, read_table, write_table
 from jaxlm.convert.llama_weights import (COPY, SPLIT_BIAS_HEADS, SPLIT_IN_HEADS,
-                                         SPLIT_OUT_HEADS, TRANSPOSE, Entry, hf_shape)
+                                         SPLIT_OUT_HEADS, TRANSPOSE, Entry)
 from jaxlm.convert.safetensors_io import ShardedSafetensorsWriter
 from jaxlm.models.bert import Bert, BertConfig
 
@@ -79,43 +77,6 @@ def abstract_bert_params(cfg: BertConfig) -> dict:
   return nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Bert(cfg, rngs=nnx.Rngs(0)))))
 
 
-def _get(tree, path):
-  for key in path:
-    tree = tree[key]
-  return tree
-
-
-def _set(tree, path, value):
-  for key in path[:-1]:
-    tree = tree.setdefault(key, {})
-  tree[path[-1]] = value
-
-
-def check_tensors(reader, table: list[Entry], cfg: BertConfig, shapes: dict,
-                  prefix: str) -> None:
-  """Every problem at once: missing, unexpected and mis-shaped tensors, by name."""
-  expected = {}
-  for entry in table:
-    want = hf_shape(entry, _get(shapes, entry.path).shape)
-    expected.update({name: want for name in entry.hf_names(cfg.num_layers)})
-  found = set(reader.names())
-  missing = [f"{n} {expected[n]}" for n in expected if n not in found]
-  unexpected = sorted(n for n in found - set(expected)
-                      if n.removeprefix(prefix) not in IGNORED)
-  misshaped = [f"{n}: expected {expected[n]}, found {reader.shape(n)}"
-               for n in expected if n in found and reader.shape(n) != expected[n]]
-  problems = []
-  if missing:
-    problems.append(f"{len(missing)} missing tensor(s): " + ", ".join(missing[:20]))
-  if unexpected:
-    problems.append(f"{len(unexpected)} unexpected tensor(s): " + ", ".join(unexpected[:20]))
-  if misshaped:
-    problems.append(f"{len(misshaped)} tensor(s) with the wrong shape: "
-                    + "; ".join(misshaped[:20]))
-  if problems:
-    raise ConversionError("The weights do not match config.json: " + " | ".join(problems))
-
-
 def params_from_reader(reader, cfg: BertConfig, family: str, prefix: str,
                        shardings: dict | None = None) -> dict:
   """reader: HF tensor names -> host arrays (names(), shape(name), get(name)); each tensor
@@ -123,26 +84,12 @@ def params_from_reader(reader, cfg: BertConfig, family: str, prefix: str,
   read, so host memory holds about one tensor at a time."""
   shapes = abstract_bert_params(cfg)
   table = bert_table(cfg, family, prefix)
-  check_tensors(reader, table, cfg, shapes, prefix)
-  dtype = jnp.dtype(cfg.param_dtype)
-  params: dict = {}
-  for entry in table:
-    shape = _get(shapes, entry.path).shape
-    per_layer = shape[1:] if entry.stacked else shape
-    pieces = [entry.layout.to_jaxlm(reader.get(n).astype(dtype), per_layer)
-              for n in entry.hf_names(cfg.num_layers)]
-    host = np.stack(pieces) if entry.stacked else pieces[0]
-    sharding = _get(shardings, entry.path) if shardings is not None else None
-    _set(params, entry.path, jax.device_put(host, sharding))
-  return params
+  check_tensors(reader, expected_tensors(table, shapes, cfg.num_layers),
+                lambda name: name.removeprefix(prefix) in IGNORED)
+  return read_table(reader, table, shapes, cfg.num_layers, jnp.dtype(cfg.param_dtype),
+                    shardings)
 
 
 def write_tensors(writer: ShardedSafetensorsWriter, cfg: BertConfig, params: dict,
                   family: str, prefix: str, dtype: str) -> None:
-  np_dtype = jnp.dtype(dtype)
-  for entry in bert_table(cfg, family, prefix):
-    host = np.asarray(jax.device_get(_get(params, entry.path)))
-    for i, name in enumerate(entry.hf_names(cfg.num_layers)):
-      tensor = host[i] if entry.stacked else host
-      writer.add(name, entry.layout.to_hf(tensor).astype(np_dtype))
-  writer.close()
+  write_table(writer, bert_table(cfg, family, prefix), params, cfg.num_layers, dtype)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -36,29 +37,33 @@ def abstract_params(cfg: LlamaConfig) -> dict:
   return nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))))
 
 
-def _get(tree, path):
+def tree_get(tree, path):
   for key in path:
     tree = tree[key]
   return tree
 
 
-def _set(tree, path, value):
+def tree_set(tree, path, value):
   for key in path[:-1]:
     tree = tree.setdefault(key, {})
   tree[path[-1]] = value
 
 
-def check_tensors(reader, cfg: LlamaConfig, shapes: dict) -> None:
-  """Every problem at once: missing, unexpected and mis-shaped tensors, by name."""
+def expected_tensors(table, shapes: dict, num_layers: int) -> dict[str, tuple[int, ...]]:
+  """HF tensor name -> shape, for a mapping table and the jaxlm parameter shapes."""
   expected = {}
-  for entry in hf_table(cfg):
-    want = hf_shape(entry, *(_get(shapes, path).shape for path in entry.paths))
-    expected.update({name: want for name in entry.hf_names(cfg.num_layers)})
+  for entry in table:
+    want = hf_shape(entry, *(tree_get(shapes, path).shape for path in entry.paths))
+    expected.update({name: want for name in entry.hf_names(num_layers)})
+  return expected
+
+
+def check_tensors(reader, expected: dict, ignored: Callable[[str], bool]) -> None:
+  """Every problem at once: missing, unexpected (unless ignored) and mis-shaped tensors, by
+  name."""
   found = set(reader.names())
   missing = [f"{n} {expected[n]}" for n in expected if n not in found]
-  allowed_extra = {"lm_head.weight"} if cfg.tie_embeddings else set()
-  unexpected = sorted(n for n in found - set(expected)
-                      if n not in allowed_extra and not n.endswith(IGNORED_SUFFIXES))
+  unexpected = sorted(n for n in found - set(expected) if not ignored(n))
   misshaped = [f"{n}: expected {expected[n]}, found {reader.shape(n)}"
                for n in expected if n in found and reader.shape(n) != expected[n]]
   problems = []
@@ -71,6 +76,37 @@ def check_tensors(reader, cfg: LlamaConfig, shapes: dict) -> None:
                     + "; ".join(misshaped[:20]))
   if problems:
     raise ConversionError("The weights do not match config.json: " + " | ".join(problems))
+
+
+def read_table(reader, table, shapes: dict, num_layers: int, dtype,
+               shardings: dict | None = None) -> dict:
+  """Reads tensor by tensor, converting each to dtype and placing it on its sharding (or the
+  default device) before the next is read, so host memory holds about one tensor."""
+  params: dict = {}
+  for entry in table:
+    full = [tree_get(shapes, path).shape for path in entry.paths]
+    per_layer = [shape[1:] for shape in full] if entry.stacked else full
+    # pieces[layer][part]: the arrays of entry.paths, layer by layer
+    pieces = [entry.to_jaxlm(reader.get(n).astype(dtype), per_layer)
+              for n in entry.hf_names(num_layers)]
+    for part, path in enumerate(entry.paths):
+      host = np.stack([p[part] for p in pieces]) if entry.stacked else pieces[0][part]
+      sharding = tree_get(shardings, path) if shardings is not None else None
+      tree_set(params, path, jax.device_put(host, sharding))
+    del pieces
+  return params
+
+
+def write_table(writer: ShardedSafetensorsWriter, table, params: dict, num_layers: int,
+                dtype) -> None:
+  np_dtype = jnp.dtype(dtype)
+  for entry in table:
+    hosts = [np.asarray(jax.device_get(tree_get(params, path))) for path in entry.paths]
+    for i, name in enumerate(entry.hf_names(num_layers)):
+      arrays = [host[i] for host in hosts] if entry.stacked else hosts
+      writer.add(name, entry.to_hf(arrays).astype(np_dtype))
+    del hosts
+  writer.close()
 
 
 class _Prefixed:
@@ -100,38 +136,20 @@ def load_hf_params(directory: Path, cfg: LlamaConfig, shardings: dict | None = N
 
 
 def params_from_reader(reader, cfg: LlamaConfig, shardings: dict | None = None) -> dict:
-  """reader: HF tensor names -> host arrays (names(), shape(name), get(name)). Reads
-  tensor by tensor, converting each to cfg.param_dtype and placing it on its sharding (or
-  the default device) before the next is read."""
+  """reader: HF tensor names -> host arrays (names(), shape(name), get(name))."""
   shapes = abstract_params(cfg)
-  check_tensors(reader, cfg, shapes)
-  dtype = jnp.dtype(cfg.param_dtype)
-  params: dict = {}
-  for entry in hf_table(cfg):
-    full = [_get(shapes, path).shape for path in entry.paths]
-    per_layer = [shape[1:] for shape in full] if entry.stacked else full
-    # pieces[layer][part]: the arrays of entry.paths, layer by layer
-    pieces = [entry.to_jaxlm(reader.get(n).astype(dtype), per_layer)
-              for n in entry.hf_names(cfg.num_layers)]
-    for part, path in enumerate(entry.paths):
-      host = np.stack([p[part] for p in pieces]) if entry.stacked else pieces[0][part]
-      sharding = _get(shardings, path) if shardings is not None else None
-      _set(params, path, jax.device_put(host, sharding))
-    del pieces
-  return params
+  table = hf_table(cfg)
+  allowed_extra = {"lm_head.weight"} if cfg.tie_embeddings else set()
+  check_tensors(reader, expected_tensors(table, shapes, cfg.num_layers),
+                lambda name: name in allowed_extra or name.endswith(IGNORED_SUFFIXES))
+  return read_table(reader, table, shapes, cfg.num_layers, jnp.dtype(cfg.param_dtype),
+                    shardings)
 
 
 def save_hf_params(directory: Path, cfg: LlamaConfig, params: dict, *, dtype: str,
                    max_shard_bytes: int) -> None:
-  np_dtype = jnp.dtype(dtype)
-  writer = ShardedSafetensorsWriter(directory, max_shard_bytes)
-  for entry in hf_table(cfg):
-    hosts = [np.asarray(jax.device_get(_get(params, path))) for path in entry.paths]
-    for i, name in enumerate(entry.hf_names(cfg.num_layers)):
-      arrays = [host[i] for host in hosts] if entry.stacked else hosts
-      writer.add(name, entry.to_hf(arrays).astype(np_dtype))
-    del hosts
-  writer.close()
+  write_table(ShardedSafetensorsWriter(directory, max_shard_bytes), hf_table(cfg), params,
+              cfg.num_layers, dtype)
 
 
 def source_dtype(hf: dict) -> str:

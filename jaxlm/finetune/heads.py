@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlm.layers.dropout import dropout
 from jaxlm.layers.sharding import param
 from jaxlm.train.loss import cross_entropy
 
@@ -58,13 +59,6 @@ def mean_pool(hidden: jax.Array, mask: jax.Array) -> jax.Array:
   return total / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
 
 
-def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
-  if rng is None or rate == 0.0:
-    return x
-  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-
-
 class _Projection(nnx.Module):
   """Dropout, then x @ kernel + bias over the last axis, with float32 outputs."""
 
@@ -79,7 +73,7 @@ class _Projection(nnx.Module):
     self.dropout_rate = dropout_rate
 
   def __call__(self, x: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
-    x = _dropout(x.astype(self.compute_dtype), self.dropout_rate, dropout_rng)
+    x = dropout(x.astype(self.compute_dtype), self.dropout_rate, dropout_rng)
     y = jnp.einsum("...d,dc->...c", x, self.kernel[...].astype(self.compute_dtype),
                    preferred_element_type=jnp.float32)
     return y + self.bias[...].astype(jnp.float32)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlm.layers.dropout import dropout
 from jaxlm.layers.sharding import LogicalAxes, param
 
 
@@ -34,11 +35,6 @@ def lora_dropout(key: jax.Array | None):
     yield
   finally:
     _lora_dropout_key.reset(token)
-
-
-def _dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 class Einsum(nnx.Module):
@@ -86,7 +82,7 @@ class Einsum(nnx.Module):
     key = _lora_dropout_key.get()
     if key is not None and self.lora_dropout_rate > 0.0:
       key = jax.random.fold_in(key, self.lora_salt[...])
-      x = _dropout(x, self.lora_dropout_rate, key)
+      x = dropout(x, self.lora_dropout_rate, key)
     down, up = self.lora_equations()
     low = jnp.einsum(down, x, self.lora_a[...].astype(self.compute_dtype))
     y = jnp.einsum(up, low, self.lora_b[...].astype(self.compute_dtype))

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.layers.attention import resolve_attention_impl
+from jaxlm.layers.dropout import dropout
 from jaxlm.layers.linear import Einsum, Embedding
 from jaxlm.layers.norms import LayerNorm
 from jaxlm.layers.remat import remat
@@ -84,13 +85,6 @@ def _dense(cfg, equation, shape, names, bias_names, rngs):
   return Einsum(equation, shape, names, rngs=rngs, init_std=cfg.init_std,
                 bias_shape=shape[len(shape) - len(bias_names):], bias_names=bias_names,
                 **_dtypes(cfg))
-
-
-def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
-  if rng is None or rate == 0.0:
-    return x
-  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 def _norm(cfg: BertConfig) -> LayerNorm:
@@ -178,9 +172,9 @@ class EncoderLayer(nnx.Module):
     attn_rng = mlp_rng = None
     if dropout_rng is not None:
       attn_rng, mlp_rng = jax.random.split(dropout_rng)
-    h = _dropout(self.attention(x, key_mask), self.dropout_rate, attn_rng)
+    h = dropout(self.attention(x, key_mask), self.dropout_rate, attn_rng)
     x = constrain(self.attention_norm(x + h), RESIDUAL)
-    h = _dropout(self.mlp(x), self.dropout_rate, mlp_rng)
+    h = dropout(self.mlp(x), self.dropout_rate, mlp_rng)
     return constrain(self.mlp_norm(x + h), RESIDUAL)
 
 
@@ -231,7 +225,7 @@ class Bert(nnx.Module):
       embed_rng, layers_rng = jax.random.split(dropout_rng)
       layer_rngs = jax.random.split(layers_rng, cfg.num_layers)
     x = self.embeddings(input_ids, bert_positions(cfg, input_ids), token_type_ids)
-    x = constrain(_dropout(x, cfg.dropout_rate, embed_rng), RESIDUAL)
+    x = constrain(dropout(x, cfg.dropout_rate, embed_rng), RESIDUAL)
     layer_def, layer_state = nnx.split(self.layers)
 
     def one_layer(x, inputs):

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.layers.attention import Attention
+from jaxlm.layers.dropout import dropout
 from jaxlm.layers.linear import Einsum, Embedding
 from jaxlm.layers.mlp import make_mlp
 from jaxlm.layers.norms import make_norm
@@ -50,13 +51,6 @@ def take_cache_rows(cache: dict, rows: jax.Array) -> dict:
           "index": cache["index"]}
 
 
-def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
-  if rng is None or rate == 0.0:
-    return x
-  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-
-
 class LearnedPositions(nnx.Module):
   """GPT-2's absolute position embeddings: a [max_seq_len, hidden] table indexed by position."""
 
@@ -89,9 +83,9 @@ class DecoderLayer(nnx.Module):
       attn_rng, mlp_rng = jax.random.split(dropout_rng)
     attended = self.attention(self.input_norm(x), positions, segment_ids, cache)
     h, kv = attended if cache is not None else (attended, None)
-    x = constrain(x + _dropout(h, self.dropout_rate, attn_rng), RESIDUAL)
+    x = constrain(x + dropout(h, self.dropout_rate, attn_rng), RESIDUAL)
     h = self.mlp(self.post_attention_norm(x))
-    return constrain(x + _dropout(h, self.dropout_rate, mlp_rng), RESIDUAL), kv
+    return constrain(x + dropout(h, self.dropout_rate, mlp_rng), RESIDUAL), kv
 
 
 class Llama(nnx.Module):
