@@ -74,6 +74,35 @@ jaxlm model directory, a .gguf file or a `jaxlm train` workdir (latest checkpoin
   gen.add_argument("--stop", action="append", default=[],
                    help="cut the output before this string (\\n etc. understood); repeatable")
 
+  ev = sub.add_parser(
+      "eval", help="evaluate a model on a recipe's held-out data",
+      formatter_class=argparse.RawDescriptionHelpFormatter, description="""\
+Evaluate MODEL (HF directory, jaxlm model directory, .gguf or `jaxlm train` workdir) on the
+recipe's data split, built as `jaxlm train` builds it (same cache, same held-out examples;
+--config.data.* overrides apply). text / sft / chat data: loss and perplexity over the
+trained tokens, as training's eval_loss; --generate also completes sft / chat prompts
+greedily for BLEU, chrF and ROUGE. classification / pairs data: every label in data.labels
+scored by its log-likelihood; accuracy, P/R/F1, top-k and the confusion matrix.
+A summary is printed, then the metrics as one JSON line.
+
+  jaxlm eval --model runs/tiny_demo --max-batches 4          # a workdir: its own recipe
+  jaxlm eval --model runs/sft --config sft_smollm2 --generate --max-new-tokens 32
+  jaxlm eval --model runs/cls --config.data.sources=reviews.jsonl \\
+    --config.data.format=classification --config.data.labels="('neg', 'pos')" --out m.json""")
+  ev.add_argument("--model", help="model directory, .gguf file or workdir (default: the "
+                  "recipe's model.init_from)")
+  ev.add_argument("--config", help="recipe path or name (default: the workdir's own config "
+                  "when --model is a training workdir, else tiny_demo)")
+  ev.add_argument("--split", choices=("validation", "train"), default="validation",
+                  help="the held-out rows (default) or the training rows")
+  ev.add_argument("--max-batches", type=int,
+                  help="evaluate at most this many batches of data.batch_size rows")
+  ev.add_argument("--generate", action="store_true",
+                  help="sft / chat: greedy completions scored by BLEU, chrF, ROUGE")
+  ev.add_argument("--max-new-tokens", type=int, default=64,
+                  help="--generate: most tokens per completion (default 64)")
+  ev.add_argument("--out", help="also write the JSON metrics to this file")
+
   from jaxlm.plan_cli import add_plan_parser
   add_plan_parser(sub)
 
@@ -195,6 +224,9 @@ def main(argv=None) -> int:
       print(f"wrote {_convert(args)}")
     elif args.command == "data":
       _data(args, overrides)
+    elif args.command == "eval":
+      from jaxlm.evaluate.run import run_eval
+      run_eval(args, overrides)
     elif args.command == "show-config":
       print(config_lib.load_config(args.config, overrides))
     elif args.command == "generate":

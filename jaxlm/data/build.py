@@ -57,7 +57,7 @@ def prepare_rows(sources: list[Source], tok: TextTokenizer, settings: dict, seq_
   return directory, meta, built
 
 
-def _tokenize(examples: list[Example], tok: TextTokenizer):
+def tokenize_examples(examples: list[Example], tok: TextTokenizer):
   """(ids, trained flag per token) of each example."""
   encoded = iter(tok.encode([text for e in examples for text, _ in e.parts]))
   out = []
@@ -94,8 +94,8 @@ def _build(out: Path, sources: list[Source], tok: TextTokenizer, settings: dict,
   described = []
 
   def flush(examples, digests, writers):
-    pieces, counts = cut_pieces(_tokenize(examples, tok), seq_len, overflow=settings["overflow"],
-                                stride=settings["stride"])
+    pieces, counts = cut_pieces(tokenize_examples(examples, tok), seq_len,
+                                overflow=settings["overflow"], stride=settings["stride"])
     stats.update(counts)
     held_out = _split_of(pieces, digests, seed, settings["validation_fraction"], per_window)
     for split, mask in (("train", ~held_out), ("validation", held_out)):

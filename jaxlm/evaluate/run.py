@@ -1,0 +1,312 @@
+"""`jaxlm eval`: a model on a recipe's held-out data, built exactly as training built it.
+
+  text / sft / chat        token-weighted loss and perplexity over the trained (loss_mask)
+                           tokens, the training loop's eval_loss; with generate=True, sft and
+                           chat prompts are also completed greedily and scored by BLEU, chrF
+                           and ROUGE against the trained tokens
+  classification / pairs   loss and perplexity, and every label in data.labels scored by the
+                           log-likelihood of its target tokens after each prompt: accuracy,
+                           P/R/F1, top-k and the confusion matrix
+
+Rows are packed, so every example is one segment (segment_ids) of a row.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import types
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxlm import config as config_lib
+from jaxlm.data.build import tokenize_examples
+from jaxlm.data.formats import DEFAULT_PROMPTS, FIELDS, Formatter
+from jaxlm.data.loader import RowBatches
+from jaxlm.data.pipeline import build_train_data
+from jaxlm.data.tokens import TextTokenizer
+from jaxlm.evaluate.metrics import (classification_metrics, format_confusion_matrix,
+                                    generation_metrics, perplexity)
+from jaxlm.generate.decode import generate
+from jaxlm.generate.text import eos_ids
+from jaxlm.loading import LoadedParams, load_params, resolve_source
+from jaxlm.models import Llama
+from jaxlm.train.loop import training_tokenizer
+
+SCORED_FORMATS = tuple(DEFAULT_PROMPTS)  # classification, pairs: a label per example
+GENERATED_FORMATS = ("sft", "chat")  # a prompt and an answer per example
+SPLITS = ("validation", "train")
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+  """One example as a row holds it: its tokens and whether each is a training target."""
+  tokens: np.ndarray
+  trained: np.ndarray  # bool per token; the first token is never a target
+  where: str
+
+  @property
+  def prompt(self) -> np.ndarray:
+    """The tokens before the first trained one."""
+    return self.tokens[:np.argmax(self.trained)]
+
+  @property
+  def answer(self) -> np.ndarray:
+    """The first run of trained tokens: the reply to `prompt` (a chat's first turn)."""
+    start = np.argmax(self.trained)
+    untrained = np.flatnonzero(~self.trained[start:])
+    return self.tokens[start:start + (untrained[0] if untrained.size else self.tokens.size)]
+
+  @property
+  def target(self) -> np.ndarray:
+    return self.tokens[self.trained]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalModel:
+  graphdef: object
+  params: object
+  loaded: LoadedParams
+
+
+def eval_config(recipe: str | None, model: str | None, overrides=()):
+  """The recipe; without one, a training workdir's own config (its data is then exactly what
+  it trained on and held out), else the default recipe."""
+  if recipe is None and model is not None:
+    path = Path(model).expanduser()
+    if path.exists() and config_lib.is_workdir(path):
+      config = config_lib.read_workdir_config(path)
+      config_lib.apply_overrides(config, overrides)
+      config.lock()
+      return config
+  return config_lib.load_config(recipe or config_lib.DEFAULT_RECIPE, overrides)
+
+
+def load_eval_model(path: str | Path) -> EvalModel:
+  loaded = load_params(path)
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: Llama(loaded.cfg, rngs=nnx.Rngs(0))))
+  return EvalModel(graphdef, loaded.params, loaded)
+
+
+def tokenizer_spec(config, model_path: str | Path, loaded: LoadedParams) -> str:
+  """What training would tokenize with: a run's own tokenizer, the model directory's, else
+  the recipe's."""
+  if loaded.tokenizer_file:
+    return loaded.tokenizer_file
+  for directory in (loaded.source, resolve_source(model_path)):
+    if directory is not None and (directory / "tokenizer.json").is_file():
+      return str(directory)
+  return training_tokenizer(config)
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _target_log_probs(graphdef, params, input_ids, targets, positions, segment_ids):
+  """log p(target) at every position [batch, seq], computed as the training loss does."""
+  logits = nnx.merge(graphdef, params)(input_ids, positions, segment_ids).astype(jnp.float32)
+  log_probs = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+  return jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+
+
+def target_log_probs(model: EvalModel, batch: dict) -> np.ndarray:
+  return np.asarray(_target_log_probs(model.graphdef, model.params, batch["input_ids"],
+                                      batch["targets"], batch["positions"],
+                                      batch["segment_ids"]), np.float64)
+
+
+def eval_rows(config, spec: str, split: str) -> RowBatches:
+  """The split's rows in order, each once; the last batch is padded with loss_mask 0 rows."""
+  if split not in SPLITS:
+    raise ValueError(f"--split must be one of {', '.join(SPLITS)}, not {split!r}.")
+  if split == "validation" and not config.data.validation_fraction:
+    raise ValueError("The validation split is empty: data.validation_fraction is 0. Evaluate "
+                     "--split train, or hold data out with --config.data.validation_fraction.")
+  data = build_train_data(config.data, spec, config.data.seq_len, config.data.batch_size,
+                          config.data.seed)
+  if split == "train":
+    return RowBatches(data.train.parts, config.data.batch_size, seed=config.data.seed,
+                      shuffle=False, prefetch=0)
+  return data.validation
+
+
+def segments(batch: dict, where: str) -> list[Segment]:
+  """The examples of a batch that have trained tokens; padding (segment 0) is skipped."""
+  out = []
+  for r, row_segments in enumerate(batch["segment_ids"]):
+    for s in np.unique(row_segments[row_segments > 0]):
+      idx = np.flatnonzero(row_segments == s)
+      mask = batch["loss_mask"][r, idx].astype(bool)
+      if mask.any():
+        tokens = np.concatenate([batch["input_ids"][r, idx[:1]], batch["targets"][r, idx]])
+        out.append(Segment(tokens, np.concatenate([[False], mask]),
+                           f"{where} row {r} segment {s}"))
+  return out
+
+
+def label_candidates(config, tok: TextTokenizer) -> list[np.ndarray]:
+  """Each label's target tokens, made by the formatter and tokenized as the data cache was."""
+  fmt = config.data.format
+  formatter = Formatter(fmt, labels=config.data.labels,
+                        prompt_template=config.data.prompt_template, tokenizer=tok)
+  blank = {name: "" for name in FIELDS[fmt]}
+  examples = [formatter({**blank, "label": label}) for label in formatter.labels]
+  encoded = tokenize_examples(examples, tok)
+  return [ids[trained] for ids, trained in encoded]
+
+
+def true_labels(examples: list[Segment], candidates: list[np.ndarray], tok: TextTokenizer,
+                labels) -> np.ndarray:
+  ids = []
+  for example in examples:
+    match = [c for c, tokens in enumerate(candidates) if np.array_equal(tokens, example.target)]
+    if not match:
+      raise ValueError(
+          f"{example.where}: its trained tokens {tok.decode(example.target)!r} are none of "
+          f"data.labels {list(labels)}; was the cache built with other labels, or the label "
+          f"cut off (data.overflow)?")
+    ids.append(match[0])
+  return np.array(ids)
+
+
+def candidate_batch(prompts: list[np.ndarray], candidate: np.ndarray, seq_len: int,
+                    batch_size: int) -> dict:
+  """One row per prompt followed by the candidate, as the data builds a row: a long prompt
+  loses its start (truncate_left), and only the candidate's tokens are targets."""
+  batch = {k: np.zeros((batch_size, seq_len), np.int32)
+           for k in ("input_ids", "targets", "loss_mask", "positions", "segment_ids")}
+  for r, prompt in enumerate(prompts):
+    tokens = np.concatenate([prompt, candidate])[-(seq_len + 1):]
+    n = len(tokens) - 1
+    batch["input_ids"][r, :n] = tokens[:-1]
+    batch["targets"][r, :n] = tokens[1:]
+    batch["loss_mask"][r, n - len(candidate):n] = 1
+    batch["positions"][r, :n] = np.arange(n)
+    batch["segment_ids"][r, :n] = 1
+  return batch
+
+
+def label_scores(model: EvalModel, examples: list[Segment], candidates: list[np.ndarray],
+                 seq_len: int, batch_size: int) -> np.ndarray:
+  """[examples, labels]: the summed log-probability of each label's tokens after each prompt."""
+  scores = np.zeros((len(examples), len(candidates)))
+  for start in range(0, len(examples), batch_size):
+    prompts = [e.prompt for e in examples[start:start + batch_size]]
+    for c, candidate in enumerate(candidates):
+      batch = candidate_batch(prompts, candidate, seq_len, batch_size)
+      summed = (target_log_probs(model, batch) * batch["loss_mask"]).sum(axis=1)
+      scores[start:start + len(prompts), c] = summed[:len(prompts)]
+  return scores
+
+
+def stop_ids(tok: TextTokenizer, spec: str, loaded: LoadedParams) -> tuple[int, ...]:
+  """End-of-text and what `jaxlm generate` stops at: the tokenizer directory's eos (a chat
+  model's end of turn, which the data's end-of-text id is not) and generation_config.json's."""
+  directory = Path(spec).expanduser()
+  hf = types.SimpleNamespace(eos_token_id=tok.eos_id)
+  if (directory / "tokenizer_config.json").is_file():
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(directory)
+  return tuple(sorted({tok.eos_id, *eos_ids(hf, loaded.source)}))
+
+
+def greedy_completions(model: EvalModel, tok: TextTokenizer, spec: str, examples: list[Segment], *,
+                       max_new_tokens: int, batch_size: int) -> tuple[list[str], list[str]]:
+  """(greedy completion of each example's prompt, its answer), decoded without special
+  tokens (end-of-text, end-of-turn). spec: the tokenizer's, for its stop ids."""
+  decode = lambda ids: tok.backend.decode(list(map(int, ids)), skip_special_tokens=True)
+  stops = stop_ids(tok, spec, model.loaded)
+  predictions = []
+  for start in range(0, len(examples), batch_size):
+    prompts = [e.prompt.tolist() for e in examples[start:start + batch_size]]
+    outputs = generate((model.graphdef, model.params), prompts, max_new_tokens=max_new_tokens,
+                       eos_ids=stops)
+    predictions += map(decode, outputs)
+  return predictions, [decode(e.answer) for e in examples]
+
+
+def _check_task(config, tok: TextTokenizer, vocab_size: int, generate_text: bool) -> None:
+  fmt = config.data.format
+  if tok.vocab_size > vocab_size:
+    raise ValueError(f"The tokenizer has {tok.vocab_size} tokens but the model's vocabulary "
+                     f"only {vocab_size}: it was not trained with this tokenizer. Evaluate with "
+                     f"its own (--config.data.tokenizer=...).")
+  if fmt in SCORED_FORMATS and not config.data.labels:
+    raise ValueError(f"data.format = {fmt!r} is scored by its labels; set data.labels, e.g. "
+                     f"--config.data.labels=\"('negative', 'positive')\".")
+  if generate_text and fmt not in GENERATED_FORMATS:
+    raise ValueError(f"--generate completes sft or chat prompts; data.format is {fmt!r}.")
+
+
+def evaluate_model(config, model_path: str | Path | None = None, *, split: str = "validation",
+                   max_batches: int | None = None, generate_text: bool = False,
+                   max_new_tokens: int = 64) -> dict:
+  """Metrics of a model (default: config.model.init_from) on the recipe's split: floats, plus
+  "examples", "tokens", "split", "model", and "confusion_matrix" (classification) or
+  "bleu_signature" (generate_text)."""
+  model_path = model_path or config.model.init_from
+  if not model_path:
+    raise config_lib.ConfigError("Name the model to evaluate: --model PATH, or a recipe whose "
+                                 "model.init_from is set.")
+  if max_batches is not None and max_batches < 1:
+    raise ValueError(f"--max-batches must be at least 1, got {max_batches}.")
+  model = load_eval_model(model_path)
+  spec = tokenizer_spec(config, model_path, model.loaded)
+  tok = TextTokenizer(spec, config.data.chat_template)
+  _check_task(config, tok, model.loaded.cfg.vocab_size, generate_text)
+  rows = eval_rows(config, spec, split)
+  # Text is only counted; a split of a large corpus need not be held in memory as examples.
+  keep = config.data.format in SCORED_FORMATS or generate_text
+  nll, tokens, count, examples = 0.0, 0, 0, []
+  for k in range(min(max_batches or rows.batches_per_epoch, rows.batches_per_epoch)):
+    batch = rows.batch(k)
+    nll -= float((target_log_probs(model, batch) * batch["loss_mask"]).sum())
+    tokens += int(batch["loss_mask"].sum())
+    found = segments(batch, f"{split} batch {k}")
+    count += len(found)
+    examples += found if keep else []
+  if not count:
+    raise ValueError(f"The {split} split has no examples with trained tokens to evaluate.")
+  result = {**perplexity(nll, tokens), "examples": count, "tokens": tokens, "split": split,
+            "model": str(model_path)}
+  batch_size = config.data.batch_size
+  if config.data.format in SCORED_FORMATS:
+    candidates = label_candidates(config, tok)
+    labels = true_labels(examples, candidates, tok, config.data.labels)
+    scores = label_scores(model, examples, candidates, config.data.seq_len, batch_size)
+    result.update(classification_metrics(labels, scores.argmax(axis=1), config.data.labels,
+                                         scores=scores))
+  if generate_text:
+    predictions, references = greedy_completions(model, tok, spec, examples,
+                                                 batch_size=batch_size,
+                                                 max_new_tokens=max_new_tokens)
+    scores, signature = generation_metrics(predictions, references)
+    result.update(scores, bleu_signature=signature)
+  return result
+
+
+def format_report(result: dict, labels=()) -> str:
+  header = (f"eval: {result['model']} on the {result['split']} split: "
+            f"{result['examples']:,} examples, {result['tokens']:,} trained tokens")
+  lines = [header] + [f"  {key:<20} {value:.4f}" for key, value in result.items()
+                      if isinstance(value, float)]
+  if "confusion_matrix" in result:
+    lines += ["confusion matrix:", format_confusion_matrix(result["confusion_matrix"], labels)]
+  if "bleu_signature" in result:
+    lines.append(f"BLEU signature: {result['bleu_signature']}")
+  return "\n".join(lines)
+
+
+def run_eval(args, overrides) -> dict:
+  """The `jaxlm eval` command: prints the report, then the metrics as one JSON line."""
+  config = eval_config(args.config, args.model, overrides)
+  result = evaluate_model(config, args.model, split=args.split, max_batches=args.max_batches,
+                          generate_text=args.generate, max_new_tokens=args.max_new_tokens)
+  print(format_report(result, config.data.labels))
+  line = json.dumps(result)
+  print(line)
+  if args.out:
+    Path(args.out).expanduser().write_text(line + "\n")
+  return result
