@@ -303,3 +303,68 @@ def test_lora_run_from_an_hf_model_resumes_and_exports_to_peft_and_merged_hf(
     np.testing.assert_allclose(merged(torch.as_tensor(ids)).logits.numpy(), ours, atol=1e-4)
   assert main(["convert", "--to-peft", str(tmp_path / "base"),
                "--out", str(tmp_path / "x")]) == 2
+
+
+# A tiny GPT-2: Conv1D weights (in, out) and q, k, v fused in one c_attn.
+GPT2_CFG = from_preset("gpt2", vocab_size=128, hidden_size=64, num_layers=2, num_heads=4,
+                       num_kv_heads=4, mlp_dim=256, max_seq_len=64, compute_dtype="float32")
+
+
+@pytest.mark.parametrize("targets, c_attn_rank", [
+    ("attention/(q|v)_proj|mlp/up_proj", 8),  # c_attn: q's and v's rank 4, k's rows zero
+    ("attention/(q|k|v|o)_proj|mlp/(up|down)_proj", 12),  # attn.c_proj next to mlp.c_proj
+])
+def test_peft_loads_a_gpt2_adapter_with_q_k_v_fused_in_c_attn(tmp_path, targets,
+                                                              c_attn_rank):
+  torch = pytest.importorskip("torch")
+  peft = pytest.importorskip("peft")
+  from transformers import GPT2LMHeadModel
+
+  lora = LoRAConfig(targets, rank=4, alpha=8.0)
+
+  def build():
+    model = Llama(GPT2_CFG, rngs=nnx.Rngs(0))
+    apply_lora(model, targets, rank=4, alpha=8.0, rngs=nnx.Rngs(1))
+    keys = iter(jax.random.split(jax.random.PRNGKey(2), 64))
+    for path, param in nnx.iter_graph(model):
+      # Random B, and random biases and norms, so that a misplaced part shows.
+      if isinstance(param, nnx.Variable) and path[-1] in ("lora_b", "bias", "scale"):
+        param[...] = (param[...] + 0.1 * jax.random.normal(next(keys), param.shape)
+                      ).astype(param.dtype)
+    return model
+
+  model = nnx.jit(build)()
+  params = jax.device_get(nnx.to_pure_dict(nnx.state(model)))
+  ids = np.array(IDS)  # writable, for torch.as_tensor
+  adapted_logits = np.asarray(model(ids))
+  base = _strip(params)
+  base_model = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: Llama(GPT2_CFG, rngs=nnx.Rngs(0)))),
+                         base)
+  assert np.abs(adapted_logits - np.asarray(base_model(ids))).max() > 1e-2
+
+  save_hf_dir(LoadedParams(GPT2_CFG, base, "gpt2", None, None), tmp_path / "base",
+              dtype="float32")
+  export_peft_adapter(params, GPT2_CFG, "gpt2", tmp_path / "adapter", str(tmp_path / "base"),
+                      lora=lora)
+  config = peft.PeftConfig.from_pretrained(tmp_path / "adapter")
+  assert (config.r, config.lora_alpha, config.fan_in_fan_out) == (4, 8.0, True)
+  assert config.rank_pattern == {"attn.c_attn": c_attn_rank}
+  assert config.alpha_pattern == {"attn.c_attn": 2.0 * c_attn_rank}  # alpha / r kept
+
+  hf = GPT2LMHeadModel.from_pretrained(tmp_path / "base", dtype=torch.float32).eval()
+  with torch.no_grad():
+    hf_base_logits = hf(torch.as_tensor(ids)).logits.numpy()
+  assert np.abs(hf_base_logits - np.asarray(base_model(ids))).max() <= 1e-4
+  with_adapter = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+  layer = with_adapter.base_model.model.transformer.h[0]
+  assert layer.attn.c_attn.lora_A["default"].weight.shape == (c_attn_rank, 64)
+  assert layer.attn.c_attn.lora_B["default"].weight.shape == (3 * 64, c_attn_rank)
+  assert layer.attn.c_attn.scaling["default"] == lora.scale
+  adapted_modules = {name for name, module in with_adapter.named_modules()
+                     if hasattr(module, "lora_A") and module.lora_A}
+  expected = {"attn.c_attn", "mlp.c_fc"} | ({"attn.c_proj", "mlp.c_proj"}
+                                            if "down" in targets else set())
+  assert {name.split(".h.0.")[-1] for name in adapted_modules if ".h.0." in name} == expected
+  with torch.no_grad():
+    peft_logits = with_adapter(torch.as_tensor(ids)).logits.numpy()
+  assert np.abs(peft_logits - adapted_logits).max() <= 1e-4

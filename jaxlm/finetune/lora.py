@@ -152,34 +152,92 @@ def _check_rank(module: dict, lora: LoRAConfig) -> None:
 
 # -- exports -----------------------------------------------------------------------------
 
+PEFT_FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
+
+
 def peft_tensors(params: dict, cfg, family: str = "llama") -> tuple[dict, list[str]]:
   """({PEFT tensor name: float32 array}, HF module names adapted, e.g. ["q_proj"]).
   Names and layouts come from the HF mapping table: A and B are kernels with the rank in
   place of the output (A) or input (B) axes, so each Layout's to_hf turns them into
-  lora_A [r, in] and lora_B [out, r] as for the weight itself."""
-  from jaxlm.convert.llama_weights import llama_table
-  if family not in ("llama", "mistral", "qwen2"):
-    raise ValueError(f"PEFT export supports the llama, mistral and qwen2 families, "
+  lora_A [r, in] and lora_B [out, r] as for the weight itself.
+
+  GPT-2 ("gpt2"): its Conv1D weights are (in, out), so the Layout's to_hf result is
+  transposed. Its module names are "attn.c_attn", "attn.c_proj", "mlp.c_fc" and
+  "mlp.c_proj" (PEFT matches target_modules as name suffixes, and "c_proj" alone would hit
+  both projections). q, k and v share one fused c_attn, so their adapters are exported
+  stacked, exactly: lora_A = the adapted projections' A concatenated on the rank axis
+  ([n * r, in] for n adapted of q/k/v) and lora_B block-diagonal ([q+k+v out, n * r], zero
+  rows for an unadapted projection), so lora_B @ lora_A is each projection's B A side by
+  side. c_attn's rank is then n * r: export_peft_adapter gives it a rank_pattern /
+  alpha_pattern entry keeping the scale alpha / r."""
+  from jaxlm.convert.llama_weights import gpt2_table, hf_shape, llama_table
+  if family not in PEFT_FAMILIES:
+    raise ValueError(f"PEFT export supports the {', '.join(PEFT_FAMILIES)} families, "
                      f"not {family!r}.")
-  by_module = {entry.path[:-1]: entry for entry in llama_table(cfg)
-               if entry.path[-1] == "kernel"}
-  tensors, modules = {}, set()
+  gpt2 = family == "gpt2"
+  if gpt2 != (cfg.position_embedding == "learned"):
+    raise ValueError(f"The model config does not fit the {family!r} family "
+                     f"(position_embedding={cfg.position_embedding!r}).")
+  table = gpt2_table(cfg) if gpt2 else llama_table(cfg)
+  # Module path -> (its table entry, its part of a fused HF tensor).
+  by_module = {path[:-1]: (entry, part) for entry in table if entry.path[-1] == "kernel"
+               for part, path in enumerate(entry.paths)}
+  adapted = {}  # entry -> {part: module dict}
   for path, module in _adapted(params):
-    entry = by_module.get(path)
-    if entry is None:
+    if path not in by_module:
       raise ValueError(f"No Hugging Face name for the adapter on {'/'.join(path)}.")
-    a = np.asarray(jax.device_get(module["lora_a"]), np.float32)
-    b = np.asarray(jax.device_get(module["lora_b"]), np.float32)
-    hf_module = entry.hf_name.removesuffix(".weight")
-    modules.add(hf_module.rsplit(".", 1)[-1])
-    for i, name in enumerate(entry.hf_names(cfg.num_layers)):
-      per_layer = (a[i], b[i]) if entry.stacked else (a, b)
-      prefix = "base_model.model." + name.removesuffix(".weight")
-      tensors[prefix + ".lora_A.weight"] = np.ascontiguousarray(entry.layout.to_hf(per_layer[0]))
-      tensors[prefix + ".lora_B.weight"] = np.ascontiguousarray(entry.layout.to_hf(per_layer[1]))
-  if not tensors:
+    entry, part = by_module[path]
+    adapted.setdefault(entry, {})[part] = module
+  if not adapted:
     raise ValueError("These parameters carry no LoRA adapter (no lora_a / lora_b entries).")
+
+  def to_hf(entry, array):  # a (per-layer) A or B -> PEFT's [r, in] / [out, r]
+    out = entry.layout.to_hf(array)
+    return out.T if gpt2 else out
+
+  tensors, modules = {}, set()
+  for entry, parts in adapted.items():
+    hf_module = entry.hf_name.removesuffix(".weight")
+    modules.add(".".join(hf_module.split(".")[-2 if gpt2 else -1:]))
+    host = {part: tuple(np.asarray(jax.device_get(m[key]), np.float32)
+                        for key in ("lora_a", "lora_b"))
+            for part, m in parts.items()}
+    if entry.fused_with:  # every part's (per-layer) HF output width, adapted or not
+      kernels = [_at(params, path).shape for path in entry.paths]
+      widths = [hf_shape(entry, shape)[-1] for shape in kernels]
+    for i, name in enumerate(entry.hf_names(cfg.num_layers)):
+      layer = {part: tuple(x[i] if entry.stacked else x for x in arrays)
+               for part, arrays in host.items()}
+      if entry.fused_with:
+        lora_a, lora_b = _fused_peft(entry, layer, widths, to_hf)
+      else:
+        a, b = layer[0]
+        lora_a, lora_b = to_hf(entry, a), to_hf(entry, b)
+      prefix = "base_model.model." + name.removesuffix(".weight")
+      tensors[prefix + ".lora_A.weight"] = np.ascontiguousarray(lora_a)
+      tensors[prefix + ".lora_B.weight"] = np.ascontiguousarray(lora_b)
   return tensors, sorted(modules)
+
+
+def _at(params: dict, path: tuple):
+  for key in path:
+    params = params[key]
+  return params
+
+
+def _fused_peft(entry, layer: dict, widths: list[int], to_hf) -> tuple[np.ndarray, np.ndarray]:
+  """One layer's adapters on the parts of a fused HF tensor (GPT-2's c_attn) as one PEFT
+  adapter: A stacked on the rank axis, B block-diagonal with zero rows for unadapted parts.
+  `layer` maps part -> (A, B) of the adapted parts; `widths` are every part's HF output
+  width."""
+  a_blocks = [to_hf(entry, layer[part][0]) for part in sorted(layer)]  # [r, in] each
+  lora_b = np.zeros((sum(widths), sum(block.shape[0] for block in a_blocks)), np.float32)
+  column = 0
+  for part, block in zip(sorted(layer), a_blocks):
+    row, rank = sum(widths[:part]), block.shape[0]
+    lora_b[row:row + widths[part], column:column + rank] = to_hf(entry, layer[part][1])
+    column += rank
+  return np.concatenate(a_blocks, axis=0), lora_b
 
 
 def export_peft_adapter(params: dict, cfg, family: str, out_dir: str | Path,
@@ -187,18 +245,29 @@ def export_peft_adapter(params: dict, cfg, family: str, out_dir: str | Path,
                         dtype: str = "float32") -> Path:
   """adapter_config.json + adapter_model.safetensors for peft.PeftModel.from_pretrained on
   the HF export of the base model. Only the adapters are written: parameters trained
-  alongside them (a head, norms) are not part of a PEFT LoRA adapter here."""
+  alongside them (a head, norms) are not part of a PEFT LoRA adapter here. GPT-2's fused
+  c_attn adapter has rank n * r for n adapted of q/k/v (see peft_tensors), which
+  rank_pattern / alpha_pattern record; every other module keeps r and alpha."""
   from safetensors.numpy import save_file
   tensors, modules = peft_tensors(params, cfg, family)
   for module in (m for _, m in _adapted(params)):
     _check_rank(module, lora)
+  # A module whose PEFT rank differs from r (GPT-2's c_attn with n of q/k/v adapted has
+  # n * r) gets rank_pattern / alpha_pattern entries with alpha = scale * rank, so that
+  # PEFT's alpha / rank is still jaxlm's scale. All layers of a module share its rank.
+  ranks = {module: next(v.shape[0] for k, v in tensors.items()
+                        if k.endswith(f".{module}.lora_A.weight")) for module in modules}
+  rank_pattern = {module: rank for module, rank in ranks.items() if rank != lora.rank}
+  alpha_pattern = {module: lora.scale * rank for module, rank in rank_pattern.items()}
   out = Path(out_dir).expanduser().absolute()
   out.mkdir(parents=True, exist_ok=True)
   config = {
       "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank,
       "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "target_modules": modules,
+      "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
       "bias": "none", "base_model_name_or_path": base_model_name_or_path,
-      "fan_in_fan_out": False, "use_rslora": False, "inference_mode": True,
+      # GPT-2's Conv1D weights are (in, out); PEFT would set this itself, with a warning.
+      "fan_in_fan_out": family == "gpt2", "use_rslora": False, "inference_mode": True,
       "modules_to_save": None, "init_lora_weights": True,
   }
   (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
