@@ -96,6 +96,10 @@ def base_config() -> ml_collections.ConfigDict:
       "head_pattern": "^lm_head/",
       "head_lr_multiplier": 1.0,  # learning-rate multiplier for head_pattern matches
   })
+  # Knowledge distillation: the loss becomes alpha * T^2 * KL(teacher/T || student/T) +
+  # (1 - alpha) * cross-entropy. teacher: anything `jaxlm convert` reads (HF or jaxlm model
+  # directory, .gguf, training workdir) with the student's vocabulary; "" disables.
+  c.distill = ml_collections.ConfigDict({"teacher": "", "temperature": 2.0, "alpha": 0.5})
   c.checkpoint = ml_collections.ConfigDict({"every": 500, "keep": 3, "async_save": True})
   return c
 

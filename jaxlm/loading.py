@@ -157,6 +157,7 @@ def _workdir_checkpoint_params(workdir: Path):
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
     # A frozen base kept in bf16 saved training memory; exports use its original weights.
     config.finetune.frozen_dtype = ""
+    config.distill.teacher = ""  # the teacher shaped training only, not the model
   run = Run.build(config)
   checkpointer = Checkpointer(workdir / "checkpoints", every=1, keep=1)
   step = checkpointer.latest_step()

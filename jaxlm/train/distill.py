@@ -41,6 +41,38 @@ def soft_kl(student_logits: jax.Array, teacher_logits: jax.Array,
   return jnp.sum(terms, axis=-1) * temperature**2
 
 
+def distillation_sums(student_logits: jax.Array, teacher_logits: jax.Array,
+                      mask: jax.Array | None = None, *, temperature: float = 1.0,
+                      alpha: float = 1.0, targets: jax.Array | None = None,
+                      label_smoothing: float = 0.0, z_loss: float = 0.0) -> dict:
+  """The distillation objective as sums over the masked positions (callers divide by the
+  token count, which keeps gradient accumulation exact), float32 scalars:
+
+  kl_sum: `soft_kl` summed; hard_sum, nll_sum, z_loss_sum: the student's cross-entropy on
+  targets (with label smoothing and z-loss; only when targets are given); loss_sum:
+  alpha * kl_sum + (1 - alpha) * hard_sum; tokens: the mask's sum. The teacher's logits get
+  no gradient."""
+  _check(student_logits, teacher_logits, mask, temperature, alpha, targets)
+  if mask is None:
+    mask = jnp.ones(student_logits.shape[:-1], jnp.float32)
+  mask = mask.astype(jnp.float32)
+  teacher_logits = jax.lax.stop_gradient(teacher_logits)
+  kl_sum = jnp.sum(soft_kl(student_logits, teacher_logits, temperature) * mask)
+  sums = {"kl_sum": kl_sum, "tokens": jnp.sum(mask)}
+  loss_sum = alpha * kl_sum
+  if targets is not None:
+    # Masked-out targets may hold an ignore id such as -100: gather at a valid one instead.
+    safe_targets = jnp.where(mask > 0, targets, 0)
+    hard = cross_entropy(student_logits, safe_targets, mask, label_smoothing=label_smoothing,
+                         z_loss=z_loss)
+    sums.update(hard_sum=hard["loss_sum"], nll_sum=hard["nll_sum"],
+                z_loss_sum=hard["z_loss_sum"])
+    if alpha < 1.0:
+      loss_sum = loss_sum + (1.0 - alpha) * hard["loss_sum"]
+  sums["loss_sum"] = loss_sum
+  return sums
+
+
 def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array,
                       mask: jax.Array | None = None, *, temperature: float = 1.0,
                       alpha: float = 1.0, targets: jax.Array | None = None) -> jax.Array:
@@ -49,17 +81,8 @@ def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array,
   Logits are [b, t, vocab] (language models) or [b, classes] (sequence classifiers); mask
   ([b, t] or [b], nonzero = counts; None = all) selects the positions averaged over. soft is
   `soft_kl` and hard the cross-entropy of the student (at temperature 1) on targets, both
-  averaged over the masked positions; the teacher's logits get no gradient."""
-  _check(student_logits, teacher_logits, mask, temperature, alpha, targets)
-  if mask is None:
-    mask = jnp.ones(student_logits.shape[:-1], jnp.float32)
-  mask = mask.astype(jnp.float32)
-  count = jnp.maximum(jnp.sum(mask), 1.0)
-  teacher_logits = jax.lax.stop_gradient(teacher_logits)
-  loss = alpha * jnp.sum(soft_kl(student_logits, teacher_logits, temperature) * mask) / count
-  if alpha < 1.0:
-    # Masked-out targets may hold an ignore id such as -100: gather at a valid one instead.
-    safe_targets = jnp.where(mask > 0, targets, 0)
-    hard = cross_entropy(student_logits, safe_targets, mask)["loss_sum"] / count
-    loss = loss + (1.0 - alpha) * hard
-  return loss
+  averaged over the masked positions; the teacher's logits get no gradient. The mean of
+  `distillation_sums`."""
+  sums = distillation_sums(student_logits, teacher_logits, mask, temperature=temperature,
+                           alpha=alpha, targets=targets)
+  return sums["loss_sum"] / jnp.maximum(sums["tokens"], 1.0)

@@ -47,6 +47,35 @@ def finetune_options(config) -> dict:
               head_pattern=f.head_pattern, head_lr_multiplier=f.head_lr_multiplier)
 
 
+def teacher_options(config, model_cfg) -> dict:
+  """The Trainer's arguments for config.distill: the teacher's architecture (read, not
+  loaded) in the student's compute dtype, and the loss mix."""
+  d = config.distill
+  if not d.teacher:
+    return {}
+  if not d.temperature > 0:
+    raise config_lib.ConfigError(
+        f"distill.temperature must be positive (got {d.temperature}).")
+  if not 0.0 <= d.alpha <= 1.0:
+    raise config_lib.ConfigError(
+        f"distill.alpha weighs the distillation loss against the cross-entropy and must lie "
+        f"in [0, 1] (got {d.alpha}).")
+  from jaxlm.loading import read_config
+  try:
+    teacher_cfg, _ = read_config(d.teacher)
+  except (FileNotFoundError, ValueError) as e:
+    raise config_lib.ConfigError(f"distill.teacher = {d.teacher!r}: {e}") from None
+  if teacher_cfg.vocab_size != model_cfg.vocab_size:
+    raise config_lib.ConfigError(
+        f"The teacher {d.teacher} has a vocabulary of {teacher_cfg.vocab_size} tokens and the "
+        f"student {model_cfg.vocab_size} (model.vocab_size): distillation compares their "
+        f"distributions token by token, so both need the same tokenizer and vocab_size.")
+  dtype = model_cfg.compute_dtype
+  teacher_cfg = teacher_cfg.replace(param_dtype=dtype, compute_dtype=dtype, dropout_rate=0.0)
+  return dict(teacher_cfg=teacher_cfg, distill_temperature=float(d.temperature),
+              distill_alpha=float(d.alpha))
+
+
 def check_layout(model_cfg, mesh, config) -> None:
   """Catches layouts that cannot work before anything is compiled, with the fix."""
   if config.train.on_nonfinite not in ("stop", "skip"):
@@ -107,7 +136,8 @@ class Run:
         model_cfg, tx, schedule, LogicalRules(mesh, config.mesh.rules),
         loss_cfg=LossConfig(config.train.label_smoothing, config.train.z_loss),
         grad_accum_steps=config.train.grad_accum_steps,
-        skip_nonfinite=config.train.on_nonfinite == "skip", **finetune_options(config))
+        skip_nonfinite=config.train.on_nonfinite == "skip", **finetune_options(config),
+        **teacher_options(config, model_cfg))
     return cls(config, model_cfg, mesh, trainer, schedule)
 
   def signature(self) -> dict:
@@ -127,6 +157,13 @@ class Run:
                            shardings=self.trainer.base_param_shardings)
       return self.trainer.init_from_params(loaded.params, self.config.train.seed)
     return self.trainer.init_state(self.config.train.seed)
+
+  def load_teacher(self):
+    """The distillation teacher's parameters (None without one): loaded once, sharded on
+    this run's mesh, frozen; passed to every train step and never checkpointed."""
+    if self.trainer.teacher_cfg is None:
+      return None
+    return self.trainer.load_teacher(self.config.distill.teacher)
 
   def global_batch(self, local_rows: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """Assembles each process's rows into global arrays sharded over data x fsdp."""
@@ -215,6 +252,9 @@ def train(config, workdir: str | Path) -> dict:
     state = run.fresh_state()
     if is_main and config.model.init_from:
       print(f"Initialised from {config.model.init_from}", flush=True)
+  teacher = run.load_teacher()
+  if is_main and teacher is not None:
+    print(f"Distilling from {config.distill.teacher}", flush=True)
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -255,7 +295,7 @@ def train(config, workdir: str | Path) -> dict:
   timed_steps = 0
   try:
     for step in range(start, total):
-      state, metrics = trainer.train_step(state, run.global_batch(next(data)))
+      state, metrics = trainer.train_step(state, run.global_batch(next(data)), teacher)
       done = step + 1
       pending += 1
       skipped = skipped + metrics["skipped"]
@@ -292,6 +332,9 @@ def train(config, workdir: str | Path) -> dict:
         }
         if config.train.z_loss:
           last_logged["z_loss"] = float(host["z_loss"])
+        if teacher is not None:
+          last_logged["distill_kl"] = float(host["distill_kl"])
+          last_logged["hard_loss"] = float(host["hard_loss"])
         if eval_now:
           last_logged.update(evaluate(run, trainer.model_params(state), val_data,
                                       config.train.eval_batches))

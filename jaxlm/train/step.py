@@ -5,6 +5,11 @@ only part of the model trains: then "params" holds the trainable parameters (the
 with gradients and optimizer state) and "frozen" the rest, in the same nesting. batch is a
 dict of int [batch, seq] arrays: input_ids, targets, loss_mask and optionally positions and
 segment_ids. Nothing here knows about meshes: shardings are applied by the caller's jit.
+
+With knowledge distillation (`Distill`) the step also takes the teacher's parameters, a
+separate argument outside the state (no gradients, no optimizer state, not checkpointed),
+and the loss becomes alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * cross-entropy
+over the loss_mask tokens (see distill.py), still as sums over token counts.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from flax import nnx
 from jaxlm.finetune.trainable import combine
 from jaxlm.layers.linear import lora_dropout
 from jaxlm.layers.sharding import activation_sharding, constrain
+from jaxlm.train.distill import distillation_sums
 from jaxlm.train.loss import cross_entropy
 
 MODEL_INPUTS = ("positions", "segment_ids")
@@ -27,6 +33,18 @@ MODEL_INPUTS = ("positions", "segment_ids")
 class LossConfig:
   label_smoothing: float = 0.0
   z_loss: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Distill:
+  """A teacher's graph (its parameters are the step's `teacher` argument) and the mix."""
+  graphdef: object
+  temperature: float = 2.0
+  alpha: float = 0.5
+
+
+SUM_KEYS = ("loss_sum", "nll_sum", "z_loss_sum", "tokens")
+DISTILL_SUM_KEYS = SUM_KEYS + ("kl_sum", "hard_sum")
 
 
 # Folded into the step's key for LoRA dropout, apart from the model's own dropout stream.
@@ -39,13 +57,26 @@ def model_params(state) -> dict:
   return state["params"] if frozen is None else combine(frozen, state["params"])
 
 
-def _forward_sums(graphdef, params, batch, loss_cfg: LossConfig, dropout_rng, lora_key=None):
+def _logits(graphdef, params, batch, dropout_rng, lora_key=None):
   model = nnx.merge(graphdef, params)
   with lora_dropout(lora_key):
-    logits = model(batch["input_ids"], *(batch.get(k) for k in MODEL_INPUTS),
-                   dropout_rng=dropout_rng)
-  return cross_entropy(logits, batch["targets"], batch["loss_mask"],
-                       label_smoothing=loss_cfg.label_smoothing, z_loss=loss_cfg.z_loss)
+    return model(batch["input_ids"], *(batch.get(k) for k in MODEL_INPUTS),
+                 dropout_rng=dropout_rng)
+
+
+def _forward_sums(graphdef, params, batch, loss_cfg: LossConfig, dropout_rng, lora_key=None,
+                  distill: Distill | None = None, teacher=None):
+  logits = _logits(graphdef, params, batch, dropout_rng, lora_key)
+  if distill is None:
+    return cross_entropy(logits, batch["targets"], batch["loss_mask"],
+                         label_smoothing=loss_cfg.label_smoothing, z_loss=loss_cfg.z_loss)
+  # The teacher runs deterministically (no dropout) and gets no gradient.
+  teacher_logits = jax.lax.stop_gradient(_logits(distill.graphdef, teacher, batch, None))
+  sums = distillation_sums(logits, teacher_logits, batch["loss_mask"],
+                           temperature=distill.temperature, alpha=distill.alpha,
+                           targets=batch["targets"], label_smoothing=loss_cfg.label_smoothing,
+                           z_loss=loss_cfg.z_loss)
+  return {k: sums[k] for k in DISTILL_SUM_KEYS}
 
 
 def _split_microbatches(batch, num_micro: int):
@@ -60,10 +91,11 @@ def _split_microbatches(batch, num_micro: int):
   return jax.tree.map(split, batch)
 
 
-def train_step(state, batch, *, graphdef, tx: optax.GradientTransformation, schedule,
+def train_step(state, batch, teacher=None, *, graphdef, tx: optax.GradientTransformation, schedule,
                loss_cfg: LossConfig, grad_accum_steps: int = 1, dropout: bool = False,
                skip_nonfinite: bool = False, adapter_dropout: bool = False,
-               activation_resolver=None):
+               activation_resolver=None, distill: Distill | None = None):
+  """teacher: the teacher's parameters, with `distill` only."""
   with activation_sharding(activation_resolver):
     step = state["step"]
     step_rng = jax.random.fold_in(state["rng"], step)
@@ -75,7 +107,7 @@ def train_step(state, batch, *, graphdef, tx: optax.GradientTransformation, sche
     def sum_loss(params, micro, rng, lora_rng):
       # Differentiating with respect to the trainable part only: no frozen weight gradients.
       full = params if frozen is None else combine(frozen, params)
-      sums = _forward_sums(graphdef, full, micro, loss_cfg, rng, lora_rng)
+      sums = _forward_sums(graphdef, full, micro, loss_cfg, rng, lora_rng, distill, teacher)
       return sums["loss_sum"], sums
 
     grad_fn = jax.grad(sum_loss, has_aux=True)
@@ -95,7 +127,7 @@ def train_step(state, batch, *, graphdef, tx: optax.GradientTransformation, sche
                 jax.tree.map(jnp.add, carry_sums, sums)), None
 
       empty_sums = {k: jnp.zeros((), jnp.float32)
-                    for k in ("loss_sum", "nll_sum", "z_loss_sum", "tokens")}
+                    for k in (SUM_KEYS if distill is None else DISTILL_SUM_KEYS)}
       (grads, sums), _ = jax.lax.scan(
           accumulate, (zeros, empty_sums),
           (micro_batches, jnp.arange(grad_accum_steps)))
@@ -123,6 +155,9 @@ def train_step(state, batch, *, graphdef, tx: optax.GradientTransformation, sche
         "skipped": (~finite).astype(jnp.int32) if skip_nonfinite else jnp.zeros((), jnp.int32),
         "learning_rate": jnp.asarray(schedule(step), jnp.float32),
     }
+    if distill is not None:
+      metrics["distill_kl"] = sums["kl_sum"] / total_tokens
+      metrics["hard_loss"] = sums["hard_sum"] / total_tokens
     new_state = dict(state, step=step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 

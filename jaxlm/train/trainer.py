@@ -5,7 +5,11 @@ Fine-tuning options pick what trains: LoRA adapters (`lora`), a regex of trainab
 parameters (`trainable`) minus a regex of frozen ones (`freeze`). When anything is frozen
 the state holds it apart under "frozen" (optionally in `frozen_dtype`), with neither
 gradients nor optimizer state; see step.py. `layer_lr_decay` and `head_lr_multiplier` scale
-the learning rate per layer and for new heads."""
+the learning rate per layer and for new heads.
+
+With a teacher (`teacher_cfg`, knowledge distillation) the train step takes the teacher's
+parameters as a third argument, sharded by `teacher_shardings` (the teacher's own logical
+axes under the same rules and mesh) and never donated; without one nothing changes."""
 from __future__ import annotations
 
 import functools
@@ -34,7 +38,8 @@ class Trainer:
                lora: LoRAConfig | None = None, trainable: str | None = None,
                freeze: str | None = None, frozen_dtype: str | None = None,
                layer_lr_decay: float | None = None, head_pattern: str = r"^lm_head/",
-               head_lr_multiplier: float = 1.0):
+               head_lr_multiplier: float = 1.0, teacher_cfg: LlamaConfig | None = None,
+               distill_temperature: float = 2.0, distill_alpha: float = 0.5):
     self.model_cfg = model_cfg
     self.lora = lora
     self.frozen_dtype = frozen_dtype
@@ -50,11 +55,21 @@ class Trainer:
         head_lr_multiplier)
     self.state_shardings = self._state_shardings(nnx.to_pure_dict(abstract_params))
     resolver = rules.activation_resolver()
+    self.teacher_cfg = teacher_cfg
+    distill = None
+    if teacher_cfg is not None:
+      teacher_graphdef, abstract_teacher = nnx.split(
+          nnx.eval_shape(lambda: Llama(teacher_cfg, rngs=nnx.Rngs(0))))
+      self.teacher_shardings = state_shardings(rules, abstract_teacher)
+      self._abstract_teacher = nnx.to_pure_dict(abstract_teacher)
+      distill = steps.Distill(teacher_graphdef, distill_temperature, distill_alpha)
     train_fn = functools.partial(
         steps.train_step, graphdef=self.graphdef, tx=self.tx, schedule=schedule,
         loss_cfg=loss_cfg, grad_accum_steps=grad_accum_steps, skip_nonfinite=skip_nonfinite,
         dropout=model_cfg.dropout_rate > 0,
         adapter_dropout=lora is not None and lora.dropout > 0, activation_resolver=resolver)
+    if distill is not None:
+      train_fn = functools.partial(train_fn, distill=distill)
     self._train_fn = train_fn
     self._eval_fn = functools.partial(steps.eval_step, graphdef=self.graphdef,
                                       activation_resolver=resolver)
@@ -178,7 +193,15 @@ class Trainer:
   def _jitted_train_step(self, batch):
     """One jitted step per batch layout (shapes and keys), shared by running and lowering."""
     key = ("train", tuple(sorted((k, v.shape) for k, v in batch.items())))
-    if key not in self._compiled_steps:
+    if key not in self._compiled_steps and self.teacher_cfg is not None:
+      # The teacher is read, never updated: not donated, not returned.
+      self._compiled_steps[key] = jax.jit(
+          self._train_fn,
+          in_shardings=(self.state_shardings, self._batch_shardings(batch),
+                        self.teacher_shardings),
+          out_shardings=(self.state_shardings, self.rules.replicated()),
+          donate_argnums=(0,))
+    elif key not in self._compiled_steps:
       self._compiled_steps[key] = jax.jit(
           self._train_fn,
           in_shardings=(self.state_shardings, self._batch_shardings(batch)),
@@ -186,8 +209,14 @@ class Trainer:
           donate_argnums=(0,))
     return self._compiled_steps[key]
 
-  def train_step(self, state, batch):
-    return self._jitted_train_step(batch)(state, batch)
+  def train_step(self, state, batch, teacher=None):
+    """teacher: the teacher's parameters (`load_teacher`), required with a teacher_cfg."""
+    if (teacher is None) != (self.teacher_cfg is None):
+      raise ValueError("Pass the teacher's parameters exactly when the Trainer has a "
+                       "teacher_cfg (knowledge distillation).")
+    if teacher is None:
+      return self._jitted_train_step(batch)(state, batch)
+    return self._jitted_train_step(batch)(state, batch, teacher)
 
   def eval_step(self, params, batch):
     key = ("eval", tuple(sorted((k, v.shape) for k, v in batch.items())))
@@ -200,4 +229,24 @@ class Trainer:
   def lower_train_step(self, batch_shapes: dict):
     """Ahead-of-time lowering with abstract inputs (no allocation), e.g. for memory plans."""
     batch = {k: jax.ShapeDtypeStruct(s, jnp.int32) for k, s in batch_shapes.items()}
-    return self._jitted_train_step(batch).lower(self.abstract_state(), batch)
+    if self.teacher_cfg is None:
+      return self._jitted_train_step(batch).lower(self.abstract_state(), batch)
+    return self._jitted_train_step(batch).lower(self.abstract_state(), batch,
+                                                self.abstract_teacher())
+
+  # -- the distillation teacher ----------------------------------------------------------
+
+  def abstract_teacher(self):
+    """The teacher's parameters as ShapeDtypeStructs with their shardings."""
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, self.teacher_cfg.param_dtype, sharding=sh),
+        self._abstract_teacher, self.teacher_shardings)
+
+  def load_teacher(self, path):
+    """The teacher's parameters from anything `load_params` reads, placed on
+    `teacher_shardings` in the teacher config's dtype (the student's compute dtype)."""
+    from jaxlm.loading import load_params
+    loaded = load_params(path, cfg=self.teacher_cfg, shardings=self.teacher_shardings)
+    dtype = jnp.dtype(self.teacher_cfg.param_dtype)
+    return jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p),
+                   out_shardings=self.teacher_shardings)(loaded.params)
