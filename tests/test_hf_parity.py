@@ -171,8 +171,8 @@ def test_train_init_from_an_hf_directory_and_export_back(tiny_config, tmp_path):
   assert batch["loss_mask"].all() and (batch["segment_ids"] == 1).all()
   with torch.no_grad():
     logits = model(torch.as_tensor(batch["input_ids"])).logits
-    hf_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                torch.as_tensor(batch["targets"]).long().reshape(-1))
+    targets = torch.as_tensor(batch["targets"]).long().reshape(-1)
+    hf_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets)
   assert first["loss"] == pytest.approx(float(hf_loss), rel=1e-5)
 
   assert main(["convert", "--to-hf", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0

@@ -59,8 +59,7 @@ def generate_text(model_path: str | Path, prompts: Sequence[str], *, max_new_tok
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: Llama(loaded.cfg, rngs=nnx.Rngs(0))))
   outputs = generate((graphdef, loaded.params), ids, max_new_tokens=max_new_tokens,
                      temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams,
-                     length_penalty=length_penalty,
-                     gnmt_length_penalty=gnmt_length_penalty, eos_ids=eos_ids(tokenizer, loaded.source),
-                     seed=seed)
+                     length_penalty=length_penalty, gnmt_length_penalty=gnmt_length_penalty,
+                     eos_ids=eos_ids(tokenizer, loaded.source), seed=seed)
   return [truncate_at_stop(tokenizer.decode(out, skip_special_tokens=True), stop)
           for out in outputs]
