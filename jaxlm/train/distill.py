@@ -8,6 +8,13 @@ import jax.numpy as jnp
 from jaxlm.train.loss import cross_entropy
 
 
+def check_mix(temperature: float, alpha: float) -> None:
+  if temperature <= 0:
+    raise ValueError(f"The temperature must be positive (got {temperature}).")
+  if not 0.0 <= alpha <= 1.0:
+    raise ValueError(f"alpha weighs the soft loss and must lie in [0, 1] (got {alpha}).")
+
+
 def _check(student_logits, teacher_logits, mask, temperature, alpha, targets) -> None:
   if student_logits.shape[-1] != teacher_logits.shape[-1]:
     raise ValueError(f"The student has {student_logits.shape[-1]} output classes (vocabulary "
@@ -19,10 +26,7 @@ def _check(student_logits, teacher_logits, mask, temperature, alpha, targets) ->
   if mask is not None and mask.shape != student_logits.shape[:-1]:
     raise ValueError(f"The mask {mask.shape} must match the logits' leading axes "
                      f"{student_logits.shape[:-1]}.")
-  if temperature <= 0:
-    raise ValueError(f"The temperature must be positive (got {temperature}).")
-  if not 0.0 <= alpha <= 1.0:
-    raise ValueError(f"alpha weighs the soft loss and must lie in [0, 1] (got {alpha}).")
+  check_mix(temperature, alpha)
   if alpha < 1.0 and targets is None:
     raise ValueError(f"alpha={alpha} gives the hard loss a weight of {1.0 - alpha}: pass its "
                      f"targets.")

@@ -15,11 +15,12 @@ import numpy as np
 from jaxlm import config as config_lib
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.loader import RowBatches
-from jaxlm.finetune.lora import LoRAConfig
 from jaxlm.data.pipeline import build_train_data
 from jaxlm.data.text import load_tokenizer
+from jaxlm.finetune.lora import LoRAConfig
 from jaxlm.parallel.mesh import build_mesh
 from jaxlm.parallel.rules import LogicalRules
+from jaxlm.train.distill import check_mix
 from jaxlm.train.early_stopping import EarlyStopping
 from jaxlm.train.metrics import MetricsWriter, Progress, peak_flops_per_device
 from jaxlm.train.optimizer import make_optimizer
@@ -53,13 +54,10 @@ def teacher_options(config, model_cfg) -> dict:
   d = config.distill
   if not d.teacher:
     return {}
-  if not d.temperature > 0:
-    raise config_lib.ConfigError(
-        f"distill.temperature must be positive (got {d.temperature}).")
-  if not 0.0 <= d.alpha <= 1.0:
-    raise config_lib.ConfigError(
-        f"distill.alpha weighs the distillation loss against the cross-entropy and must lie "
-        f"in [0, 1] (got {d.alpha}).")
+  try:
+    check_mix(d.temperature, d.alpha)
+  except ValueError as e:
+    raise config_lib.ConfigError(f"distill.temperature / distill.alpha: {e}") from None
   from jaxlm.loading import read_config
   try:
     teacher_cfg, _ = read_config(d.teacher)

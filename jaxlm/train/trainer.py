@@ -244,9 +244,7 @@ class Trainer:
 
   def load_teacher(self, path):
     """The teacher's parameters from anything `load_params` reads, placed on
-    `teacher_shardings` in the teacher config's dtype (the student's compute dtype)."""
+    `teacher_shardings` in the teacher config's dtype (the student's compute dtype): every
+    loader converts to cfg.param_dtype as it reads."""
     from jaxlm.loading import load_params
-    loaded = load_params(path, cfg=self.teacher_cfg, shardings=self.teacher_shardings)
-    dtype = jnp.dtype(self.teacher_cfg.param_dtype)
-    return jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p),
-                   out_shardings=self.teacher_shardings)(loaded.params)
+    return load_params(path, cfg=self.teacher_cfg, shardings=self.teacher_shardings).params
