@@ -24,7 +24,7 @@ from flax import nnx
 from jaxlm import config as config_lib
 from jaxlm.convert import hf as hf_io
 from jaxlm.convert.errors import ConversionError
-from jaxlm.convert.hf_config import family_for, model_fields, write_hf_config
+from jaxlm.convert.hf_config import family_for, label_names, model_fields, write_hf_config
 from jaxlm.models import Llama, LlamaConfig
 from jaxlm.parallel.rules import LogicalRules, state_shardings
 
@@ -39,6 +39,7 @@ class LoadedParams:
   hf_config: dict | None  # the source config.json, kept for round trips
   source: Path | None  # where tokenizer and generation files can be copied from
   tokenizer_file: str | None = None  # a training run's tokenizer.json ("embedded" or a path)
+  labels: tuple[str, ...] | None = None  # a classifier's class names, in class order
 
 
 def _with_dtype(cfg: LlamaConfig, dtype: str | None) -> LlamaConfig:
@@ -117,9 +118,12 @@ def load_params(path: str | Path, *, cfg: LlamaConfig | None = None, mesh=None,
                           shardings or shardings_for(cfg, _single_device_mesh()))
     with ocp.StandardCheckpointer() as checkpointer:
       params = checkpointer.restore((path / "params").absolute(), target)
-    return LoadedParams(cfg, params, family, meta.get("hf_config"), path)
+    labels = meta.get("labels")
+    return LoadedParams(cfg, params, family, meta.get("hf_config"), path,
+                        labels=tuple(labels) if labels else None)
   _, _, hf = hf_io.read_hf_directory_config(path)
-  return LoadedParams(cfg, hf_io.load_hf_params(path, cfg, shardings), family, hf, path)
+  return LoadedParams(cfg, hf_io.load_hf_params(path, cfg, shardings), family, hf, path,
+                      labels=label_names(hf))
 
 
 def _load_workdir(workdir: Path, cfg: LlamaConfig, shardings) -> LoadedParams:
@@ -141,7 +145,8 @@ def _load_workdir(workdir: Path, cfg: LlamaConfig, shardings) -> LoadedParams:
   from jaxlm.train.loop import training_tokenizer
   has_tokenizer = source is not None and (source / "tokenizer.json").is_file()
   return LoadedParams(cfg, params, family_for(cfg), hf, source,
-                      tokenizer_file=None if has_tokenizer else training_tokenizer(config))
+                      tokenizer_file=None if has_tokenizer else training_tokenizer(config),
+                      labels=(tuple(config.data.labels) or None) if cfg.num_labels else None)
 
 
 def _workdir_checkpoint_params(workdir: Path):
@@ -247,7 +252,8 @@ def save_model_dir(loaded: LoadedParams, out: str | Path) -> Path:
       checkpointer.wait_until_finished()
     (tmp / MODEL_FILE).write_text(json.dumps(
         {"format": "jaxlm-model", "version": 1, "family": loaded.family,
-         "model": model_fields(loaded.cfg), "hf_config": loaded.hf_config}, indent=2))
+         "model": model_fields(loaded.cfg), "hf_config": loaded.hf_config,
+         "labels": loaded.labels}, indent=2))
     _copy_sidecars(loaded, tmp)
   return out.expanduser().absolute()
 
@@ -261,7 +267,7 @@ def save_hf_dir(loaded: LoadedParams, out: str | Path, *, dtype: str | None = No
     hf_io.save_hf_params(tmp, loaded.cfg, loaded.params, dtype=dtype,
                          max_shard_bytes=int(max_shard_gb * 2**30))
     config = write_hf_config(loaded.cfg, loaded.family or family_for(loaded.cfg), dtype=dtype,
-                             base=loaded.hf_config)
+                             base=loaded.hf_config, labels=loaded.labels)
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     _copy_sidecars(loaded, tmp)
   return out.expanduser().absolute()

@@ -9,6 +9,10 @@ from jaxlm.models.config import LlamaConfig
 FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+CLASSIFIER_ARCHITECTURES = {"llama": "LlamaForSequenceClassification",
+                            "mistral": "MistralForSequenceClassification",
+                            "qwen2": "Qwen2ForSequenceClassification",
+                            "gpt2": "GPT2ForSequenceClassification"}
 # GPT-2 options that change the computation, at the only values jaxlm computes (HF's defaults).
 GPT2_FIXED = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
               "reorder_and_upcast_attn": False, "add_cross_attention": False}
@@ -16,7 +20,7 @@ GPT2_FIXED = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": Fal
 ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                        "resolved_head_dim", "mlp_dim", "max_seq_len", "norm_eps", "norm_type",
                        "position_embedding", "mlp_type", "qkv_bias", "attention_out_bias",
-                       "mlp_bias", "sliding_window", "tie_embeddings")
+                       "mlp_bias", "sliding_window", "tie_embeddings", "num_labels")
 ROPE_FIELDS = ("rope_theta", "rope_scaling")
 
 
@@ -38,7 +42,25 @@ def read_hf_config(hf: dict) -> tuple[LlamaConfig, str]:
         f"({', '.join(hf.get('architectures') or [])}). Supported: "
         f"{', '.join(FAMILIES)} (Llama 2/3/3.1/3.2, Mistral, Qwen2, GPT-2).")
   read = _read_gpt2 if family == "gpt2" else _read_llama
-  return read(hf, family), family
+  return read(hf, family).replace(num_labels=num_labels(hf)), family
+
+
+def is_classifier(hf: dict) -> bool:
+  return any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or [])
+
+
+def num_labels(hf: dict) -> int:
+  """HF's num_labels: the size of id2label (config.json keeps no count of its own in
+  transformers 5), 2 when a classifier names no labels; 0 for a language model."""
+  if not is_classifier(hf):
+    return 0
+  return len(hf.get("id2label") or {}) or hf.get("num_labels", 2)
+
+
+def label_names(hf: dict) -> tuple[str, ...] | None:
+  """A classifier's label names in class order, from id2label (keys are strings in JSON)."""
+  id2label = hf.get("id2label") if is_classifier(hf) else None
+  return tuple(id2label[k] for k in sorted(id2label, key=int)) if id2label else None
 
 
 def _refuse(problems: list[str]) -> None:
@@ -101,18 +123,23 @@ def family_for(cfg: LlamaConfig) -> str:
 
 
 def write_hf_config(cfg: LlamaConfig, family: str | None = None, *, dtype: str,
-                    base: dict | None = None) -> dict:
+                    base: dict | None = None, labels: tuple[str, ...] | None = None) -> dict:
   """A config.json for `cfg`; keys of `base` (the source model's config) are kept so token
-  ids and other settings survive a round trip. Raises ConversionError if the family cannot
-  express cfg (the export would silently compute something else)."""
+  ids and other settings survive a round trip. labels: a classifier's class names (default
+  HF's LABEL_0, LABEL_1, ...). Raises ConversionError if the family cannot express cfg (the
+  export would silently compute something else)."""
   family = family or family_for(cfg)
   hf = dict(base or {})
-  for stale in ("rope_scaling", "rope_theta", "torch_dtype", "rope_parameters"):
+  for stale in ("rope_scaling", "rope_theta", "torch_dtype", "rope_parameters", "id2label",
+                "label2id", "num_labels"):
     hf.pop(stale, None)
-  hf.update({"architectures": [ARCHITECTURES[family]], "model_type": family,
+  architectures = CLASSIFIER_ARCHITECTURES if cfg.num_labels else ARCHITECTURES
+  hf.update({"architectures": [architectures[family]], "model_type": family,
              "vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
              "initializer_range": cfg.init_std, "dtype": dtype})
   hf.update(_gpt2_fields(cfg) if family == "gpt2" else _llama_fields(cfg, family))
+  if cfg.num_labels:
+    hf.update(_classifier_fields(cfg, hf, labels))
   _check_expressed(cfg, hf, family)
   return hf
 
@@ -140,6 +167,26 @@ def _gpt2_fields(cfg: LlamaConfig) -> dict:
   return {"n_embd": cfg.hidden_size, "n_layer": cfg.num_layers, "n_head": cfg.num_heads,
           "n_positions": cfg.max_seq_len, "n_inner": cfg.mlp_dim,
           "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps, **GPT2_FIXED}
+
+
+def _classifier_fields(cfg: LlamaConfig, hf: dict, labels: tuple[str, ...] | None) -> dict:
+  names = list(labels or (f"LABEL_{i}" for i in range(cfg.num_labels)))
+  if len(names) != cfg.num_labels:
+    raise ConversionError(f"{len(names)} label names ({', '.join(names)}) for a classifier "
+                          f"of num_labels={cfg.num_labels}.")
+  fields = {"num_labels": cfg.num_labels, "id2label": {str(i): n for i, n in enumerate(names)},
+            "label2id": {name: i for i, name in enumerate(names)}}
+  # transformers pools each row at its last token that is not pad_token_id and refuses
+  # batches of more than one row without one. A base without a pad token gets its eos: our
+  # training pools at the last token it reads, and a text's eos is a target, never read, so
+  # texts given unpadded or padded with eos pool at that same token.
+  eos = hf.get("eos_token_id")
+  pad = hf.get("pad_token_id")
+  if pad is None and eos is not None:
+    pad = eos[0] if isinstance(eos, list) else eos
+  if pad is not None:
+    fields["pad_token_id"] = pad
+  return fields
 
 
 def _check_expressed(cfg: LlamaConfig, hf: dict, family: str) -> None:

@@ -99,9 +99,7 @@ def llama_table(cfg: LlamaConfig) -> list[Entry]:
   if cfg.qkv_bias:
     table += [Entry(attn + (p, "bias"), layer + f"self_attn.{p}.bias", SPLIT_BIAS_HEADS)
               for p in ("q_proj", "k_proj", "v_proj")]
-  if not cfg.tie_embeddings:
-    table.append(Entry(("lm_head", "kernel"), "lm_head.weight", TRANSPOSE))
-  return table
+  return table + output_entries(cfg)
 
 
 def gpt2_table(cfg: LlamaConfig) -> list[Entry]:
@@ -128,9 +126,17 @@ def gpt2_table(cfg: LlamaConfig) -> list[Entry]:
       Entry(mlp + ("down_proj", "kernel"), layer + "mlp.c_proj.weight", COPY),
       Entry(mlp + ("down_proj", "bias"), layer + "mlp.c_proj.bias", COPY),
   ]
-  if not cfg.tie_embeddings:
-    table.append(Entry(("lm_head", "kernel"), "lm_head.weight", TRANSPOSE))
-  return table
+  return table + output_entries(cfg)
+
+
+def output_entries(cfg: LlamaConfig) -> list[Entry]:
+  """The output projection: a classifier's score (HF *ForSequenceClassification, a top-level
+  Linear beside the decoder in every family), else an untied lm_head."""
+  if cfg.num_labels:
+    return [Entry(("score", "kernel"), "score.weight", TRANSPOSE)]
+  if cfg.tie_embeddings:
+    return []
+  return [Entry(("lm_head", "kernel"), "lm_head.weight", TRANSPOSE)]
 
 
 def hf_table(cfg: LlamaConfig) -> list[Entry]:
