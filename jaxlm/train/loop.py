@@ -68,10 +68,31 @@ def teacher_options(config, model_cfg) -> dict:
         f"The teacher {d.teacher} has a vocabulary of {teacher_cfg.vocab_size} tokens and the "
         f"student {model_cfg.vocab_size} (model.vocab_size): distillation compares their "
         f"distributions token by token, so both need the same tokenizer and vocab_size.")
+  if teacher_cfg.num_labels != model_cfg.num_labels:
+    raise config_lib.ConfigError(
+        f"The teacher {d.teacher} has {teacher_cfg.num_labels} output classes (0: a language "
+        f"model) and the student {model_cfg.num_labels} (model.num_labels): distillation "
+        f"needs the same outputs.")
   dtype = model_cfg.compute_dtype
   teacher_cfg = teacher_cfg.replace(param_dtype=dtype, compute_dtype=dtype, dropout_rate=0.0)
   return dict(teacher_cfg=teacher_cfg, distill_temperature=float(d.temperature),
               distill_alpha=float(d.alpha))
+
+
+def check_labels(model_cfg, config) -> None:
+  """A classifier's head needs a label per example and as many labels as it has classes."""
+  if not model_cfg.num_labels:
+    return
+  if config.data.format not in ("classification", "pairs"):
+    raise config_lib.ConfigError(
+        f"model.num_labels = {model_cfg.num_labels} trains a classification head, which needs "
+        f"data.format 'classification' or 'pairs' (rows with a label), not "
+        f"{config.data.format!r}; or set model.num_labels = 0 for a language model.")
+  if len(config.data.labels) != model_cfg.num_labels:
+    raise config_lib.ConfigError(
+        f"The classification head has model.num_labels = {model_cfg.num_labels} classes but "
+        f"data.labels names {len(config.data.labels)} ({list(config.data.labels)}); make them "
+        f"agree.")
 
 
 def check_layout(model_cfg, mesh, config) -> None:
@@ -129,6 +150,7 @@ class Run:
     mesh = build_mesh(dict(data=config.mesh.data, fsdp=config.mesh.fsdp,
                            tensor=config.mesh.tensor))
     check_layout(model_cfg, mesh, config)
+    check_labels(model_cfg, config)
     tx, schedule = make_optimizer(config.optim, config.train.steps)
     trainer = Trainer(
         model_cfg, tx, schedule, LogicalRules(mesh, config.mesh.rules),
@@ -150,10 +172,16 @@ class Run:
     """The state a new run starts from: the init_from model (with fresh adapters and
     optimizer), or a random initialisation."""
     if self.config.model.init_from:
-      from jaxlm.loading import load_params
-      loaded = load_params(self.config.model.init_from, cfg=self.model_cfg,
-                           shardings=self.trainer.base_param_shardings)
-      return self.trainer.init_from_params(loaded.params, self.config.train.seed)
+      from jaxlm.loading import load_params, read_config
+      base_cfg = self.model_cfg
+      if self.model_cfg.num_labels and not read_config(self.config.model.init_from)[0].num_labels:
+        # A classifier from a language model: its trunk, and a new head instead of lm_head.
+        base_cfg = self.model_cfg.replace(num_labels=0)
+      loaded = load_params(self.config.model.init_from, cfg=base_cfg,
+                           shardings=self.trainer.base_param_shardings(base_cfg))
+      params = {k: v for k, v in loaded.params.items()
+                if not (base_cfg is not self.model_cfg and k == "lm_head")}
+      return self.trainer.init_from_params(params, self.config.train.seed)
     return self.trainer.init_state(self.config.train.seed)
 
   def load_teacher(self):
@@ -175,13 +203,29 @@ class Run:
 
 
 def evaluate(run: Run, params, batches: RowBatches, num_batches: int) -> dict:
-  nll, tokens = 0.0, 0.0
+  """Loss and perplexity over the first num_batches validation batches; for a classifier,
+  its loss and accuracy / macro and weighted F1 instead."""
+  nll, tokens, confusion = 0.0, 0.0, 0.0
   for k in range(min(num_batches, batches.batches_per_epoch)):
     sums = jax.device_get(run.trainer.eval_step(params, run.global_batch(batches.batch(k))))
     nll += float(sums["nll_sum"])
     tokens += float(sums["tokens"])
+    confusion = confusion + sums.get("confusion", 0.0)
   loss = nll / max(tokens, 1.0)
-  return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+  if not run.model_cfg.num_labels:
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+  return {"eval_loss": loss, **classifier_metrics(np.rint(confusion).astype(np.int64),
+                                                  run.config.data.labels)}
+
+
+def classifier_metrics(confusion: np.ndarray, label_names) -> dict:
+  """eval_accuracy, eval_f1_macro and eval_f1_weighted of a confusion matrix [true, predicted]
+  (scikit-learn's, on the predictions it counts)."""
+  from jaxlm.evaluate.metrics import classification_metrics
+  classes = len(label_names)
+  pairs = np.repeat(np.arange(classes * classes), confusion.ravel())
+  metrics = classification_metrics(pairs // classes, pairs % classes, label_names)
+  return {f"eval_{k}": metrics[k] for k in ("accuracy", "f1_macro", "f1_weighted")}
 
 
 def _early_stopping(config, val_data) -> EarlyStopping | None:
@@ -227,7 +271,8 @@ def train(config, workdir: str | Path) -> dict:
         f"{model_cfg.vocab_size}; set --config.model.vocab_size={tokenizer_vocab} or more.")
   loaded_data = build_train_data(
       config.data, tokenizer_spec, config.data.seq_len, config.data.batch_size,
-      config.data.seed, jax.process_index(), jax.process_count())
+      config.data.seed, jax.process_index(), jax.process_count(),
+      label_head=model_cfg.num_labels > 0)
   data = loaded_data.train
   val_data = loaded_data.validation if config.train.eval_every else None
 
@@ -283,7 +328,8 @@ def train(config, workdir: str | Path) -> dict:
           f"choose one of {', '.join(sorted(baseline))}.")
     writer.write(0, baseline)
     if is_main:
-      progress.write(f"step 0: eval_loss {baseline['eval_loss']:.4f}")
+      progress.write("step 0: " + " ".join(f"{k} {v:.4f}" for k, v in baseline.items()
+                                            if k != "eval_perplexity"))
 
   last_logged: dict = {}
   skipped = jnp.zeros((), jnp.int32)  # summed on device: no sync per step

@@ -1,5 +1,8 @@
 """The pure train and eval steps: (state, batch) -> (state, metrics).
 
+For a classifier (cfg.num_labels > 0) nothing changes here: its logits are over classes and
+the data puts each example's class index as the target of its last token (data/shaping.py).
+
 state is a plain dict {"step", "params", "opt_state", "rng"} of arrays, plus "frozen" when
 only part of the model trains: then "params" holds the trainable parameters (the only ones
 with gradients and optimizer state) and "frozen" the rest, in the same nesting. batch is a
@@ -162,7 +165,16 @@ def train_step(state, batch, teacher=None, *, graphdef, tx: optax.GradientTransf
     return new_state, metrics
 
 
-def eval_step(params, batch, *, graphdef, activation_resolver=None):
+def eval_step(params, batch, *, graphdef, activation_resolver=None, num_labels: int = 0):
+  """Summed loss over the loss_mask tokens; for a classifier (num_labels > 0) also the
+  confusion matrix [true, predicted] of its predictions there, which sums over batches."""
   with activation_sharding(activation_resolver):
-    sums = _forward_sums(graphdef, params, batch, LossConfig(), None)
-    return {"nll_sum": sums["nll_sum"], "tokens": sums["tokens"]}
+    logits = _logits(graphdef, params, batch, None)
+    sums = cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    out = {"nll_sum": sums["nll_sum"], "tokens": sums["tokens"]}
+    if num_labels:
+      weight = batch["loss_mask"].astype(jnp.float32)
+      true = jax.nn.one_hot(batch["targets"], num_labels, dtype=jnp.float32)
+      predicted = jax.nn.one_hot(jnp.argmax(logits, axis=-1), num_labels, dtype=jnp.float32)
+      out["confusion"] = jnp.einsum("bt,btc,btk->ck", weight, true, predicted)
+    return out

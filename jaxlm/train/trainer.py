@@ -37,7 +37,7 @@ class Trainer:
                grad_accum_steps: int = 1, skip_nonfinite: bool = False,
                lora: LoRAConfig | None = None, trainable: str | None = None,
                freeze: str | None = None, frozen_dtype: str | None = None,
-               layer_lr_decay: float | None = None, head_pattern: str = r"^lm_head/",
+               layer_lr_decay: float | None = None, head_pattern: str = r"^(lm_head|score)/",
                head_lr_multiplier: float = 1.0, teacher_cfg: LlamaConfig | None = None,
                distill_temperature: float = 2.0, distill_alpha: float = 0.5):
     self.model_cfg = model_cfg
@@ -72,7 +72,8 @@ class Trainer:
       train_fn = functools.partial(train_fn, distill=distill)
     self._train_fn = train_fn
     self._eval_fn = functools.partial(steps.eval_step, graphdef=self.graphdef,
-                                      activation_resolver=resolver)
+                                      activation_resolver=resolver,
+                                      num_labels=model_cfg.num_labels)
     self._compiled_steps = {}
 
   def _build_model(self, seed) -> Llama:
@@ -95,10 +96,14 @@ class Trainer:
     """A whole-model tree -> (trainable part, frozen part)."""
     return subsets.partition(params, self.trainable_mask)
 
-  @property
-  def base_param_shardings(self) -> dict:
-    """Shardings of the base model's parameters, without adapters: what init_from loads."""
-    return subsets.select(self.param_shardings, lambda path, _: path[-1] not in LORA_KEYS)
+  def base_param_shardings(self, base_cfg: LlamaConfig | None = None) -> dict:
+    """Shardings of a base model's parameters (default: this model's), without adapters:
+    what init_from loads. A classifier's base may be a language model (base_cfg)."""
+    shardings = self.param_shardings
+    if base_cfg is not None:
+      shardings = state_shardings(self.rules, nnx.state(nnx.eval_shape(
+          lambda: Llama(base_cfg, rngs=nnx.Rngs(0)))))
+    return subsets.select(shardings, lambda path, _: path[-1] not in LORA_KEYS)
 
   def model_params(self, state) -> dict:
     """The whole model's parameters of a train state, e.g. for eval_step or an export."""
@@ -158,11 +163,10 @@ class Trainer:
     return nnx.to_pure_dict(nnx.state(self._build_model(seed)))
 
   def state_from_params(self, params, seed):
-    """params: the whole model's, or the base model's alone, which gets fresh adapters (whose
-    base initialisation is never used, so jit drops it)."""
-    if self.lora is not None:
-      params = subsets.combine(self._fresh_params(seed), params)
-    return self._state(params, seed)
+    """params: the whole model's, or part of it (a base model without adapters or without a
+    new classification head): the rest is freshly initialised (what params replace is never
+    used, so jit drops its initialisation)."""
+    return self._state(subsets.combine(self._fresh_params(seed), params), seed)
 
   def _state(self, params, seed):
     trainable, frozen = self.split(params)
