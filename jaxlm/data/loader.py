@@ -71,8 +71,9 @@ class RowBatches:
 
   parts: per source, a dict of [rows, seq_len] arrays. shuffle=True: an endless mixture
   (weights, default proportional to rows) reshuffled every epoch. shuffle=False (evaluation):
-  the sources one after another in order, every row once per epoch, the last batch padded
-  with empty rows (loss_mask 0)."""
+  every row of every source once per epoch, in one fixed seeded order, so that the first
+  batches are a fair sample even of rows stored sorted (e.g. by label); the last batch is
+  padded with empty rows (loss_mask 0)."""
 
   def __init__(self, parts, global_batch: int, *, seed: int, process_index: int = 0,
                process_count: int = 1, weights=None, shuffle: bool = True, prefetch: int = 2,
@@ -106,6 +107,7 @@ class RowBatches:
     self.first_row = process_index * self.local
     self.position = 0
     self._permutations = collections.OrderedDict()
+    self._eval_order = None
     self._permutation_lock = threading.Lock()
     self._worker = None
 
@@ -147,9 +149,18 @@ class RowBatches:
       return source, row
     g = (k % self.batches_per_epoch) * self.global_batch + j
     ends = np.cumsum(self.rows)
+    inside = g < ends[-1]
+    g = np.where(inside, self._evaluation_order()[np.minimum(g, ends[-1] - 1)], 0)
     source = np.searchsorted(ends, g, side="right")
     row = g - (ends - self.rows)[np.minimum(source, len(ends) - 1)]
-    return np.where(g < ends[-1], source, -1), row
+    return np.where(inside, source, -1), row
+
+  def _evaluation_order(self) -> np.ndarray:
+    """A fixed permutation of all rows (sources concatenated)."""
+    if self._eval_order is None:
+      self._eval_order = np.random.default_rng([self.seed, len(self.rows)]).permutation(
+          sum(self.rows))
+    return self._eval_order
 
   def batch(self, k: int) -> dict[str, np.ndarray]:
     source, row = self._locate(k)
