@@ -266,8 +266,25 @@ def save_hf_dir(loaded: LoadedParams, out: str | Path, *, dtype: str | None = No
   with _atomic_directory(out) as tmp:
     hf_io.save_hf_params(tmp, loaded.cfg, loaded.params, dtype=dtype,
                          max_shard_bytes=int(max_shard_gb * 2**30))
-    config = write_hf_config(loaded.cfg, loaded.family or family_for(loaded.cfg), dtype=dtype,
-                             base=loaded.hf_config, labels=loaded.labels)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
     _copy_sidecars(loaded, tmp)
+    base = {**_special_token_ids(tmp), **(loaded.hf_config or {})}
+    config = write_hf_config(loaded.cfg, loaded.family or family_for(loaded.cfg), dtype=dtype,
+                             base=base, labels=loaded.labels)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
   return out.expanduser().absolute()
+
+
+def _special_token_ids(directory: Path) -> dict:
+  """bos / eos / pad token ids of the tokenizer files in directory: what config.json needs
+  when the source had none (a GGUF model, a run with its own tokenizer), e.g. for a
+  classifier's pad_token_id."""
+  if not (directory / "tokenizer.json").is_file():
+    return {}
+  from transformers import AutoTokenizer
+  try:
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+  except (OSError, ValueError):  # files transformers cannot read alone: export without ids
+    return {}
+  ids = {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id")
+         for name in ("bos", "eos", "pad")}
+  return {key: value for key, value in ids.items() if value is not None}
