@@ -24,7 +24,7 @@ def get_config():
   config.data.labels = LABELS
   config.data.prompt_template = "{text}"
   config.data.overflow = "truncate_right"
-  config.data.seq_len = 256
+  config.data.seq_len = 128  # a review is 81 tokens on average (byte-level BPE)
   config.data.batch_size = 8
   config.data.validation_fraction = 0.1
   config.finetune.lora_targets = "attention|mlp"
@@ -34,11 +34,11 @@ def get_config():
   config.optim.learning_rate = 5e-4
   config.optim.warmup_steps = 10
   config.optim.weight_decay = 0.0
-  config.train.steps = 120
+  config.train.steps = 150  # about 1,900 of the 15,645 training reviews
   config.train.log_every = 5
-  config.train.eval_every = 40
-  config.train.eval_batches = 40
+  config.train.eval_every = 75
+  config.train.eval_batches = 20  # 160 of the 1,106 held-out rows; jaxlm eval scores all
   config.train.early_stopping.metric = "eval_f1_macro"
   config.train.early_stopping.mode = "max"
-  config.checkpoint.every = 40
+  config.checkpoint.every = 75
   return config
