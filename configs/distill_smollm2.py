@@ -24,9 +24,9 @@ def get_config():
   config.distill.alpha = 0.5
   config.optim.learning_rate = 3e-3
   config.optim.warmup_steps = 20
-  config.train.steps = 300
+  config.train.steps = 200
   config.train.log_every = 10
-  config.train.eval_every = 100
+  config.train.eval_every = 50
   config.train.eval_batches = 8
-  config.checkpoint.every = 100
+  config.checkpoint.every = 50
   return config
