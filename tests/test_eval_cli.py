@@ -67,6 +67,21 @@ def test_perplexity_equals_the_training_loops_eval_loss(tiny_config, tmp_path, c
   np.testing.assert_allclose(result["perplexity"], trained["eval_perplexity"], rtol=1e-6)
 
 
+def test_evaluation_is_sharded_by_the_recipes_mesh(tiny_config, tmp_path):
+  config = tiny_config(train__steps=2)
+  train(config, tmp_path / "run")
+  results = []
+  for data, fsdp, tensor in ((1, 8, 1), (4, 1, 2)):
+    layout = tiny_config(mesh__data=data, mesh__fsdp=fsdp, mesh__tensor=tensor)
+    model = run.load_eval_model(tmp_path / "run", run.eval_mesh(layout))
+    kernel = model.params["layers"]["attention"]["q_proj"]["kernel"]
+    # Placed by logical axes as it loads: each device holds a slice, not the whole kernel.
+    assert kernel.addressable_shards[0].data.size < kernel.size
+    results.append(run.evaluate_model(layout, tmp_path / "run", max_batches=2))
+  np.testing.assert_allclose(results[0]["loss"], results[1]["loss"], rtol=1e-5)
+  assert results[0]["tokens"] == results[1]["tokens"] > 0
+
+
 @nnx.jit
 def logits_of(model, ids):
   return model(ids)

@@ -36,6 +36,7 @@ from jaxlm.generate.decode import generate
 from jaxlm.generate.text import eos_ids
 from jaxlm.loading import LoadedParams, load_params, resolve_source
 from jaxlm.models import Llama
+from jaxlm.parallel.mesh import build_mesh
 from jaxlm.train.loop import training_tokenizer
 
 SCORED_FORMATS = tuple(DEFAULT_PROMPTS)  # classification, pairs: a label per example
@@ -87,8 +88,16 @@ def eval_config(recipe: str | None, model: str | None, overrides=()):
   return config_lib.load_config(recipe or config_lib.DEFAULT_RECIPE, overrides)
 
 
-def load_eval_model(path: str | Path) -> EvalModel:
-  loaded = load_params(path)
+def eval_mesh(config):
+  """The recipe's mesh (config.mesh; a workdir's is its training layout) over this machine's
+  devices: parameters load sharded by their logical axes, so a model too large for one
+  device evaluates, and jit partitions the forward passes accordingly."""
+  return build_mesh(dict(data=config.mesh.data, fsdp=config.mesh.fsdp,
+                         tensor=config.mesh.tensor))
+
+
+def load_eval_model(path: str | Path, mesh=None) -> EvalModel:
+  loaded = load_params(path, mesh=mesh)
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: Llama(loaded.cfg, rngs=nnx.Rngs(0))))
   return EvalModel(graphdef, loaded.params, loaded)
 
@@ -276,7 +285,7 @@ def evaluate_model(config, model_path: str | Path | None = None, *, split: str =
                                  "model.init_from is set.")
   if max_batches is not None and max_batches < 1:
     raise ValueError(f"--max-batches must be at least 1, got {max_batches}.")
-  model = load_eval_model(model_path)
+  model = load_eval_model(model_path, eval_mesh(config))
   spec = tokenizer_spec(config, model_path, model.loaded)
   tok = TextTokenizer(spec, config.data.chat_template)
   head = model.loaded.cfg.num_labels > 0
