@@ -1,6 +1,6 @@
 """Knowledge distillation from a pretrained model into a small one: SmolLM2-135M-Instruct
 teaches a 4-layer, 256-wide student (the demo architecture with SmolLM2's 49,152-token
-vocabulary, 17M parameters) to write Jane Austen (the shipped corpus, tokenized with
+vocabulary, 15.7M parameters) to write Jane Austen (the shipped corpus, tokenized with
 SmolLM2's tokenizer).
 
 Before running: jaxlm convert --from-gguf "$GGUF" --out models/smollm2 (README "Fine-tune").
