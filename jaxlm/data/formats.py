@@ -11,8 +11,8 @@ trained on (loss_mask 1) or only conditioned on.
 
 A label is a string from data.labels or an int indexing it. For a classification head
 (label_head=True) the label is not text: the example is the rendered prompt alone and carries
-the label's index, which shaping makes the target of the prompt's last token. A row that does not fit raises
-RowError, which the build counts against data.error_budget.
+the label's index, which shaping makes the target of the prompt's last token. A row that
+does not fit raises RowError, which the build counts against data.error_budget.
 """
 from __future__ import annotations
 

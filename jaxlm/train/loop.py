@@ -179,8 +179,9 @@ class Run:
         base_cfg = self.model_cfg.replace(num_labels=0)
       loaded = load_params(self.config.model.init_from, cfg=base_cfg,
                            shardings=self.trainer.base_param_shardings(base_cfg))
-      params = {k: v for k, v in loaded.params.items()
-                if not (base_cfg is not self.model_cfg and k == "lm_head")}
+      params = loaded.params
+      if base_cfg is not self.model_cfg:
+        params = {k: v for k, v in params.items() if k != "lm_head"}
       return self.trainer.init_from_params(params, self.config.train.seed)
     return self.trainer.init_state(self.config.train.seed)
 
