@@ -48,11 +48,16 @@ def _with_dtype(cfg: LlamaConfig, dtype: str | None) -> LlamaConfig:
   return cfg.replace(param_dtype=dtype, compute_dtype=dtype)
 
 
+def param_shardings(cfg: LlamaConfig, rules: LogicalRules) -> dict:
+  """NamedShardings of cfg's parameters (a pure dict) under logical rules on their mesh."""
+  return state_shardings(rules, nnx.state(nnx.eval_shape(lambda: Llama(cfg,
+                                                                      rngs=nnx.Rngs(0)))))
+
+
 def shardings_for(cfg: LlamaConfig, mesh, rules=None):
   if mesh is None:
     return None
-  abstract = nnx.state(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
-  return state_shardings(LogicalRules(mesh, *(() if rules is None else (rules,))), abstract)
+  return param_shardings(cfg, LogicalRules(mesh, *(() if rules is None else (rules,))))
 
 
 def fetch_from_hub(repo_id: str) -> Path:

@@ -99,10 +99,9 @@ class Trainer:
   def base_param_shardings(self, base_cfg: LlamaConfig | None = None) -> dict:
     """Shardings of a base model's parameters (default: this model's), without adapters:
     what init_from loads. A classifier's base may be a language model (base_cfg)."""
-    shardings = self.param_shardings
-    if base_cfg is not None:
-      shardings = state_shardings(self.rules, nnx.state(nnx.eval_shape(
-          lambda: Llama(base_cfg, rngs=nnx.Rngs(0)))))
+    from jaxlm.loading import param_shardings
+    shardings = self.param_shardings if base_cfg is None else param_shardings(base_cfg,
+                                                                               self.rules)
     return subsets.select(shardings, lambda path, _: path[-1] not in LORA_KEYS)
 
   def model_params(self, state) -> dict:
