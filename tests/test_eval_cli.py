@@ -73,7 +73,7 @@ def test_evaluation_is_sharded_by_the_recipes_mesh(tiny_config, tmp_path):
   results = []
   for data, fsdp, tensor in ((1, 8, 1), (4, 1, 2)):
     layout = tiny_config(mesh__data=data, mesh__fsdp=fsdp, mesh__tensor=tensor)
-    model = run.load_eval_model(tmp_path / "run", run.eval_mesh(layout))
+    model = run.load_eval_model(tmp_path / "run", run.config_mesh(layout))
     kernel = model.params["layers"]["attention"]["q_proj"]["kernel"]
     # Placed by logical axes as it loads: each device holds a slice, not the whole kernel.
     assert kernel.addressable_shards[0].data.size < kernel.size

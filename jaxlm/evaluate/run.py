@@ -36,8 +36,7 @@ from jaxlm.generate.decode import generate
 from jaxlm.generate.text import eos_ids
 from jaxlm.loading import LoadedParams, load_params, resolve_source
 from jaxlm.models import Llama
-from jaxlm.parallel.mesh import build_mesh
-from jaxlm.train.loop import training_tokenizer
+from jaxlm.train.loop import check_labels, config_mesh, training_tokenizer
 
 SCORED_FORMATS = tuple(DEFAULT_PROMPTS)  # classification, pairs: a label per example
 GENERATED_FORMATS = ("sft", "chat")  # a prompt and an answer per example
@@ -88,14 +87,6 @@ def eval_config(recipe: str | None, model: str | None, overrides=()):
   return config_lib.load_config(recipe or config_lib.DEFAULT_RECIPE, overrides)
 
 
-def eval_mesh(config):
-  """The recipe's mesh (config.mesh; a workdir's is its training layout) over this machine's
-  devices: parameters load sharded by their logical axes, so a model too large for one
-  device evaluates, and jit partitions the forward passes accordingly."""
-  return build_mesh(dict(data=config.mesh.data, fsdp=config.mesh.fsdp,
-                         tensor=config.mesh.tensor))
-
-
 def load_eval_model(path: str | Path, mesh=None) -> EvalModel:
   loaded = load_params(path, mesh=mesh)
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: Llama(loaded.cfg, rngs=nnx.Rngs(0))))
@@ -143,7 +134,7 @@ def target_log_probs(model: EvalModel, batch: dict) -> np.ndarray:
 
 
 def eval_rows(config, spec: str, split: str, label_head: bool = False) -> RowBatches:
-  """The split's rows in order, each once; the last batch is padded with loss_mask 0 rows.
+  """The split's rows, each once; the last batch is padded with loss_mask 0 rows.
   label_head: rows for a classifier (see jaxlm.data.pipeline.resolve_settings)."""
   if split not in SPLITS:
     raise ValueError(f"--split must be one of {', '.join(SPLITS)}, not {split!r}.")
@@ -253,15 +244,13 @@ def greedy_completions(model: EvalModel, tok: TextTokenizer, spec: str, examples
   return predictions, [decode(e.answer) for e in examples]
 
 
-def _check_task(config, tok: TextTokenizer, vocab_size: int, generate_text: bool,
-                num_labels: int) -> None:
+def _check_task(config, tok: TextTokenizer, model_cfg, generate_text: bool) -> None:
   fmt = config.data.format
-  if num_labels and (fmt not in SCORED_FORMATS or generate_text):
-    raise ValueError(f"The model is a classifier ({num_labels} classes): evaluate it on "
-                     f"data.format 'classification' or 'pairs', without --generate.")
-  if num_labels and len(config.data.labels) != num_labels:
-    raise ValueError(f"The model has {num_labels} classes but data.labels names "
-                     f"{len(config.data.labels)}: {list(config.data.labels)}.")
+  vocab_size = model_cfg.vocab_size
+  check_labels(model_cfg, config)  # a classifier's labels, as training checks them
+  if model_cfg.num_labels and generate_text:
+    raise ValueError(f"The model is a classifier ({model_cfg.num_labels} classes): it has no "
+                     f"text to --generate.")
   if tok.vocab_size > vocab_size:
     raise ValueError(f"The tokenizer has {tok.vocab_size} tokens but the model's vocabulary "
                      f"only {vocab_size}: it was not trained with this tokenizer. Evaluate with "
@@ -285,12 +274,13 @@ def evaluate_model(config, model_path: str | Path | None = None, *, split: str =
                                  "model.init_from is set.")
   if max_batches is not None and max_batches < 1:
     raise ValueError(f"--max-batches must be at least 1, got {max_batches}.")
-  model = load_eval_model(model_path, eval_mesh(config))
+  # The recipe's mesh (a workdir's training layout): parameters load sharded by their
+  # logical axes, so a model too large for one device evaluates.
+  model = load_eval_model(model_path, config_mesh(config))
   spec = tokenizer_spec(config, model_path, model.loaded)
   tok = TextTokenizer(spec, config.data.chat_template)
   head = model.loaded.cfg.num_labels > 0
-  _check_task(config, tok, model.loaded.cfg.vocab_size, generate_text,
-              model.loaded.cfg.num_labels)
+  _check_task(config, tok, model.loaded.cfg, generate_text)
   rows = eval_rows(config, spec, split, label_head=head)
   # Text is only counted; a split of a large corpus need not be held in memory as examples.
   keep = (config.data.format in SCORED_FORMATS and not head) or generate_text

@@ -79,6 +79,12 @@ def teacher_options(config, model_cfg) -> dict:
               distill_alpha=float(d.alpha))
 
 
+def config_mesh(config):
+  """config.mesh (data / fsdp / tensor sizes, -1 = the rest) over this machine's devices."""
+  return build_mesh(dict(data=config.mesh.data, fsdp=config.mesh.fsdp,
+                         tensor=config.mesh.tensor))
+
+
 def check_labels(model_cfg, config) -> None:
   """A classifier's head needs a label per example and as many labels as it has classes."""
   if not model_cfg.num_labels:
@@ -147,8 +153,7 @@ class Run:
   @classmethod
   def build(cls, config) -> "Run":
     model_cfg = config_lib.model_config(config)
-    mesh = build_mesh(dict(data=config.mesh.data, fsdp=config.mesh.fsdp,
-                           tensor=config.mesh.tensor))
+    mesh = config_mesh(config)
     check_layout(model_cfg, mesh, config)
     check_labels(model_cfg, config)
     tx, schedule = make_optimizer(config.optim, config.train.steps)
