@@ -77,6 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
       # stop: end the run naming the step and the last good checkpoint; skip: drop the
       # update of any step whose loss or gradients are not finite, and keep going
       "on_nonfinite": "stop",
+      # XLA executables kept across runs, so a resumed or repeated run loads its steps
+      # instead of compiling them again ("" disables; JAX_COMPILATION_CACHE_DIR wins).
+      "compilation_cache_dir": "~/.cache/jaxlm/xla",
       # Stop when `metric` (an evaluation metric, e.g. eval_loss) has not improved by more
       # than min_delta for `patience` evaluations; the best checkpoint is kept and is what
       # loading the workdir gives. "" disables.

@@ -1,9 +1,17 @@
-"""Eight simulated CPU devices for every test, set before JAX initialises."""
+"""Eight simulated CPU devices for every test, set before JAX initialises, and one
+persistent compilation cache for the session: the tests build the same tiny models again and
+again (and in subprocesses), and a cached executable loads in milliseconds where compiling
+takes seconds. The cache is new for every session, so nothing compiled elsewhere is reused."""
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# In the environment, so that the processes tests start share it too.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxlm-xla-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

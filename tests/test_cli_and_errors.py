@@ -1,4 +1,5 @@
 """The command line, and bad input that must fail early with the numbers and the fix."""
+import os
 import subprocess
 import sys
 
@@ -71,6 +72,26 @@ def test_train_then_generate_from_the_command_line(token_cache, tmp_path, capsys
                    "--max-new-tokens", "5"]) == 0
   text = capsys.readouterr().out
   assert text.startswith("It is a truth") and len(text.strip()) > len("It is a truth")
+
+
+def test_a_second_run_loads_its_steps_from_the_compilation_cache(token_cache, tmp_path):
+  cache = tmp_path / "xla"
+  # Not the session's cache (conftest.py): this run's own, named by the config.
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+
+  def train_in_a_process(name):
+    subprocess.run([sys.executable, "-m", "jaxlm.cli", "train", "--workdir",
+                    str(tmp_path / name), "--config.model.preset=tiny",
+                    "--config.model.vocab_size=4096", "--config.data.seq_len=32",
+                    "--config.data.batch_size=8", "--config.train.steps=2",
+                    "--config.train.eval_every=0", f"--config.data.cache_dir={token_cache}",
+                    f"--config.train.compilation_cache_dir={cache}"],
+                   env=env, check=True, capture_output=True)
+    return set(os.listdir(cache))
+
+  compiled = train_in_a_process("first")
+  assert compiled  # the run's programs, the train step among them
+  assert train_in_a_process("second") == compiled  # found every one: nothing compiled anew
 
 
 @pytest.mark.parametrize("recipe", ["tiny_demo", "ref_1b", "tang_zh"])

@@ -261,9 +261,18 @@ def _check_finite(metrics: dict, step: int, checkpointer: Checkpointer) -> None:
         f"{checkpointer.directory}. Lower optim.learning_rate or enable optim.grad_clip_norm.")
 
 
+def use_compilation_cache(directory: str) -> None:
+  """JAX's persistent compilation cache in `directory`, unless one is set already (e.g. by
+  JAX_COMPILATION_CACHE_DIR) or `directory` is empty. Only programs that took a second or
+  more to compile are kept (JAX's default threshold)."""
+  if directory and not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", str(Path(directory).expanduser()))
+
+
 def train(config, workdir: str | Path) -> dict:
   """Trains until config.train.steps; returns the last logged metrics."""
   workdir = Path(workdir).expanduser().absolute()
+  use_compilation_cache(config.train.compilation_cache_dir)
   is_main = jax.process_index() == 0
   run = Run.build(config)
   model_cfg, trainer = run.model_cfg, run.trainer
