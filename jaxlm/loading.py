@@ -1,6 +1,9 @@
 """Load any model jaxlm understands — a Hugging Face directory, a jaxlm model directory, a
 GGUF file or a hub id when online — and write jaxlm model directories and HF exports.
 
+BERT / RoBERTa encoders load from their Hugging Face directories (and from training workdirs)
+and export back to them; jaxlm model directories hold decoders only.
+
 A jaxlm model directory holds jaxlm_model.json (the LlamaConfig, the family and the source
 config.json), params/ (an Orbax checkpoint of the parameters) and the tokenizer files.
 Writes go to a temporary sibling that is renamed into place only when complete, so a failed
@@ -26,6 +29,7 @@ from jaxlm.convert import hf as hf_io
 from jaxlm.convert.errors import ConversionError
 from jaxlm.convert.hf_config import family_for, label_names, model_fields, write_hf_config
 from jaxlm.models import Llama, LlamaConfig
+from jaxlm.models.factory import abstract_model, encoder_family, is_encoder
 from jaxlm.parallel.rules import LogicalRules, state_shardings
 
 MODEL_FILE = "jaxlm_model.json"
@@ -50,8 +54,7 @@ def _with_dtype(cfg: LlamaConfig, dtype: str | None) -> LlamaConfig:
 
 def param_shardings(cfg: LlamaConfig, rules: LogicalRules) -> dict:
   """NamedShardings of cfg's parameters (a pure dict) under logical rules on their mesh."""
-  return state_shardings(rules, nnx.state(nnx.eval_shape(lambda: Llama(cfg,
-                                                                      rngs=nnx.Rngs(0)))))
+  return state_shardings(rules, nnx.state(abstract_model(cfg)))
 
 
 def shardings_for(cfg: LlamaConfig, mesh, rules=None):
@@ -95,11 +98,25 @@ def read_config(path: str | Path) -> tuple[LlamaConfig, str]:
   if (path / MODEL_FILE).is_file():
     meta = json.loads((path / MODEL_FILE).read_text())
     return LlamaConfig(**meta["model"]), meta["family"]
+  if _is_encoder_directory(path):
+    from jaxlm.convert.bert_hf import read_bert_config
+    cfg, family, _ = read_bert_config(path)
+    return cfg, family
   if hf_io.is_hf_directory(path):
     cfg, family, _ = hf_io.read_hf_directory_config(path)
     return cfg, family
   raise ConversionError(f"{path} is neither a Hugging Face model directory (config.json + "
                         f"safetensors), a jaxlm model directory ({MODEL_FILE}) nor a .gguf file.")
+
+
+def _is_encoder_directory(path: Path) -> bool:
+  from jaxlm.convert.bert_weights import FAMILIES
+  return hf_io.is_hf_directory(path) and json.loads(
+      (path / "config.json").read_text())["model_type"] in FAMILIES
+
+
+def model_family(cfg) -> str:
+  return encoder_family(cfg) if is_encoder(cfg) else family_for(cfg)
 
 
 def load_params(path: str | Path, *, cfg: LlamaConfig | None = None, mesh=None,
@@ -126,9 +143,26 @@ def load_params(path: str | Path, *, cfg: LlamaConfig | None = None, mesh=None,
     labels = meta.get("labels")
     return LoadedParams(cfg, params, family, meta.get("hf_config"), path,
                         labels=tuple(labels) if labels else None)
+  if _is_encoder_directory(path):
+    return _load_encoder_directory(path, cfg, shardings)
   _, _, hf = hf_io.read_hf_directory_config(path)
   return LoadedParams(cfg, hf_io.load_hf_params(path, cfg, shardings), family, hf, path,
                       labels=label_names(hf))
+
+
+def _load_encoder_directory(path: Path, cfg, shardings) -> LoadedParams:
+  """An HF BERT / RoBERTa directory into cfg (its own architecture, with or without the
+  masked-LM head, in cfg's parameter dtype)."""
+  from jaxlm.convert.bert_hf import load_bert, read_bert_config
+  source, family, hf = read_bert_config(path)
+  if cfg.mlm_head and not source.mlm_head:
+    raise ConversionError(f"{path} has no masked-LM head ({hf.get('architectures')}); load it "
+                          f"into a config with mlm_head=False.")
+  _, params = load_bert(path, shardings)
+  if not cfg.mlm_head:
+    params = {k: v for k, v in params.items() if k != "mlm_head"}
+  params = jax.tree.map(lambda x: x.astype(cfg.param_dtype), params)
+  return LoadedParams(cfg, params, family, hf, path)
 
 
 def _load_workdir(workdir: Path, cfg: LlamaConfig, shardings) -> LoadedParams:
@@ -149,7 +183,7 @@ def _load_workdir(workdir: Path, cfg: LlamaConfig, shardings) -> LoadedParams:
         else None
   from jaxlm.train.loop import training_tokenizer
   has_tokenizer = source is not None and (source / "tokenizer.json").is_file()
-  return LoadedParams(cfg, params, family_for(cfg), hf, source,
+  return LoadedParams(cfg, params, model_family(cfg), hf, source,
                       tokenizer_file=None if has_tokenizer else training_tokenizer(config),
                       labels=(tuple(config.data.labels) or None) if cfg.num_labels else None)
 
@@ -213,7 +247,7 @@ def load_model(path: str | Path, mesh=None, dtype: str | None = None) -> Llama:
   [batch, seq, vocab]. dtype sets parameter and compute dtype (default float32); with a
   mesh the weights are placed sharded as they load."""
   loaded = load_params(path, mesh=mesh, dtype=dtype)
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: Llama(loaded.cfg, rngs=nnx.Rngs(0))))
+  graphdef, _ = nnx.split(abstract_model(loaded.cfg))
   return nnx.merge(graphdef, loaded.params)
 
 
@@ -250,6 +284,10 @@ def _copy_sidecars(loaded: LoadedParams, dest: Path) -> None:
 
 
 def save_model_dir(loaded: LoadedParams, out: str | Path) -> Path:
+  if is_encoder(loaded.cfg):
+    raise ConversionError("BERT / RoBERTa models are used straight from their Hugging Face "
+                          "directory (model.init_from, --model); jaxlm model directories hold "
+                          "decoders only. Export a trained encoder with --to-hf.")
   out = Path(out)
   with _atomic_directory(out) as tmp:
     with ocp.StandardCheckpointer() as checkpointer:
@@ -268,6 +306,8 @@ def save_hf_dir(loaded: LoadedParams, out: str | Path, *, dtype: str | None = No
   """An HF directory that transformers' from_pretrained loads."""
   dtype = dtype or hf_io.source_dtype(loaded.hf_config or {})
   out = Path(out)
+  if is_encoder(loaded.cfg):
+    return _save_encoder_hf_dir(loaded, out, dtype, max_shard_gb)
   with _atomic_directory(out) as tmp:
     hf_io.save_hf_params(tmp, loaded.cfg, loaded.params, dtype=dtype,
                          max_shard_bytes=int(max_shard_gb * 2**30))
@@ -276,6 +316,19 @@ def save_hf_dir(loaded: LoadedParams, out: str | Path, *, dtype: str | None = No
     config = write_hf_config(loaded.cfg, loaded.family or family_for(loaded.cfg), dtype=dtype,
                              base=base, labels=loaded.labels)
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
+  return out.expanduser().absolute()
+
+
+def _save_encoder_hf_dir(loaded: LoadedParams, out: Path, dtype: str,
+                         max_shard_gb: float) -> Path:
+  """{Bert,Roberta}ForMaskedLM weights and config.json (the source's keys kept, so token ids
+  survive), with the tokenizer files."""
+  from jaxlm.convert.bert_hf import save_bert
+  with _atomic_directory(out) as tmp:
+    _copy_sidecars(loaded, tmp)
+    base = {**_special_token_ids(tmp), **(loaded.hf_config or {})}
+    save_bert(loaded.cfg, loaded.params, tmp, loaded.family or encoder_family(loaded.cfg),
+              dtype, base=base, max_shard_bytes=int(max_shard_gb * 2**30))
   return out.expanduser().absolute()
 
 

@@ -17,15 +17,18 @@ from jaxlm.loading import load_params, save_hf_dir, save_model_dir  # noqa: E402
 VOCAB = 128
 EOS = 127
 LENGTHS = (12, 7, 3)  # rows of different lengths, right-padded to the first
+HEAD_WEIGHTS = ("score.weight", "classifier.weight")  # classifier: GPT2ForTokenClassification
 
 
 def randomize(model):
-  """Norm weights, biases and the score at scale 1, so that a dropped or misplaced one shows
-  in the logits (HF initialises the score at std 0.02, which would hide a transposed one)."""
+  """Norm weights and biases (a head's too) at std 0.5 and the head's weight at 1, so that a
+  dropped or misplaced one shows in the logits (HF initialises the head at std 0.02 and its
+  bias at 0, which would hide a transposed or dropped one)."""
   with torch.no_grad():
     for name, param in model.named_parameters():
-      if name.endswith("bias") or "norm" in name or ".ln_" in name or name == "score.weight":
-        param.normal_(0, 0.5 if name != "score.weight" else 1.0)
+      head = name in HEAD_WEIGHTS
+      if name.endswith("bias") or "norm" in name or ".ln_" in name or head:
+        param.normal_(0, 1.0 if head else 0.5)
   return model
 
 

@@ -122,10 +122,10 @@ def test_mismatched_tensors_are_listed_by_name(tmp_path):
 
 
 def test_unsupported_architecture_and_pickle_are_refused(tmp_path):
-  (tmp_path / "bert").mkdir()
-  (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
-  with pytest.raises(ConversionError, match="Supported: llama, mistral, qwen2"):
-    load_params(tmp_path / "bert")
+  (tmp_path / "t5").mkdir()
+  (tmp_path / "t5" / "config.json").write_text(json.dumps({"model_type": "t5"}))
+  with pytest.raises(ConversionError, match="Supported: llama, mistral, qwen2.*bert, roberta"):
+    load_params(tmp_path / "t5")
   _, path = build_hf("llama3", tmp_path)
   (path / "model.safetensors").rename(path / "pytorch_model.bin")
   with pytest.raises(ConversionError, match="pickle"):

@@ -160,3 +160,80 @@ def save_bert(cfg: BertConfig, params: dict, out_dir: str | Path, family: str,
   config = hf_config_for(cfg, family, dtype=dtype, base=base)
   (out / "config.json").write_text(json.dumps(config, indent=2))
   return out
+
+
+_SPECIAL_TOKENS = {"bert": ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"),
+                   "roberta": ("<s>", "<pad>", "</s>", "<unk>", "<mask>")}
+
+
+def _train_tokenizer(family: str, texts, vocab_size: int):
+  """A WordPiece (BERT) or byte-level BPE (RoBERTa) tokenizer trained on texts, with the
+  family's special tokens and post-processor."""
+  from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+  from tokenizers import trainers
+  specials = list(_SPECIAL_TOKENS[family])
+  if family == "bert":
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials)
+  else:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(texts, trainer)
+  ids = {t: tok.token_to_id(t) for t in specials}
+  if family == "bert":
+    tok.post_processor = processors.BertProcessing(("[SEP]", ids["[SEP]"]),
+                                                   ("[CLS]", ids["[CLS]"]))
+  else:
+    tok.post_processor = processors.RobertaProcessing(("</s>", ids["</s>"]), ("<s>", ids["<s>"]))
+  return tok
+
+
+def _embedded_texts():
+  import gzip
+  from jaxlm.data.text import EMBEDDED_CORPUS
+  with gzip.open(EMBEDDED_CORPUS, "rt") as f:
+    return [json.loads(line)["text"] for line in f]
+
+
+def save_random_encoder(out_dir: str | Path, family: str = "bert", *, texts=None,
+                        vocab_size: int = 2048, hidden_size: int = 128, num_layers: int = 2,
+                        num_heads: int = 2, mlp_dim: int = 512, max_positions: int = 512,
+                        seed: int = 0) -> Path:
+  """A randomly initialised {Bert,Roberta}ForMaskedLM and a tokenizer trained on `texts`
+  (default: the embedded Austen corpus), written with transformers' save_pretrained: a
+  stand-in for a downloaded checkpoint where there is none (offline, tests).
+
+    python -c "from jaxlm.convert.bert_hf import save_random_encoder as s; s('models/bert')"
+  """
+  import torch
+  import transformers
+  if family not in CLASS_PREFIX:
+    raise ValueError(f"family must be one of {', '.join(CLASS_PREFIX)}, not {family!r}.")
+  tok = _train_tokenizer(family, _embedded_texts() if texts is None else texts, vocab_size)
+  names = dict(zip(("pad", "unk", "cls", "sep", "mask") if family == "bert" else
+                   ("bos", "pad", "eos", "unk", "mask"), _SPECIAL_TOKENS[family]))
+  if family == "roberta":
+    names.update(cls=names["bos"], sep=names["eos"])
+  hf_tokenizer = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, **{f"{k}_token": v for k, v in names.items()})
+  roberta = family == "roberta"
+  pad_id = tok.token_to_id(names["pad"])
+  config = getattr(transformers, CLASS_PREFIX[family] + "Config")(
+      vocab_size=tok.get_vocab_size(), hidden_size=hidden_size, num_hidden_layers=num_layers,
+      num_attention_heads=num_heads, intermediate_size=mlp_dim,
+      # RoBERTa's first pad_token_id + 1 positions are never used by tokens.
+      max_position_embeddings=max_positions + (pad_id + 1 if roberta else 0),
+      pad_token_id=pad_id, **({"bos_token_id": tok.token_to_id("<s>"),
+                               "eos_token_id": tok.token_to_id("</s>")} if roberta else {}))
+  torch.manual_seed(seed)
+  model = getattr(transformers, CLASS_PREFIX[family] + "ForMaskedLM")(config)
+  out = Path(out_dir)
+  model.save_pretrained(out)
+  hf_tokenizer.save_pretrained(out)
+  return out

@@ -9,10 +9,14 @@ from jaxlm.models.config import LlamaConfig
 FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
-CLASSIFIER_ARCHITECTURES = {"llama": "LlamaForSequenceClassification",
-                            "mistral": "MistralForSequenceClassification",
-                            "qwen2": "Qwen2ForSequenceClassification",
-                            "gpt2": "GPT2ForSequenceClassification"}
+# LlamaConfig.classifier -> the suffix of the HF classes with that head.
+CLASSIFIER_SUFFIXES = {"sequence": "ForSequenceClassification",
+                       "token": "ForTokenClassification"}
+_CLASS_PREFIXES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gpt2": "GPT2"}
+# classifier -> family -> HF architecture, e.g. ["token"]["qwen2"] = Qwen2ForTokenClassification
+CLASSIFIER_ARCHITECTURES = {kind: {family: prefix + suffix
+                                   for family, prefix in _CLASS_PREFIXES.items()}
+                            for kind, suffix in CLASSIFIER_SUFFIXES.items()}
 # GPT-2 options that change the computation, at the only values jaxlm computes (HF's defaults).
 GPT2_FIXED = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
               "reorder_and_upcast_attn": False, "add_cross_attention": False}
@@ -20,7 +24,8 @@ GPT2_FIXED = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": Fal
 ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                        "resolved_head_dim", "mlp_dim", "max_seq_len", "norm_eps", "norm_type",
                        "position_embedding", "mlp_type", "qkv_bias", "attention_out_bias",
-                       "mlp_bias", "sliding_window", "tie_embeddings", "num_labels")
+                       "mlp_bias", "sliding_window", "tie_embeddings", "num_labels",
+                       "classifier")
 ROPE_FIELDS = ("rope_theta", "rope_scaling")
 
 
@@ -40,13 +45,25 @@ def read_hf_config(hf: dict) -> tuple[LlamaConfig, str]:
     raise ConversionError(
         f"Unsupported architecture model_type={family!r} "
         f"({', '.join(hf.get('architectures') or [])}). Supported: "
-        f"{', '.join(FAMILIES)} (Llama 2/3/3.1/3.2, Mistral, Qwen2, GPT-2).")
+        f"{', '.join(FAMILIES)} (Llama 2/3/3.1/3.2, Mistral, Qwen2, GPT-2), and the encoders "
+        f"bert, roberta.")
   read = _read_gpt2 if family == "gpt2" else _read_llama
-  return read(hf, family).replace(num_labels=num_labels(hf)), family
+  return read(hf, family).replace(num_labels=num_labels(hf),
+                                  classifier=classifier_kind(hf) or "sequence"), family
+
+
+def classifier_kind(hf: dict) -> str | None:
+  """"sequence" or "token" (LlamaConfig.classifier) for a classifier's config.json, None
+  for a language model's."""
+  for architecture in hf.get("architectures") or []:
+    for kind, suffix in CLASSIFIER_SUFFIXES.items():
+      if architecture.endswith(suffix):
+        return kind
+  return None
 
 
 def is_classifier(hf: dict) -> bool:
-  return any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or [])
+  return classifier_kind(hf) is not None
 
 
 def num_labels(hf: dict) -> int:
@@ -76,6 +93,12 @@ def _read_llama(hf: dict, family: str) -> LlamaConfig:
     problems.append("Llama attention_bias / mlp_bias (biases on o_proj or the MLP)")
   if family == "qwen2" and hf.get("use_sliding_window"):
     problems.append("Qwen2 use_sliding_window=true (per-layer windows)")
+  # GenericForTokenClassification's score has a bias unless this says otherwise (GPT-2's
+  # classifier always has one); jaxlm's token head always has one.
+  if classifier_kind(hf) == "token" and not hf.get("token_classification_bias", True):
+    problems.append("token_classification_bias=false (jaxlm's token classifier head always "
+                    "has a bias: save the model with a zero score.bias and "
+                    "token_classification_bias=true to convert it)")
   _refuse(problems)
   theta, scaling = _rope(hf)
   heads = hf["num_attention_heads"]
@@ -130,10 +153,12 @@ def write_hf_config(cfg: LlamaConfig, family: str | None = None, *, dtype: str,
   export would silently compute something else)."""
   family = family or family_for(cfg)
   hf = dict(base or {})
+  # token_classification_bias: HF's default (true) is what jaxlm's token head computes.
   for stale in ("rope_scaling", "rope_theta", "torch_dtype", "rope_parameters", "id2label",
-                "label2id", "num_labels"):
+                "label2id", "num_labels", "token_classification_bias"):
     hf.pop(stale, None)
-  architectures = CLASSIFIER_ARCHITECTURES if cfg.num_labels else ARCHITECTURES
+  architectures = (CLASSIFIER_ARCHITECTURES[cfg.classifier] if cfg.num_labels
+                   else ARCHITECTURES)
   hf.update({"architectures": [architectures[family]], "model_type": family,
              "vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
              "initializer_range": cfg.init_std, "dtype": dtype})
@@ -176,6 +201,8 @@ def _classifier_fields(cfg: LlamaConfig, hf: dict, labels: tuple[str, ...] | Non
                           f"of num_labels={cfg.num_labels}.")
   fields = {"num_labels": cfg.num_labels, "id2label": {str(i): n for i, n in enumerate(names)},
             "label2id": {name: i for i, name in enumerate(names)}}
+  if cfg.classifier == "token":  # logits at every token: no pooling, so no pad token needed
+    return fields
   # transformers pools each row at its last token that is not pad_token_id and refuses
   # batches of more than one row without one. A base without a pad token gets its eos: our
   # training pools at the last token it reads, and a text's eos is a target, never read, so
@@ -192,6 +219,8 @@ def _classifier_fields(cfg: LlamaConfig, hf: dict, labels: tuple[str, ...] | Non
 def _check_expressed(cfg: LlamaConfig, hf: dict, family: str) -> None:
   back, _ = read_hf_config(hf)
   fields = ARCHITECTURE_FIELDS + (ROPE_FIELDS if cfg.position_embedding == "rope" else ())
+  if not cfg.num_labels:  # a language model has no head for `classifier` to describe
+    fields = tuple(name for name in fields if name != "classifier")
   lost = [f"{name}={getattr(cfg, name)!r}" for name in fields
           if getattr(back, name) != getattr(cfg, name)]
   if lost:

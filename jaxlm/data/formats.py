@@ -8,6 +8,9 @@ trained on (loss_mask 1) or only conditioned on.
                                              tokenizer's chat template or data.chat_template
   classification  {text, label}              prompt_template conditioned, " " + label trained
   pairs           {text_a, text_b, label}    likewise
+  tagging         {tokens: [word, ...], tags: [tag, ...]}
+                                             a tag per word, for a token classifier (NER);
+                                             words joined by data.word_separator
 
 A label is a string from data.labels or an int indexing it. For a classification head
 (label_head=True) the label is not text: the example is the rendered prompt alone and carries
@@ -23,8 +26,10 @@ from jaxlm.data.clean import strip_html
 from jaxlm.data.sources import DataError
 
 FIELDS = {"text": ("text",), "sft": ("prompt", "completion"), "chat": ("messages",),
-          "classification": ("text",), "pairs": ("text_a", "text_b")}
+          "classification": ("text",), "pairs": ("text_a", "text_b"),
+          "tagging": ("tokens", "tags")}
 DEFAULT_PROMPTS = {"classification": "{text}\nLabel:", "pairs": "{text_a}\n{text_b}\nLabel:"}
+HEAD_FORMATS = ("classification", "pairs", "tagging")  # formats a classifier (num_labels) reads
 
 
 class RowError(ValueError):
@@ -37,12 +42,14 @@ class Example:
   chars: int  # characters of the row's own text, compared with data.min_chars
   eos: bool  # ends with the end-of-text token; chat templates close their turns themselves
   label: int | None = None  # the class index, for a classification head
+  tags: tuple[int, ...] | None = None  # for tagging: each part is a word, this its tag index
 
 
 class Formatter:
 
   def __init__(self, fmt: str, *, labels=(), prompt_template: str = "",
-               strip_html: bool = False, tokenizer=None, label_head: bool = False):
+               strip_html: bool = False, tokenizer=None, label_head: bool = False,
+               word_separator: str = " "):
     if fmt not in FIELDS:
       raise DataError(f"data.format must be one of {', '.join(FIELDS)}, not {fmt!r}.")
     self.fmt = fmt
@@ -50,13 +57,18 @@ class Formatter:
     self.strip_html = strip_html
     self.tokenizer = tokenizer
     self.label_head = label_head
+    self.word_separator = word_separator
     self.prompt_template = prompt_template or DEFAULT_PROMPTS.get(fmt, "")
-    if label_head and fmt not in DEFAULT_PROMPTS:
+    if label_head and fmt not in HEAD_FORMATS:
       raise DataError(f"A classification head (model.num_labels > 0) needs data.format "
-                      f"'classification' or 'pairs', not {fmt!r}.")
+                      f"'classification' or 'pairs' (a label per example) or 'tagging' (a tag "
+                      f"per word), not {fmt!r}.")
+    if fmt == "tagging" and not label_head:
+      raise DataError("data.format = 'tagging' trains a token classifier: set model.num_labels "
+                      "to the number of data.labels (the tag set).")
+    if fmt in HEAD_FORMATS and not self.labels:
+      raise DataError(f"data.format = {fmt!r} needs data.labels, the allowed label names.")
     if fmt in DEFAULT_PROMPTS:
-      if not self.labels:
-        raise DataError(f"data.format = {fmt!r} needs data.labels, the allowed label names.")
       used = {name for _, name, _, _ in string.Formatter().parse(self.prompt_template) if name}
       if not used <= set(FIELDS[fmt]):
         raise DataError(f"data.prompt_template {self.prompt_template!r} uses "
@@ -66,6 +78,8 @@ class Formatter:
   def __call__(self, row: dict) -> Example:
     if self.fmt == "chat":
       return self._chat(row)
+    if self.fmt == "tagging":
+      return self._tagging(row)
     fields = {name: self._text(row, name) for name in FIELDS[self.fmt]}
     chars = sum(map(len, fields.values()))
     if self.fmt == "text":
@@ -90,18 +104,40 @@ class Formatter:
     return self._clean(row[name])
 
   def _label(self, row: dict) -> str:
-    label = row.get("label")
-    if label is None:
+    if row.get("label") is None:
       raise RowError("missing field 'label'")
+    return self._label_name(row["label"], "label")
+
+  def _label_name(self, label, what: str) -> str:
     if isinstance(label, str):
       if label not in self.labels:
-        raise RowError(f"label {label!r} is not one of data.labels {list(self.labels)}")
+        raise RowError(f"{what} {label!r} is not one of data.labels {list(self.labels)}")
       return label
     if isinstance(label, int) and not isinstance(label, bool):
       if not 0 <= label < len(self.labels):
-        raise RowError(f"label index {label} is outside data.labels (0..{len(self.labels) - 1})")
+        raise RowError(f"{what} index {label} is outside data.labels "
+                       f"(0..{len(self.labels) - 1})")
       return self.labels[label]
-    raise RowError(f"label must be a string or an int index, got {type(label).__name__}")
+    raise RowError(f"{what} must be a string or an int index, got {type(label).__name__}")
+
+  def _tagging(self, row: dict) -> Example:
+    words, tags = row.get("tokens"), row.get("tags")
+    for name, value in (("tokens", words), ("tags", tags)):
+      if not isinstance(value, list) or not value:
+        raise RowError(f"field {name!r} must be a non-empty list (has "
+                       f"{', '.join(map(repr, row)) or 'none'})")
+    if len(words) != len(tags):
+      raise RowError(f"{len(words)} tokens but {len(tags)} tags: need one tag per token")
+    bad = [i for i, word in enumerate(words) if not isinstance(word, str) or not word.strip()]
+    if bad:
+      raise RowError(f"tokens[{bad[0]}] must be a non-empty string, got {words[bad[0]]!r}")
+    names = [self._label_name(tag, f"tags[{i}]") for i, tag in enumerate(tags)]
+    # The separator (a space) goes before every word but the first: a byte-level BPE then
+    # gives each word the tokens it has in running text (see jaxlm/evaluate/ner.py).
+    parts = tuple((self._clean(word) if i == 0 else self.word_separator + self._clean(word),
+                   True) for i, word in enumerate(words))
+    return Example(parts, sum(map(len, words)), eos=True,
+                   tags=tuple(self.labels.index(name) for name in names))
 
   def _chat(self, row: dict) -> Example:
     messages = row.get("messages")

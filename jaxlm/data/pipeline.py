@@ -25,10 +25,14 @@ are ignored):
                            a classification head
   stride = 0               window step in tokens; 0 = seq_len (no overlap)
   text_unit = "document"   what one document of a .txt file is: line | paragraph | document
-  labels = ()              allowed labels (classification, pairs); an int label indexes it
+  labels = ()              allowed labels (classification, pairs) or tags (tagging); an int
+                           label indexes it
   prompt_template = ""     classification / pairs prompt; "" = "{text}\\nLabel:" or
                            "{text_a}\\n{text_b}\\nLabel:"; the target is " " + label
+  word_separator = " "     tagging: what goes between words ("" for Chinese characters)
   chat_template = ""       Jinja chat template replacing the tokenizer's own
+  add_special_tokens = False  text: encode each document with the tokenizer's post-processor,
+                           e.g. [CLS] ... [SEP] (BERT) or <s> ... </s> (RoBERTa)
   strip_html = False       keep only the visible text of HTML
   min_chars = 1            drop examples with fewer characters of text
   dedupe = True            drop exact duplicates (across all sources, before the split)
@@ -65,7 +69,9 @@ DEFAULTS = {
     "text_unit": "document",
     "labels": (),
     "prompt_template": "",
+    "word_separator": " ",
     "chat_template": "",
+    "add_special_tokens": False,
     "strip_html": False,
     "min_chars": 1,
     "dedupe": True,
@@ -98,6 +104,9 @@ def resolve_settings(data_config: Mapping, seq_len: int, label_head: bool = Fals
   if settings["text_unit"] not in TEXT_UNITS:
     raise DataError(f"data.text_unit must be one of {', '.join(TEXT_UNITS)}, not "
                     f"{settings['text_unit']!r}.")
+  if settings["add_special_tokens"] and settings["format"] != "text":
+    raise DataError(f"data.add_special_tokens wraps whole documents, so it needs data.format = "
+                    f"'text', not {settings['format']!r} (templates carry their own tokens).")
   check_budget_value(settings["error_budget"])
   check_shaping(settings["shaping"], settings["overflow"], settings["stride"] or seq_len, seq_len)
   return settings
@@ -128,7 +137,7 @@ def prepare_data(data_config: Mapping, tokenizer, seq_len: int, seed: int,
   settings = resolve_settings(data_config, seq_len, label_head)
   sources = [parse_source(spec) for spec in settings["sources"]]
   _check_renames(sources, settings["format"])
-  tok = TextTokenizer(tokenizer, settings["chat_template"])
+  tok = TextTokenizer(tokenizer, settings["chat_template"], settings["add_special_tokens"])
   return prepare_rows(sources, tok, settings, seq_len, seed)
 
 

@@ -13,7 +13,9 @@ piece its own padded row.
 
 With class labels (a classification head) every example is one piece, and its only target
 is its label's index at its last pair: the last token the decoder reads, the one that has
-seen the whole text (what transformers' *ForSequenceClassification pools).
+seen the whole text (what transformers' *ForSequenceClassification pools). With tags (a token
+classifier) every example is one piece too, and each token with a tag has it as the target
+at its own position (what *ForTokenClassification predicts), not at the next token's.
 """
 from __future__ import annotations
 
@@ -51,6 +53,7 @@ class Pieces:
   size: np.ndarray  # its number of pairs
   loss_from: np.ndarray  # its first pair with a loss
   label: np.ndarray | None = None  # its example's class index, for a classification head
+  tags: np.ndarray | None = None  # a tag index per token of ids (-1: none), for a token classifier
 
   def select(self, mask: np.ndarray) -> "Pieces":
     fields = ("example", "window", "start", "size", "loss_from") + (
@@ -78,12 +81,13 @@ def _cut(length: int, seq_len: int, overflow: str, stride: int):
 
 
 def cut_pieces(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int, *, overflow: str,
-               stride: int = 0, labels: np.ndarray | None = None
-               ) -> tuple[Pieces, collections.Counter]:
+               stride: int = 0, labels: np.ndarray | None = None,
+               tags: list[np.ndarray] | None = None) -> tuple[Pieces, collections.Counter]:
   """examples: (token ids, trained flag per token); labels: a class index per example, for a
-  classification head (then overflow must not be "window": one piece per example). Pieces
+  classification head; tags: a tag index per token of each example (-1: none), for a token
+  classifier. With either, overflow must not be "window" (one piece per example). Pieces
   without any loss are dropped."""
-  if labels is not None and overflow == "window":
+  if (labels is not None or tags is not None) and overflow == "window":
     raise DataError("A classification head needs one piece per example: set data.overflow to "
                     "truncate_right (keep the start), truncate_left (keep the end) or drop.")
   stride = stride or seq_len
@@ -92,6 +96,10 @@ def cut_pieces(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int, *, o
   offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
   ids = np.concatenate([e[0] for e in examples] or [np.zeros(0, np.int32)])
   trained = np.concatenate([e[1] for e in examples] or [np.zeros(0, bool)]).astype(bool)
+  if tags is not None:
+    tags = np.concatenate(tags or [np.zeros(0, np.int64)]).astype(np.int64)
+    # Pair j is scored at its input token j, not at its target token j + 1.
+    trained = np.concatenate([[False], tags[:-1] >= 0]) if len(tags) else trained
   kept = []
   for index, (offset, length) in enumerate(zip(offsets, lengths)):
     cut = _cut(int(length), seq_len, overflow, stride) if length > 1 else []
@@ -102,7 +110,7 @@ def cut_pieces(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int, *, o
       else:
         stats["dropped_no_loss"] += 1
   columns = [np.array(c, np.int64) for c in zip(*kept)] or [np.zeros(0, np.int64)] * 5
-  pieces = Pieces(ids, trained, *columns)
+  pieces = Pieces(ids, trained, *columns, tags=tags)
   if labels is not None:
     pieces.label = np.asarray(labels, np.int64)[pieces.example]
   return pieces, stats
@@ -155,7 +163,11 @@ def pack_rows(pieces: Pieces, seq_len: int, shaping: str) -> dict[str, np.ndarra
   dst = np.repeat(row * seq_len + offset, size) + w
   rows = {f: np.zeros(num_rows * seq_len, np.int32) for f in FIELDS}
   rows["input_ids"][dst] = pieces.ids[src]
-  if pieces.label is None:
+  if pieces.tags is not None:
+    tag = pieces.tags[src]
+    rows["targets"][dst] = np.maximum(tag, 0)
+    rows["loss_mask"][dst] = tag >= 0
+  elif pieces.label is None:
     rows["targets"][dst] = pieces.ids[src + 1]
     rows["loss_mask"][dst] = pieces.trained[src + 1] & (w >= np.repeat(pieces.loss_from, size))
   else:

@@ -15,9 +15,10 @@ from jaxlm.data.text import end_of_text_id, load_tokenizer
 class TextTokenizer:
   """tokenizer: a spec for `load_tokenizer` ("embedded", a tokenizer.json or a Hugging Face
   model directory), a `tokenizers.Tokenizer`, or a transformers tokenizer. chat_template: a
-  Jinja template that replaces the tokenizer's own."""
+  Jinja template that replaces the tokenizer's own. add_special_tokens: encode with the
+  tokenizer's post-processor ([CLS] ... [SEP] for BERT, <s> ... </s> for RoBERTa)."""
 
-  def __init__(self, tokenizer, chat_template: str = ""):
+  def __init__(self, tokenizer, chat_template: str = "", add_special_tokens: bool = False):
     self._hf = None
     self._directory = None
     if isinstance(tokenizer, str):
@@ -32,8 +33,9 @@ class TextTokenizer:
       raise TypeError(f"Expected a tokenizer spec, a tokenizers.Tokenizer or a transformers fast "
                       f"tokenizer, got {type(tokenizer).__name__}.")
     self.chat_template = chat_template
+    self.add_special_tokens = add_special_tokens
     hf_eos = getattr(self._hf, "eos_token_id", None)
-    self.eos_id = hf_eos if hf_eos is not None else end_of_text_id(self.backend)
+    self.eos_id = hf_eos if hf_eos is not None else _end_id(self.backend)
     self.vocab_size = self.backend.get_vocab_size()
 
   def fingerprint(self) -> str:
@@ -42,9 +44,10 @@ class TextTokenizer:
     return digest.hexdigest()
 
   def encode(self, texts: list[str]) -> list[np.ndarray]:
-    """Token ids of each text as is: no special tokens added (templates carry their own)."""
-    return [np.asarray(e.ids, np.int32)
-            for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+    """Token ids of each text as is: no special tokens added (templates carry their own)
+    unless add_special_tokens."""
+    return [np.asarray(e.ids, np.int32) for e in self.backend.encode_batch_fast(
+        texts, add_special_tokens=self.add_special_tokens)]
 
   def decode(self, ids) -> str:
     return self.backend.decode(list(map(int, ids)), skip_special_tokens=False)
@@ -69,3 +72,13 @@ class TextTokenizer:
                       "set data.chat_template to a Jinja template or use a tokenizer directory "
                       "whose tokenizer_config.json has one.")
     return self._hf
+
+
+def _end_id(backend: Tokenizer) -> int:
+  """The end-of-text id; a BERT WordPiece vocabulary has none, and its [SEP] ends a text."""
+  try:
+    return end_of_text_id(backend)
+  except ValueError:
+    if backend.token_to_id("[SEP]") is None:
+      raise
+    return backend.token_to_id("[SEP]")

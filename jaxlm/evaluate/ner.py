@@ -14,6 +14,7 @@ from seqeval.metrics import classification_report
 from tokenizers import Tokenizer
 
 IGNORE = -100
+ENTITY_PREFIXES = ("B-", "I-", "E-", "S-", "L-", "U-")  # IOB1/2, IOE, IOBES and BILOU tags
 
 
 def _label_id(label: str, label_to_id: Mapping[str, int]) -> int:
@@ -99,3 +100,26 @@ def entity_metrics(true_tags: list[list[str]], pred_tags: list[list[str]]) -> di
   out.update({f"f1/{name}": float(scores["f1-score"])
               for name, scores in report.items() if name not in averages})
   return out
+
+
+def is_entity_tagset(labels: Sequence[str]) -> bool:
+  """Whether the tags spell entities (O and prefixed tags such as B-PER), so that entity-level
+  scores mean something; other tag sets (part of speech, say) get token-level scores only."""
+  return any(tag != "O" for tag in labels) and all(
+      tag == "O" or tag.startswith(ENTITY_PREFIXES) for tag in labels)
+
+
+def segment_tags(batch: Mapping[str, np.ndarray], predictions: np.ndarray,
+                 id_to_label) -> tuple[list[list[str]], list[list[str]]]:
+  """Word-level (true_tags, pred_tags) of every example of a batch of data-pipeline rows
+  (jaxlm/data/shaping.py): each example is a segment of a row and its words are the tokens
+  with a loss, whose target is the word's tag; predictions: the class at every token."""
+  true_tags, pred_tags = [], []
+  for r, row_segments in enumerate(np.asarray(batch["segment_ids"])):
+    labelled = np.asarray(batch["loss_mask"][r]).astype(bool)
+    for s in np.unique(row_segments[row_segments > 0]):
+      keep = (row_segments == s) & labelled
+      if keep.any():
+        true_tags.append([id_to_label[int(i)] for i in batch["targets"][r][keep]])
+        pred_tags.append([id_to_label[int(i)] for i in predictions[r][keep]])
+  return true_tags, pred_tags

@@ -8,8 +8,14 @@
                            log-likelihood of its target tokens after each prompt: accuracy,
                            P/R/F1, top-k and the confusion matrix; a classifier
                            (model.num_labels > 0) is scored by its head's logits instead
+  tagging                  a token classifier: loss, accuracy / P/R/F1 / confusion matrix over
+                           words (each word's first token) and, when the tags spell entities
+                           (O, B-X, I-X, ...), entity-level precision / recall / F1 (seqeval)
 
 Rows are packed, so every example is one segment (segment_ids) of a row.
+
+A BERT / RoBERTa encoder is scored by masked-LM: each batch is corrupted as in training, with
+a fixed key (the same masks every time), and loss / perplexity are over the masked tokens.
 """
 from __future__ import annotations
 
@@ -32,10 +38,12 @@ from jaxlm.data.pipeline import build_train_data
 from jaxlm.data.tokens import TextTokenizer
 from jaxlm.evaluate.metrics import (classification_metrics, format_confusion_matrix,
                                     generation_metrics, perplexity)
+from jaxlm.evaluate.ner import entity_metrics, is_entity_tagset, segment_tags
 from jaxlm.generate.decode import generate
 from jaxlm.generate.text import eos_ids
 from jaxlm.loading import LoadedParams, load_params, resolve_source
-from jaxlm.models import Llama
+from jaxlm.models.factory import abstract_model, is_encoder
+from jaxlm.train import step as steps
 from jaxlm.train.loop import check_labels, config_mesh, training_tokenizer
 
 SCORED_FORMATS = tuple(DEFAULT_PROMPTS)  # classification, pairs: a label per example
@@ -89,7 +97,7 @@ def eval_config(recipe: str | None, model: str | None, overrides=()):
 
 def load_eval_model(path: str | Path, mesh=None) -> EvalModel:
   loaded = load_params(path, mesh=mesh)
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: Llama(loaded.cfg, rngs=nnx.Rngs(0))))
+  graphdef, _ = nnx.split(abstract_model(loaded.cfg))
   return EvalModel(graphdef, loaded.params, loaded)
 
 
@@ -118,11 +126,18 @@ def _class_log_probs(graphdef, params, input_ids, positions, segment_ids):
   return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
 
-def head_scores(model: EvalModel, batch: dict) -> tuple[np.ndarray, np.ndarray]:
+def class_log_probs(model: EvalModel, batch: dict) -> np.ndarray:
+  """A classifier's log-probability of each class at every token [batch, seq, classes]."""
+  return np.asarray(_class_log_probs(model.graphdef, model.params, batch["input_ids"],
+                                     batch["positions"], batch["segment_ids"]), np.float64)
+
+
+def head_scores(model: EvalModel, batch: dict,
+                log_probs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
   """A classifier's (log-probability of each class [examples, classes], true class
-  [examples]) for the examples of a batch: at each one's labelled (last) token."""
-  log_probs = np.asarray(_class_log_probs(model.graphdef, model.params, batch["input_ids"],
-                                          batch["positions"], batch["segment_ids"]), np.float64)
+  [examples]) at the labelled tokens of a batch: each example's last token, or for a token
+  classifier each word's first token."""
+  log_probs = class_log_probs(model, batch) if log_probs is None else log_probs
   labelled = batch["loss_mask"].astype(bool)
   return log_probs[labelled], batch["targets"][labelled]
 
@@ -282,15 +297,24 @@ def evaluate_model(config, model_path: str | Path | None = None, *, split: str =
   head = model.loaded.cfg.num_labels > 0
   _check_task(config, tok, model.loaded.cfg, generate_text)
   rows = eval_rows(config, spec, split, label_head=head)
+  if is_encoder(model.loaded.cfg):
+    return _evaluate_mlm(config, model, tok, spec, rows, split, max_batches, model_path)
   # Text is only counted; a split of a large corpus need not be held in memory as examples.
   keep = (config.data.format in SCORED_FORMATS and not head) or generate_text
+  entities = head and config.data.format == "tagging" and is_entity_tagset(config.data.labels)
   nll, tokens, count, examples, head_results = 0.0, 0, 0, [], []
+  true_tags, pred_tags = [], []
   for k in range(min(max_batches or rows.batches_per_epoch, rows.batches_per_epoch)):
     batch = rows.batch(k)
     if head:
-      scores, labels = head_scores(model, batch)
+      log_probs = class_log_probs(model, batch)
+      scores, labels = head_scores(model, batch, log_probs)
       nll -= float(scores[np.arange(len(labels)), labels].sum())
       head_results.append((scores, labels))
+      if entities:
+        true, pred = segment_tags(batch, log_probs.argmax(axis=-1), config.data.labels)
+        true_tags += true
+        pred_tags += pred
     else:
       nll -= float((target_log_probs(model, batch) * batch["loss_mask"]).sum())
     tokens += int(batch["loss_mask"].sum())
@@ -306,6 +330,8 @@ def evaluate_model(config, model_path: str | Path | None = None, *, split: str =
     scores, labels = (np.concatenate(parts) for parts in zip(*head_results))
     result.update(classification_metrics(labels, scores.argmax(axis=1), config.data.labels,
                                          scores=scores))
+    if entities:
+      result.update({f"entity_{k}": v for k, v in entity_metrics(true_tags, pred_tags).items()})
   elif config.data.format in SCORED_FORMATS:
     candidates = label_candidates(config, tok)
     labels = true_labels(examples, candidates, tok, config.data.labels)
@@ -319,6 +345,35 @@ def evaluate_model(config, model_path: str | Path | None = None, *, split: str =
     scores, signature = generation_metrics(predictions, references)
     result.update(scores, bleu_signature=signature)
   return result
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mlm"))
+def _mlm_sums(graphdef, params, batch, mlm):
+  return steps.eval_step(params, batch, graphdef=graphdef, mlm=mlm)
+
+
+def _evaluate_mlm(config, model: EvalModel, tok: TextTokenizer, spec: str, rows: RowBatches,
+                  split: str, max_batches: int | None, model_path) -> dict:
+  """Masked-LM loss and perplexity over the masked tokens, as training's eval_loss."""
+  from jaxlm.train.mlm import tokenizer_mlm
+  if config.data.format != "text":
+    raise ValueError(f"A masked-LM encoder is evaluated on plain text: data.format = 'text', "
+                     f"not {config.data.format!r}.")
+  mlm = tokenizer_mlm(tok.backend, model.loaded.cfg.vocab_size, what=f"{spec!r}",
+                      rate=config.mlm.rate, mask_fraction=config.mlm.mask_fraction,
+                      random_fraction=config.mlm.random_fraction)
+  nll, tokens, count = 0.0, 0, 0
+  for k in range(min(max_batches or rows.batches_per_epoch, rows.batches_per_epoch)):
+    batch = rows.batch(k)
+    sums = jax.device_get(_mlm_sums(model.graphdef, model.params,
+                                    {key: jnp.asarray(v) for key, v in batch.items()}, mlm))
+    nll += float(sums["nll_sum"])
+    tokens += int(sums["tokens"])
+    count += sum(len(np.unique(r[r > 0])) for r in batch["segment_ids"])
+  if not tokens:
+    raise ValueError(f"The {split} split has no tokens to mask and evaluate.")
+  return {**perplexity(nll, tokens), "examples": count, "tokens": tokens, "split": split,
+          "model": str(model_path)}
 
 
 def format_report(result: dict, labels=()) -> str:

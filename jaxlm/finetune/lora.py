@@ -241,29 +241,39 @@ def _fused_peft(entry, layer: dict, widths: list[int], to_hf) -> tuple[np.ndarra
   return np.concatenate(a_blocks, axis=0), lora_b
 
 
-def _score_tensors(params: dict, cfg) -> dict:
-  """A classifier's score as PEFT saves a modules_to_save Linear: the whole weight
-  [num_labels, hidden] under the module's own name."""
+# LlamaConfig.classifier -> PEFT's task_type for the HF classifier it exports as.
+PEFT_TASKS = {"sequence": "SEQ_CLS", "token": "TOKEN_CLS"}
+
+
+def _head_tensors(params: dict, cfg) -> dict:
+  """A classifier's head as PEFT saves a modules_to_save Linear: the whole weight
+  [num_labels, hidden] (and a token classifier's bias) under the module's HF name, laid out
+  by the HF mapping table."""
+  from jaxlm.convert.llama_weights import output_entries
   if not cfg.num_labels:
     return {}
-  kernel = np.asarray(jax.device_get(params["score"]["kernel"]), np.float32)
-  return {"base_model.model.score.weight": np.ascontiguousarray(kernel.T)}
+  return {"base_model.model." + entry.hf_name: np.ascontiguousarray(entry.to_hf(
+              [np.asarray(jax.device_get(_at(params, entry.path)), np.float32)]))
+          for entry in output_entries(cfg)}
 
 
 def export_peft_adapter(params: dict, cfg, family: str, out_dir: str | Path,
                         base_model_name_or_path: str, *, lora: LoRAConfig,
                         dtype: str = "float32") -> Path:
   """adapter_config.json + adapter_model.safetensors for peft.PeftModel.from_pretrained on
-  the HF export of the base model. Only the adapters are written, and a classifier's score
+  the HF export of the base model. Only the adapters are written, and a classifier's head
   (cfg.num_labels > 0), which trains whole from a fresh start and so cannot come from the
   base: PEFT's task "SEQ_CLS" with modules_to_save ["score"], for the base loaded as its
-  *ForSequenceClassification. Other parameters trained alongside the adapters (norms) are
-  not part of a PEFT LoRA adapter here. GPT-2's fused c_attn adapter has rank n * r for n
-  adapted of q/k/v (see peft_tensors), which rank_pattern / alpha_pattern record; every other
-  module keeps r and alpha."""
+  *ForSequenceClassification, or for a token classifier "TOKEN_CLS" with the head of its
+  *ForTokenClassification ("score", GPT-2's "classifier"), weight and bias. Other parameters
+  trained alongside the adapters (norms) are not part of a PEFT LoRA adapter here. GPT-2's
+  fused c_attn adapter has rank n * r for n adapted of q/k/v (see peft_tensors), which
+  rank_pattern / alpha_pattern record; every other module keeps r and alpha."""
   from safetensors.numpy import save_file
+
+  from jaxlm.convert.llama_weights import head_module
   tensors, modules = peft_tensors(params, cfg, family)
-  tensors.update(_score_tensors(params, cfg))
+  tensors.update(_head_tensors(params, cfg))
   for module in (m for _, m in _adapted(params)):
     _check_rank(module, lora)
   # A module whose PEFT rank differs from r (GPT-2's c_attn with n of q/k/v adapted has
@@ -276,14 +286,16 @@ def export_peft_adapter(params: dict, cfg, family: str, out_dir: str | Path,
   out = Path(out_dir).expanduser().absolute()
   out.mkdir(parents=True, exist_ok=True)
   config = {
-      "peft_type": "LORA", "task_type": "SEQ_CLS" if cfg.num_labels else "CAUSAL_LM",
+      "peft_type": "LORA",
+      "task_type": PEFT_TASKS[cfg.classifier] if cfg.num_labels else "CAUSAL_LM",
       "r": lora.rank,
       "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "target_modules": modules,
       "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
       "bias": "none", "base_model_name_or_path": base_model_name_or_path,
       # GPT-2's Conv1D weights are (in, out); PEFT would set this itself, with a warning.
       "fan_in_fan_out": family == "gpt2", "use_rslora": False, "inference_mode": True,
-      "modules_to_save": ["score"] if cfg.num_labels else None, "init_lora_weights": True,
+      "modules_to_save": [head_module(cfg)] if cfg.num_labels else None,
+      "init_lora_weights": True,
   }
   (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
   save_file({k: v.astype(jnp.dtype(dtype)) for k, v in tensors.items()},

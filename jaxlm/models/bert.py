@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +57,11 @@ class BertConfig:
   remat_policy: str = "none"  # see layers/remat.py
   attention_impl: str | None = None  # None: cuDNN on GPU for 16-bit, XLA elsewhere
   init_std: float = 0.02
+  # What the trainer asks of every model config (LlamaConfig has them as fields): an encoder
+  # is never a classifier here, and its positions are a learned table.
+  num_labels: ClassVar[int] = 0
+  classifier: ClassVar[str] = "sequence"
+  position_embedding: ClassVar[str] = "learned"
 
   def __post_init__(self):
     problems = []
@@ -71,6 +77,33 @@ class BertConfig:
   @property
   def head_dim(self) -> int:
     return self.hidden_size // self.num_heads
+
+  @property
+  def num_kv_heads(self) -> int:
+    return self.num_heads
+
+  @property
+  def max_seq_len(self) -> int:
+    """The longest row the position table covers (RoBERTa's first position_offset rows are
+    never used by real tokens)."""
+    return self.max_position_embeddings - self.position_offset
+
+  def num_params(self, include_embedding: bool = True) -> int:
+    """All parameters, or without the embedding lookups those that do matmul work (the tied
+    word embedding still does the MLM head's vocabulary projection)."""
+    d, m, v = self.hidden_size, self.mlp_dim, self.vocab_size
+    layer = 4 * (d * d + d) + 2 * d * m + m + d + 4 * d  # attention, MLP, two LayerNorms
+    heads = (d * d + d if self.pooler else 0) + (d * d + 3 * d + v if self.mlm_head else 0)
+    tables = v * d + (self.max_position_embeddings + self.type_vocab_size) * d + 2 * d
+    if include_embedding:
+      return self.num_layers * layer + heads + tables
+    return self.num_layers * layer + heads + (v * d if self.mlm_head else 0)
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x matmul params plus bidirectional attention (QK^T and AV,
+    not halved by a causal mask)."""
+    return 6 * self.num_params(include_embedding=False) + 12 * self.num_layers * seq_len * (
+        self.hidden_size)
 
   def replace(self, **changes) -> "BertConfig":
     return dataclasses.replace(self, **changes)
@@ -99,6 +132,17 @@ def bert_positions(cfg: BertConfig, input_ids: jax.Array) -> jax.Array:
   return jnp.cumsum(real, axis=1) * real + cfg.position_offset - 1
 
 
+def _attention_mask(attention_mask, segment_ids) -> jax.Array | None:
+  """[batch, 1, 1 | seq, seq] bool: keys that are not padding, and with segment_ids only
+  those of the query's own segment."""
+  if segment_ids is not None:
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (same & (segment_ids[:, None, :] > 0))[:, None]
+  if attention_mask is None:
+    return None
+  return attention_mask.astype(bool)[:, None, None, :]
+
+
 class Embeddings(nnx.Module):
 
   def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
@@ -121,7 +165,7 @@ class Embeddings(nnx.Module):
 
 
 class SelfAttention(nnx.Module):
-  """Bidirectional multi-head attention; padded keys are masked out."""
+  """Bidirectional multi-head attention under a boolean mask [batch, 1, 1 | seq, seq]."""
 
   def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
     d, n, hd = cfg.hidden_size, cfg.num_heads, cfg.head_dim
@@ -135,11 +179,10 @@ class SelfAttention(nnx.Module):
                          ("embed",), rngs)
     self.implementation = cfg.attention_impl
 
-  def __call__(self, x: jax.Array, key_mask: jax.Array | None) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
     q = constrain(self.q_proj(x), ("act_batch", "act_length", "act_heads", None))
     k = constrain(self.k_proj(x), ("act_batch", "act_length", "act_kv_heads", None))
     v = constrain(self.v_proj(x), ("act_batch", "act_length", "act_kv_heads", None))
-    mask = None if key_mask is None else key_mask[:, None, None, :]
     out = jax.nn.dot_product_attention(
         q, k, v, mask=mask, implementation=resolve_attention_impl(self.implementation, q.dtype))
     out = constrain(out, ("act_batch", "act_length", "act_heads", None))
@@ -168,11 +211,11 @@ class EncoderLayer(nnx.Module):
     self.mlp_norm = _norm(cfg)
     self.dropout_rate = cfg.dropout_rate
 
-  def __call__(self, x, key_mask, dropout_rng=None):
+  def __call__(self, x, mask, dropout_rng=None):
     attn_rng = mlp_rng = None
     if dropout_rng is not None:
       attn_rng, mlp_rng = jax.random.split(dropout_rng)
-    h = dropout(self.attention(x, key_mask), self.dropout_rate, attn_rng)
+    h = dropout(self.attention(x, mask), self.dropout_rate, attn_rng)
     x = constrain(self.attention_norm(x + h), RESIDUAL)
     h = dropout(self.mlp(x), self.dropout_rate, mlp_rng)
     return constrain(self.mlp_norm(x + h), RESIDUAL)
@@ -211,26 +254,35 @@ class Bert(nnx.Module):
     self.mlm_head = MLMHead(cfg, rngs=rngs) if cfg.mlm_head else None
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-               token_type_ids: jax.Array | None = None, *,
+               token_type_ids: jax.Array | None = None, *, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None,
                dropout_rng: jax.Array | None = None) -> jax.Array:
     """input_ids, attention_mask (1 = token, 0 = padding), token_type_ids: int [batch, seq]
     -> hidden states [batch, seq, hidden] in the compute dtype. Padded positions get outputs
-    too (as in transformers) but no token attends to them."""
+    too (as in transformers) but no token attends to them.
+
+    Packed rows (the training data's layout) pass segment_ids (0 = padding) instead of
+    attention_mask, so that each token attends only within its own segment, and positions
+    counting from 0 in each segment (RoBERTa's position_offset is added)."""
     cfg = self.cfg
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
-    key_mask = None if attention_mask is None else attention_mask.astype(bool)
+    mask = _attention_mask(attention_mask, segment_ids)
+    if positions is None:
+      positions = bert_positions(cfg, input_ids)
+    elif cfg.position_offset:
+      positions = positions + cfg.position_offset
     embed_rng = layer_rngs = None
     if dropout_rng is not None and cfg.dropout_rate > 0.0:
       embed_rng, layers_rng = jax.random.split(dropout_rng)
       layer_rngs = jax.random.split(layers_rng, cfg.num_layers)
-    x = self.embeddings(input_ids, bert_positions(cfg, input_ids), token_type_ids)
+    x = self.embeddings(input_ids, positions, token_type_ids)
     x = constrain(dropout(x, cfg.dropout_rate, embed_rng), RESIDUAL)
     layer_def, layer_state = nnx.split(self.layers)
 
     def one_layer(x, inputs):
       state, rng = inputs
-      return nnx.merge(layer_def, state)(x, key_mask, rng), None
+      return nnx.merge(layer_def, state)(x, mask, rng), None
 
     one_layer = remat(one_layer, cfg.remat_policy, prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
@@ -259,3 +311,12 @@ def bert_from_params(cfg: BertConfig, params: dict) -> Bert:
   initialising random ones first."""
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: Bert(cfg, rngs=nnx.Rngs(0))))
   return nnx.merge(graphdef, params)
+
+
+# Architectures to train from scratch (model.preset); BERT-base is Devlin et al.'s. Pair a
+# preset with a tokenizer that has a mask token, and set model.vocab_size to its size.
+PRESETS: dict[str, BertConfig] = {
+    "bert-tiny": BertConfig(vocab_size=1024, hidden_size=128, num_layers=2, num_heads=2,
+                            mlp_dim=512, max_position_embeddings=512),
+    "bert-base": BertConfig(),
+}

@@ -8,6 +8,7 @@ from typing import Any
 NORM_TYPES = ("rms", "layer")
 POSITION_EMBEDDINGS = ("rope", "learned")
 MLP_TYPES = ("swiglu", "gelu")
+CLASSIFIERS = ("sequence", "token")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,9 +39,12 @@ class LlamaConfig:
   mlp_bias: bool = False  # GPT-2
   sliding_window: int | None = None  # Mistral: a token sees itself and the window-1 before it
   tie_embeddings: bool = False
-  # > 0: a sequence classifier (HF *ForSequenceClassification): a `score` projection to
-  # num_labels classes replaces the output projection to the vocabulary.
+  # > 0: a classifier: a `score` projection to num_labels classes replaces the output
+  # projection to the vocabulary. classifier "sequence" (HF *ForSequenceClassification) is
+  # read at a text's last token; "token" (HF *ForTokenClassification, e.g. NER) at every token
+  # and, as in transformers, has a bias.
   num_labels: int = 0
+  classifier: str = "sequence"
   dropout_rate: float = 0.0
   param_dtype: str = "float32"
   compute_dtype: str = "bfloat16"
@@ -62,7 +66,8 @@ class LlamaConfig:
       problems.append(f"hidden_size ({self.hidden_size}) is not divisible by num_heads "
                       f"({self.num_heads}); set head_dim explicitly")
     for name, allowed in (("norm_type", NORM_TYPES), ("mlp_type", MLP_TYPES),
-                          ("position_embedding", POSITION_EMBEDDINGS)):
+                          ("position_embedding", POSITION_EMBEDDINGS),
+                          ("classifier", CLASSIFIERS)):
       if getattr(self, name) not in allowed:
         problems.append(f"{name}={getattr(self, name)!r} (choose one of {', '.join(allowed)})")
     if self.head_dim is not None and self.head_dim % 2 and self.position_embedding == "rope":
@@ -90,7 +95,8 @@ class LlamaConfig:
       mlp += (2 if self.mlp_type == "swiglu" else 1) * m + d
     norm = d if self.norm_type == "rms" else 2 * d
     total = self.num_layers * (attn + mlp + 2 * norm) + norm  # + final norm
-    output = (self.num_labels * d if self.num_labels else
+    score_bias = self.num_labels if self.classifier == "token" else 0
+    output = (self.num_labels * d + score_bias if self.num_labels else
               0 if self.tie_embeddings else self.vocab_size * d)
     embedding = self.vocab_size * d
     if self.position_embedding == "learned":
@@ -98,7 +104,8 @@ class LlamaConfig:
     if include_embedding:
       return total + output + embedding
     # With tied embeddings the shared matrix still does the output projection's work.
-    return total + (self.num_labels if self.num_labels else self.vocab_size) * d
+    return total + (self.num_labels * d + score_bias if self.num_labels else
+                    self.vocab_size * d)
 
   def flops_per_token(self, seq_len: int) -> float:
     """Training FLOPs per token: 6 x matmul params (no input embedding lookup) plus causal

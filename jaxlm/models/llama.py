@@ -110,8 +110,11 @@ class Llama(nnx.Module):
         "btd,dv->btv", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), rngs=rngs,
         init_std=cfg.init_std, **dtypes)
     # The class axis is a handful of labels: splitting it over devices would gain nothing.
+    token_head = cfg.classifier == "token"
     self.score = Einsum("btd,dc->btc", (cfg.hidden_size, cfg.num_labels), ("embed", None),
-                        rngs=rngs, init_std=cfg.init_std, **dtypes) if cfg.num_labels else None
+                        rngs=rngs, init_std=cfg.init_std,
+                        bias_shape=(cfg.num_labels,) if token_head else None,
+                        bias_names=(None,), **dtypes) if cfg.num_labels else None
 
   def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None, *,
@@ -137,6 +140,8 @@ class Llama(nnx.Module):
     if self.score is not None:
       logits = jnp.einsum("btd,dc->btc", x, self.score.kernel[...].astype(x.dtype),
                           preferred_element_type=jnp.float32)
+      if self.score.bias is not None:
+        logits = logits + self.score.bias[...].astype(jnp.float32)
       return constrain(logits, ("act_batch", "act_length", None))
     if self.lm_head is None:
       logits = self.embed.attend(x)

@@ -14,15 +14,18 @@ import numpy as np
 
 from jaxlm import config as config_lib
 from jaxlm.checkpoint import Checkpointer
+from jaxlm.data.formats import HEAD_FORMATS
 from jaxlm.data.loader import RowBatches
 from jaxlm.data.pipeline import build_train_data
 from jaxlm.data.text import load_tokenizer
 from jaxlm.finetune.lora import LoRAConfig
+from jaxlm.models.factory import is_encoder
 from jaxlm.parallel.mesh import build_mesh
 from jaxlm.parallel.rules import LogicalRules
 from jaxlm.train.distill import check_mix
 from jaxlm.train.early_stopping import EarlyStopping
 from jaxlm.train.metrics import MetricsWriter, Progress, peak_flops_per_device
+from jaxlm.train.mlm import tokenizer_mlm
 from jaxlm.train.optimizer import make_optimizer
 from jaxlm.train.preemption import Preempted, PreemptionWatch
 from jaxlm.train.step import LossConfig
@@ -86,14 +89,26 @@ def config_mesh(config):
 
 
 def check_labels(model_cfg, config) -> None:
-  """A classifier's head needs a label per example and as many labels as it has classes."""
+  """A classifier's head needs a label per example (a tag per word for a token classifier)
+  and as many labels as it has classes."""
+  fmt = config.data.format
   if not model_cfg.num_labels:
+    if fmt == "tagging":
+      raise config_lib.ConfigError(
+          f"data.format = 'tagging' trains a token classifier: set model.num_labels to the "
+          f"number of data.labels ({len(config.data.labels)}).")
     return
-  if config.data.format not in ("classification", "pairs"):
+  if fmt not in HEAD_FORMATS:
     raise config_lib.ConfigError(
         f"model.num_labels = {model_cfg.num_labels} trains a classification head, which needs "
-        f"data.format 'classification' or 'pairs' (rows with a label), not "
-        f"{config.data.format!r}; or set model.num_labels = 0 for a language model.")
+        f"data.format 'classification' or 'pairs' (rows with a label) or 'tagging' (a tag per "
+        f"word), not {fmt!r}; or set model.num_labels = 0 for a language model.")
+  wanted = "token" if fmt == "tagging" else "sequence"
+  if model_cfg.classifier != wanted:
+    raise config_lib.ConfigError(
+        f"data.format = {fmt!r} needs a {wanted} classifier, but the model is a "
+        f"{model_cfg.classifier} classifier (model.classifier = {model_cfg.classifier!r}, or "
+        f"that of model.init_from); set model.classifier = {wanted!r}.")
   if len(config.data.labels) != model_cfg.num_labels:
     raise config_lib.ConfigError(
         f"The classification head has model.num_labels = {model_cfg.num_labels} classes but "
@@ -141,6 +156,28 @@ def training_tokenizer(config) -> str:
   return config.data.tokenizer
 
 
+def mlm_options(config, model_cfg) -> dict:
+  """The Trainer's masked-LM settings for an encoder ({} for a decoder): the training
+  tokenizer's mask and special tokens, and config.mlm."""
+  if not is_encoder(model_cfg):
+    return {}
+  if config.data.format != "text":
+    raise config_lib.ConfigError(
+        f"A BERT / RoBERTa encoder trains by masked-LM on plain text: set data.format = "
+        f"'text', not {config.data.format!r}.")
+  if config.distill.teacher:
+    raise config_lib.ConfigError("Distillation (distill.teacher) trains decoders only; unset "
+                                 "it for a masked-LM encoder.")
+  spec = training_tokenizer(config)
+  try:
+    return {"mlm": tokenizer_mlm(load_tokenizer(spec), model_cfg.vocab_size,
+                                 what=f"data.tokenizer = {spec!r}", rate=config.mlm.rate,
+                                 mask_fraction=config.mlm.mask_fraction,
+                                 random_fraction=config.mlm.random_fraction)}
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from None
+
+
 @dataclasses.dataclass
 class Run:
   """Everything a training run is made of, built from a config."""
@@ -162,7 +199,7 @@ class Run:
         loss_cfg=LossConfig(config.train.label_smoothing, config.train.z_loss),
         grad_accum_steps=config.train.grad_accum_steps,
         skip_nonfinite=config.train.on_nonfinite == "skip", **finetune_options(config),
-        **teacher_options(config, model_cfg))
+        **teacher_options(config, model_cfg), **mlm_options(config, model_cfg))
     return cls(config, model_cfg, mesh, trainer, schedule)
 
   def signature(self) -> dict:
@@ -179,13 +216,17 @@ class Run:
     if self.config.model.init_from:
       from jaxlm.loading import load_params, read_config
       base_cfg = self.model_cfg
-      if self.model_cfg.num_labels and not read_config(self.config.model.init_from)[0].num_labels:
+      source_cfg = read_config(self.config.model.init_from)[0]
+      if self.model_cfg.num_labels and not source_cfg.num_labels:
         # A classifier from a language model: its trunk, and a new head instead of lm_head.
         base_cfg = self.model_cfg.replace(num_labels=0)
+      if is_encoder(source_cfg) and not source_cfg.mlm_head:
+        # A BertModel / RobertaModel: the encoder, and a fresh masked-LM head.
+        base_cfg = self.model_cfg.replace(mlm_head=False)
       loaded = load_params(self.config.model.init_from, cfg=base_cfg,
                            shardings=self.trainer.base_param_shardings(base_cfg))
       params = loaded.params
-      if base_cfg is not self.model_cfg:
+      if base_cfg is not self.model_cfg and not is_encoder(base_cfg):
         params = {k: v for k, v in params.items() if k != "lm_head"}
       return self.trainer.init_from_params(params, self.config.train.seed)
     return self.trainer.init_state(self.config.train.seed)
@@ -210,18 +251,34 @@ class Run:
 
 def evaluate(run: Run, params, batches: RowBatches, num_batches: int) -> dict:
   """Loss and perplexity over the first num_batches validation batches; for a classifier,
-  its loss and accuracy / macro and weighted F1 instead."""
-  nll, tokens, confusion = 0.0, 0.0, 0.0
+  its loss and accuracy / macro and weighted F1 instead (of its words, for a token
+  classifier, plus entity-level precision / recall / F1 when the tags spell entities)."""
+  from jaxlm.evaluate.ner import entity_metrics, is_entity_tagset, segment_tags
+  labels = run.config.data.labels
+  entities = run.trainer.token_classifier and is_entity_tagset(labels)
+  nll, tokens, confusion, true_tags, pred_tags = 0.0, 0.0, 0.0, [], []
   for k in range(min(num_batches, batches.batches_per_epoch)):
-    sums = jax.device_get(run.trainer.eval_step(params, run.global_batch(batches.batch(k))))
+    rows = batches.batch(k)
+    sums = jax.device_get(run.trainer.eval_step(params, run.global_batch(rows)))
     nll += float(sums["nll_sum"])
     tokens += float(sums["tokens"])
     confusion = confusion + sums.get("confusion", 0.0)
+    if entities:
+      # Every process holds the whole replicated prediction; its own rows are its slice.
+      first = jax.process_index() * len(rows["segment_ids"])
+      local = np.asarray(sums["predictions"])[first:first + len(rows["segment_ids"])]
+      true, pred = segment_tags(rows, local, labels)
+      true_tags += true
+      pred_tags += pred
   loss = nll / max(tokens, 1.0)
   if not run.model_cfg.num_labels:
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
-  return {"eval_loss": loss, **classifier_metrics(np.rint(confusion).astype(np.int64),
-                                                  run.config.data.labels)}
+  metrics = {"eval_loss": loss,
+             **classifier_metrics(np.rint(confusion).astype(np.int64), labels)}
+  if entities:
+    scores = entity_metrics(true_tags, pred_tags)
+    metrics.update({f"eval_entity_{k}": scores[k] for k in ("precision", "recall", "f1")})
+  return metrics
 
 
 def classifier_metrics(confusion: np.ndarray, label_names) -> dict:

@@ -13,6 +13,11 @@ With knowledge distillation (`Distill`) the step also takes the teacher's parame
 separate argument outside the state (no gradients, no optimizer state, not checkpointed),
 and the loss becomes alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * cross-entropy
 over the loss_mask tokens (see distill.py), still as sums over token counts.
+
+For a masked-LM encoder (`mlm`, see mlm.py) the step first corrupts the batch with a key
+drawn from the step's own: targets become the original tokens and loss_mask the chosen
+ones, before gradient accumulation splits the batch, so accumulation stays exact. Evaluation
+corrupts with a fixed key (mlm.eval_key).
 """
 from __future__ import annotations
 
@@ -26,10 +31,10 @@ from flax import nnx
 from jaxlm.finetune.trainable import combine
 from jaxlm.layers.linear import lora_dropout
 from jaxlm.layers.sharding import activation_sharding, constrain
+from jaxlm.models.factory import batch_logits
 from jaxlm.train.distill import distillation_sums
 from jaxlm.train.loss import cross_entropy
-
-MODEL_INPUTS = ("positions", "segment_ids")
+from jaxlm.train.mlm import MLM, corrupt_batch, eval_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +55,15 @@ SUM_KEYS = ("loss_sum", "nll_sum", "z_loss_sum", "tokens")
 DISTILL_SUM_KEYS = SUM_KEYS + ("kl_sum", "hard_sum")
 
 
-# Folded into the step's key for LoRA dropout, apart from the model's own dropout stream.
+# Folded into the step's key for LoRA dropout and for MLM masking, apart from the model's
+# own dropout stream.
 LORA_STREAM = 1
+MLM_STREAM = 2
+
+
+def mlm_step_key(state_rng, step):
+  """The key a train step corrupts its batch with: fixed by the seed and the step."""
+  return jax.random.fold_in(jax.random.fold_in(state_rng, step), MLM_STREAM)
 
 
 def model_params(state) -> dict:
@@ -63,8 +75,7 @@ def model_params(state) -> dict:
 def _logits(graphdef, params, batch, dropout_rng, lora_key=None):
   model = nnx.merge(graphdef, params)
   with lora_dropout(lora_key):
-    return model(batch["input_ids"], *(batch.get(k) for k in MODEL_INPUTS),
-                 dropout_rng=dropout_rng)
+    return batch_logits(model, batch, dropout_rng)
 
 
 def _forward_sums(graphdef, params, batch, loss_cfg: LossConfig, dropout_rng, lora_key=None,
@@ -97,10 +108,13 @@ def _split_microbatches(batch, num_micro: int):
 def train_step(state, batch, teacher=None, *, graphdef, tx: optax.GradientTransformation, schedule,
                loss_cfg: LossConfig, grad_accum_steps: int = 1, dropout: bool = False,
                skip_nonfinite: bool = False, adapter_dropout: bool = False,
-               activation_resolver=None, distill: Distill | None = None):
+               activation_resolver=None, distill: Distill | None = None,
+               mlm: MLM | None = None):
   """teacher: the teacher's parameters, with `distill` only."""
   with activation_sharding(activation_resolver):
     step = state["step"]
+    if mlm is not None:
+      batch = corrupt_batch(mlm_step_key(state["rng"], step), batch, mlm)
     step_rng = jax.random.fold_in(state["rng"], step)
     dropout_rng = step_rng if dropout else None
     lora_key = jax.random.fold_in(step_rng, LORA_STREAM) if adapter_dropout else None
@@ -165,10 +179,15 @@ def train_step(state, batch, teacher=None, *, graphdef, tx: optax.GradientTransf
     return new_state, metrics
 
 
-def eval_step(params, batch, *, graphdef, activation_resolver=None, num_labels: int = 0):
+def eval_step(params, batch, *, graphdef, activation_resolver=None, num_labels: int = 0,
+              token_predictions: bool = False, mlm: MLM | None = None):
   """Summed loss over the loss_mask tokens; for a classifier (num_labels > 0) also the
-  confusion matrix [true, predicted] of its predictions there, which sums over batches."""
+  confusion matrix [true, predicted] of its predictions there, which sums over batches, and
+  with token_predictions (a token classifier) the predicted class at every token, from which
+  the host scores whole entities."""
   with activation_sharding(activation_resolver):
+    if mlm is not None:
+      batch = corrupt_batch(eval_key(mlm, batch["input_ids"]), batch, mlm)
     logits = _logits(graphdef, params, batch, None)
     sums = cross_entropy(logits, batch["targets"], batch["loss_mask"])
     out = {"nll_sum": sums["nll_sum"], "tokens": sums["tokens"]}
@@ -177,4 +196,6 @@ def eval_step(params, batch, *, graphdef, activation_resolver=None, num_labels: 
       true = jax.nn.one_hot(batch["targets"], num_labels, dtype=jnp.float32)
       predicted = jax.nn.one_hot(jnp.argmax(logits, axis=-1), num_labels, dtype=jnp.float32)
       out["confusion"] = jnp.einsum("bt,btc,btk->ck", weight, true, predicted)
+    if token_predictions:
+      out["predictions"] = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return out

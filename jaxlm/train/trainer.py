@@ -9,7 +9,10 @@ the learning rate per layer and for new heads.
 
 With a teacher (`teacher_cfg`, knowledge distillation) the train step takes the teacher's
 parameters as a third argument, sharded by `teacher_shardings` (the teacher's own logical
-axes under the same rules and mesh) and never donated; without one nothing changes."""
+axes under the same rules and mesh) and never donated; without one nothing changes.
+
+The model is whatever models/factory.py builds from model_cfg: the decoder, or a BERT /
+RoBERTa encoder, which trains by masked-LM (`mlm`: the steps corrupt each batch)."""
 from __future__ import annotations
 
 import functools
@@ -23,6 +26,7 @@ from jax.sharding import NamedSharding
 from jaxlm.finetune import trainable as subsets
 from jaxlm.finetune.lora import LORA_KEYS, LoRAConfig, apply_lora
 from jaxlm.models import Llama, LlamaConfig
+from jaxlm.models.factory import build_model, is_encoder
 from jaxlm.parallel.rules import LogicalRules, state_shardings
 from jaxlm.train import step as steps
 from jaxlm.train.optimizer import lr_multipliers, scale_by_multipliers
@@ -39,8 +43,14 @@ class Trainer:
                freeze: str | None = None, frozen_dtype: str | None = None,
                layer_lr_decay: float | None = None, head_pattern: str = r"^(lm_head|score)/",
                head_lr_multiplier: float = 1.0, teacher_cfg: LlamaConfig | None = None,
-               distill_temperature: float = 2.0, distill_alpha: float = 0.5):
+               distill_temperature: float = 2.0, distill_alpha: float = 0.5,
+               mlm: steps.MLM | None = None):
+    if is_encoder(model_cfg) and mlm is None:
+      raise ValueError("An encoder trains by masked-LM: pass mlm (its mask token and special "
+                       "tokens, see jaxlm.train.mlm.tokenizer_mlm).")
     self.model_cfg = model_cfg
+    self.mlm = mlm
+    self.token_classifier = model_cfg.num_labels > 0 and model_cfg.classifier == "token"
     self.lora = lora
     self.frozen_dtype = frozen_dtype
     self.rules = rules
@@ -68,17 +78,20 @@ class Trainer:
         loss_cfg=loss_cfg, grad_accum_steps=grad_accum_steps, skip_nonfinite=skip_nonfinite,
         dropout=model_cfg.dropout_rate > 0,
         adapter_dropout=lora is not None and lora.dropout > 0, activation_resolver=resolver)
+    if mlm is not None:
+      train_fn = functools.partial(train_fn, mlm=mlm)
     if distill is not None:
       train_fn = functools.partial(train_fn, distill=distill)
     self._train_fn = train_fn
     self._eval_fn = functools.partial(steps.eval_step, graphdef=self.graphdef,
                                       activation_resolver=resolver,
-                                      num_labels=model_cfg.num_labels)
+                                      num_labels=model_cfg.num_labels,
+                                      token_predictions=self.token_classifier, mlm=mlm)
     self._compiled_steps = {}
 
   def _build_model(self, seed) -> Llama:
     rngs = nnx.Rngs(seed)
-    model = Llama(self.model_cfg, rngs=rngs)
+    model = build_model(self.model_cfg, rngs)
     if self.lora is not None:
       apply_lora(model, self.lora.targets, self.lora.rank, self.lora.alpha, self.lora.dropout,
                  rngs=rngs)
