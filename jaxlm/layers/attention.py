@@ -60,11 +60,7 @@ class Attention(nnx.Module):
       k = apply_rotary(k, positions, self.inv_freq)
     if cache is not None:
       return self._attend_cached(q, k, v, positions, cache)
-    mask = None
-    if segment_ids is not None:
-      # Tokens attend only within their own document; padding (id 0) only to padding,
-      # so no query row is ever fully masked.
-      mask = (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    mask = None if segment_ids is None else segment_mask(segment_ids)
     window = None if self.sliding_window is None else (self.sliding_window - 1, 0)
     out = jax.nn.dot_product_attention(
         q, k, v, mask=mask, is_causal=True, local_window_size=window,
@@ -87,6 +83,12 @@ def _write(cached: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
   """Writes new [batch, len, kv_heads, head_dim] into the cache's slots index..index+len-1."""
   cached = jax.lax.dynamic_update_slice(cached, new.astype(cached.dtype), (0, index, 0, 0))
   return constrain(cached, ("act_batch", None, "act_kv_heads", None))
+
+
+def segment_mask(segment_ids: jax.Array) -> jax.Array:
+  """bool [batch, 1, queries, keys]: tokens attend only within their own document (segment)
+  of a packed row; padding (id 0) only to padding, so no query row is ever fully masked."""
+  return segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
 
 
 def cached_attention_mask(query_positions: jax.Array, key_positions: jax.Array,

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.layers.attention import resolve_attention_impl
+from jaxlm.layers.attention import resolve_attention_impl, segment_mask
 from jaxlm.layers.dropout import dropout
 from jaxlm.layers.linear import Einsum, Embedding
 from jaxlm.layers.norms import LayerNorm
@@ -134,10 +134,9 @@ def bert_positions(cfg: BertConfig, input_ids: jax.Array) -> jax.Array:
 
 def _attention_mask(attention_mask, segment_ids) -> jax.Array | None:
   """[batch, 1, 1 | seq, seq] bool: keys that are not padding, and with segment_ids only
-  those of the query's own segment."""
+  those of the query's own segment (the decoder's segment mask)."""
   if segment_ids is not None:
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return (same & (segment_ids[:, None, :] > 0))[:, None]
+    return segment_mask(segment_ids)
   if attention_mask is None:
     return None
   return attention_mask.astype(bool)[:, None, None, :]
