@@ -104,23 +104,28 @@ A summary is printed, then the metrics as one JSON line.
   ev.add_argument("--out", help="also write the JSON metrics to this file")
 
   base = sub.add_parser(
-      "baseline", help="TF-IDF + logistic regression on a recipe's classification split",
-      formatter_class=argparse.RawDescriptionHelpFormatter, description="""\
-A classical reference for a fine-tuned classifier: TF-IDF n-grams and logistic regression
-(scikit-learn), trained on the recipe's training examples and scored on its held-out ones,
-the very examples `jaxlm train` gives a classification head (same reading, formatting,
-min_chars, deduplication and seeded split; --config.data.* overrides apply). The recipe's
-data.format must be classification or pairs. Prints accuracy, macro / weighted P/R/F1,
-per-class F1 and the confusion matrix, or with --json the metrics as one JSON line.
+      "baseline", help="TF-IDF + logistic regression on a recipe's classification split, "
+      "a CRF on a tagging (NER) split", formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="""\
+A classical reference for a fine-tuned classifier, trained on the recipe's training examples
+and scored on its held-out ones, the very examples `jaxlm train` gives a classification head
+(same reading, formatting, min_chars, deduplication and seeded split; --config.data.*
+overrides apply). data.format classification or pairs: TF-IDF n-grams and logistic
+regression (scikit-learn); prints accuracy, macro / weighted P/R/F1, per-class F1 and the
+confusion matrix. data.format tagging (NER): a linear-chain CRF (CRFsuite) over the words and
+word bigrams of a 5-word window and their character kinds; prints entity-level P/R/F1 and
+per-type F1 (seqeval, as `jaxlm eval`) and the same word-level scores as a classifier's.
+--json prints the metrics as one JSON line instead.
 
   jaxlm baseline --config bbc_news                          # English: word 1-2-grams
   jaxlm baseline --config sentiment_zh --analyzer char      # Chinese: character 1-3-grams
+  jaxlm baseline --config ner_zh                            # Chinese NER: CRF over characters
   jaxlm baseline --config.data.sources=reviews.jsonl --config.data.format=classification \\
     --config.data.labels="('neg', 'pos')" --config.data.validation_fraction=0.1 --json""")
   base.add_argument("--config", default="tiny_demo", help="recipe path or name")
-  base.add_argument("--analyzer", choices=("word", "char"), default="word",
-                    help="word: unigrams and bigrams (default); char: character 1-3-grams, "
-                    "for Chinese and other text without spaces")
+  base.add_argument("--analyzer", choices=("word", "char"),
+                    help="TF-IDF only: word: unigrams and bigrams (default); char: character "
+                    "1-3-grams, for Chinese and other text without spaces")
   base.add_argument("--json", action="store_true",
                     help="print the metrics as one JSON line instead of the report")
 
@@ -199,21 +204,32 @@ def _data(args, overrides) -> None:
     return
   from jaxlm.data.pipeline import build_train_data
   from jaxlm.train.loop import training_tokenizer
+  from jaxlm.train.step import is_regression
   config = config_lib.load_config(args.config, overrides)
+  model_cfg = config_lib.model_config(config)
   data = build_train_data(config.data, training_tokenizer(config), config.data.seq_len,
                           config.data.batch_size, config.data.seed,
-                          label_head=config_lib.model_config(config).num_labels > 0)
+                          label_head=model_cfg.num_labels > 0,
+                          regression=is_regression(model_cfg))
   data.close()
   print(data.summary())
 
 
 def _baseline(args, overrides) -> None:
   from jaxlm import config as config_lib
-  from jaxlm.evaluate.baseline import format_report, tfidf_baseline
-
   config = config_lib.load_config(args.config, overrides)
-  result = tfidf_baseline(config, args.analyzer)
-  print(json.dumps(result) if args.json else format_report(result, config.data.labels))
+  if config.data.format == "tagging":
+    if args.analyzer:
+      raise config_lib.ConfigError("--analyzer chooses TF-IDF n-grams; a tagging recipe's CRF "
+                                   "reads fixed window features: drop it.")
+    from jaxlm.evaluate.crf_baseline import crf_baseline, format_crf_report
+    result = crf_baseline(config)
+    report = format_crf_report
+  else:
+    from jaxlm.evaluate.baseline import format_report, tfidf_baseline
+    result = tfidf_baseline(config, args.analyzer or "word")
+    report = format_report
+  print(json.dumps(result) if args.json else report(result, config.data.labels))
 
 
 def _convert(args) -> str:

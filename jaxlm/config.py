@@ -208,11 +208,13 @@ def model_config(config) -> LlamaConfig:
   if config.model.init_from:
     from jaxlm.loading import read_config
     source, _ = read_config(config.model.init_from)
+  if config.data.format == "tagging" and "classifier" not in fields:
+    fields["classifier"] = "token"  # tags are read at every token
+  if fields.get("classifier") == "regression" and "num_labels" not in fields:
+    fields["num_labels"] = 1  # one score
   encoder = _encoder_config(config, fields, source)
   if encoder is not None:
     return encoder
-  if config.data.format == "tagging" and "classifier" not in fields:
-    fields["classifier"] = "token"  # tags are read at every token
   if isinstance(fields.get("rope_scaling"), ml_collections.ConfigDict):
     fields["rope_scaling"] = fields["rope_scaling"].to_dict()
   if source is not None:
@@ -236,8 +238,15 @@ def _encoder_config(config, fields: dict, source):
         f"{where} is a BERT / RoBERTa encoder, which has no "
         f"{', '.join('model.' + k for k in foreign)}; unset them (encoder fields: "
         f"{', '.join(k for k in MODEL_FIELDS if k in ENCODER_FIELDS)}).")
-  # Masked-LM training needs the head; a BertModel source gets a fresh one.
-  fields = {"mlm_head": True, **fields}
+  # An encoder trains one head: a classification head (model.num_labels) or, without one,
+  # the masked-LM head (fresh on a BertModel source). A sequence classifier reads the
+  # pooler (fresh on a *ForMaskedLM source), a token classifier does not, as in transformers.
+  num_labels = fields.get("num_labels", source.num_labels if source is not None else 0)
+  classifier = fields.get("classifier", source.classifier if source is not None else "sequence")
+  heads = {"mlm_head": not num_labels}
+  if num_labels:
+    heads["pooler"] = classifier != "token"
+  fields = {**heads, **fields}
   if source is None:
     return encoder_preset(config.model.preset, **fields)
   defaults = {"param_dtype": "float32", "compute_dtype": "bfloat16"}
@@ -285,7 +294,10 @@ ENCODER_SIGNATURE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "ml
 def shape_signature(cfg: LlamaConfig) -> dict:
   """What must match for a checkpoint to be resumable by a config."""
   if is_encoder(cfg):
-    return {"model": "encoder", **{k: getattr(cfg, k) for k in ENCODER_SIGNATURE}}
+    sig = {"model": "encoder", **{k: getattr(cfg, k) for k in ENCODER_SIGNATURE}}
+    if cfg.num_labels:  # only then, so that masked-LM runs' signatures stay as they were
+      sig.update(num_labels=cfg.num_labels, classifier=cfg.classifier)
+    return sig
   keys = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "mlp_dim",
           "qkv_bias", "tie_embeddings", "param_dtype")
   sig = {k: getattr(cfg, k) for k in keys}

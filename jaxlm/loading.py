@@ -29,7 +29,7 @@ from jaxlm.convert import hf as hf_io
 from jaxlm.convert.errors import ConversionError
 from jaxlm.convert.hf_config import family_for, label_names, model_fields, write_hf_config
 from jaxlm.models import Llama, LlamaConfig
-from jaxlm.models.factory import abstract_model, encoder_family, is_encoder
+from jaxlm.models.factory import abstract_model, encoder_family, head_fields, is_encoder
 from jaxlm.parallel.rules import LogicalRules, state_shardings
 
 MODEL_FILE = "jaxlm_model.json"
@@ -151,18 +151,18 @@ def load_params(path: str | Path, *, cfg: LlamaConfig | None = None, mesh=None,
 
 
 def _load_encoder_directory(path: Path, cfg, shardings) -> LoadedParams:
-  """An HF BERT / RoBERTa directory into cfg (its own architecture, with or without the
-  masked-LM head, in cfg's parameter dtype)."""
+  """An HF BERT / RoBERTa directory into cfg: its own architecture and heads, in cfg's
+  parameter dtype."""
   from jaxlm.convert.bert_hf import load_bert, read_bert_config
   source, family, hf = read_bert_config(path)
-  if cfg.mlm_head and not source.mlm_head:
-    raise ConversionError(f"{path} has no masked-LM head ({hf.get('architectures')}); load it "
-                          f"into a config with mlm_head=False.")
+  if head_fields(cfg) != head_fields(source):
+    raise ConversionError(
+        f"{path} ({', '.join(hf.get('architectures') or [])}) has the heads "
+        f"{head_fields(source)}, not {head_fields(cfg)}: load it with its own heads "
+        f"(model.init_from then keeps the ones a run reuses).")
   _, params = load_bert(path, shardings)
-  if not cfg.mlm_head:
-    params = {k: v for k, v in params.items() if k != "mlm_head"}
   params = jax.tree.map(lambda x: x.astype(cfg.param_dtype), params)
-  return LoadedParams(cfg, params, family, hf, path)
+  return LoadedParams(cfg, params, family, hf, path, labels=label_names(hf))
 
 
 def _load_workdir(workdir: Path, cfg: LlamaConfig, shardings) -> LoadedParams:
@@ -321,14 +321,14 @@ def save_hf_dir(loaded: LoadedParams, out: str | Path, *, dtype: str | None = No
 
 def _save_encoder_hf_dir(loaded: LoadedParams, out: Path, dtype: str,
                          max_shard_gb: float) -> Path:
-  """{Bert,Roberta}ForMaskedLM weights and config.json (the source's keys kept, so token ids
-  survive), with the tokenizer files."""
+  """{Bert,Roberta}For{MaskedLM,SequenceClassification,TokenClassification} weights and
+  config.json (the source's keys kept, so token ids survive), with the tokenizer files."""
   from jaxlm.convert.bert_hf import save_bert
   with _atomic_directory(out) as tmp:
     _copy_sidecars(loaded, tmp)
     base = {**_special_token_ids(tmp), **(loaded.hf_config or {})}
     save_bert(loaded.cfg, loaded.params, tmp, loaded.family or encoder_family(loaded.cfg),
-              dtype, base=base, max_shard_bytes=int(max_shard_gb * 2**30))
+              dtype, base=base, labels=loaded.labels, max_shard_bytes=int(max_shard_gb * 2**30))
   return out.expanduser().absolute()
 
 

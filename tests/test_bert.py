@@ -34,8 +34,9 @@ CASES = [(family, head) for family in ("bert", "roberta") for head in ("ForMaske
 ATOL = 1e-4
 
 
-def build_hf(family, head, path):
-  config = getattr(transformers, CLASS_PREFIX[family] + "Config")(**TINY_HF, **FAMILY_HF[family])
+def build_hf(family, head, path, **settings):
+  config = getattr(transformers, CLASS_PREFIX[family] + "Config")(
+      **TINY_HF, **FAMILY_HF[family], **settings)
   torch.manual_seed(0)
   model = getattr(transformers, CLASS_PREFIX[family] + head)(config).eval()
   # transformers initialises biases to 0 and LayerNorms to identity: randomise them so that a

@@ -239,7 +239,7 @@ def test_each_document_is_wrapped_once_in_the_tokenizers_special_tokens(make_con
   config = make_config(family)
   spec = training_tokenizer(config)
   tok = TextTokenizer(spec, add_special_tokens=True)
-  first, last = tok.encode([""])[0]  # [CLS] [SEP] / <s> </s>
+  (first,), (last,) = tok.wrap  # [CLS] [SEP] / <s> </s>
   data = build_train_data(config.data, spec, config.data.seq_len, 8, 0)
   rows = data.train.parts[0]
   real = rows["input_ids"][0][rows["segment_ids"][0] > 0]

@@ -128,6 +128,30 @@ def test_tagging_refusals(tagged, tiny_config, tmp_path):
           tmp_path / "c")
 
 
+def test_a_sequence_classifier_starts_a_token_classifier_from_its_trunk(tagged, tiny_config,
+                                                                        tmp_path):
+  """init_from an HF LlamaForSequenceClassification on tagging data: the trunk loads, the
+  source's bias-free 3-class head is left behind and a token head starts fresh."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from jaxlm.loading import load_params
+  from jaxlm.train.loop import Run
+  torch.manual_seed(0)
+  source = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(
+      vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0))
+  source.save_pretrained(tmp_path / "hf")
+  config = tiny_config(**tagging_overrides(tagged, model__init_from=str(tmp_path / "hf"),
+                                           train__steps=2))
+  run = Run.build(config)
+  params = run.trainer.model_params(run.fresh_state())
+  loaded = load_params(tmp_path / "hf").params
+  assert params["score"]["kernel"].shape == (32, len(TAGS)) and "bias" in params["score"]
+  np.testing.assert_array_equal(params["layers"]["mlp"]["up_proj"]["kernel"],
+                                loaded["layers"]["mlp"]["up_proj"]["kernel"])
+  assert np.isfinite(train(config, tmp_path / "run")["loss"])
+
+
 def test_pku_tags_become_character_entities():
   line = ("中共中央/nt  总书记/n  江/nr  泽民/nr  在/p  北京/ns  讲话/n  。/w  "
           "新华社/nt  记者/n  兰/nr  红光/nr  摄/Vg")

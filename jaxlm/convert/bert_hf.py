@@ -1,9 +1,11 @@
 """Hugging Face BERT / RoBERTa directories (config.json + safetensors) <-> jaxlm `Bert`.
 
-Reads BertModel, BertForMaskedLM, RobertaModel and RobertaForMaskedLM checkpoints (and
-BertForPreTraining ones, whose next-sentence head is dropped); which of the pooler and the
-masked-LM head exist is read from the tensors present. Writes *ForMaskedLM when the model
-has an MLM head, *Model otherwise.
+Reads BertModel, BertForMaskedLM, BertForSequenceClassification, BertForTokenClassification
+and their Roberta* counterparts (and BertForPreTraining checkpoints, whose next-sentence head
+is dropped); which of the pooler and the masked-LM head exist is read from the tensors
+present, the classification head from `architectures`, `id2label` and `problem_type`. Writes
+*For{Sequence,Token}Classification for a classifier, *ForMaskedLM for a model with an MLM
+head, *Model otherwise.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 
 from jaxlm.convert.bert_weights import FAMILIES, params_from_reader, write_tensors
 from jaxlm.convert.errors import ConversionError
+from jaxlm.convert.hf_config import CLASSIFIER_SUFFIXES, classifier_kind, num_labels
 from jaxlm.convert.safetensors_io import SafetensorsReader, ShardedSafetensorsWriter
 from jaxlm.models.bert import ACTIVATIONS, BertConfig
 
@@ -72,6 +75,12 @@ def config_from_hf(hf: dict, tensor_names: list[str]) -> tuple[BertConfig, str, 
   if problems:
     raise ConversionError("Unsupported config.json settings: " + "; ".join(problems))
   prefix = f"{family}." if any(n.startswith(f"{family}.") for n in tensor_names) else ""
+  classes = num_labels(hf)
+  kind = classifier_kind(hf) or "sequence"
+  if classes and hf.get("problem_type") == "regression":
+    kind = "regression"
+  pooler = (f"{prefix}pooler.dense.weight" in tensor_names
+            or (family == "roberta" and "classifier.dense.weight" in tensor_names))
   pad = hf.get("pad_token_id")
   pad = (1 if family == "roberta" else 0) if pad is None else pad
   cfg = BertConfig(
@@ -82,8 +91,8 @@ def config_from_hf(hf: dict, tensor_names: list[str]) -> tuple[BertConfig, str, 
       hidden_act=act, mlm_head_act="gelu" if family == "roberta" else act,
       position_offset=pad + 1 if family == "roberta" else 0, pad_token_id=pad,
       dropout_rate=hf.get("hidden_dropout_prob", 0.0),
-      pooler=f"{prefix}pooler.dense.weight" in tensor_names,
-      mlm_head=_HEAD_DENSE[family] in tensor_names,
+      pooler=pooler, mlm_head=_HEAD_DENSE[family] in tensor_names, num_labels=classes,
+      classifier=kind,
       init_std=hf.get("initializer_range", 0.02), compute_dtype="float32")
   return cfg, family, prefix
 
@@ -119,16 +128,46 @@ def _check_representable(cfg: BertConfig, family: str) -> None:
   if cfg.mlm_head and cfg.mlm_head_act != ("gelu" if roberta else cfg.hidden_act):
     problems.append(f"mlm_head_act={cfg.mlm_head_act!r} ({family}'s head uses "
                     f"{'gelu' if roberta else 'hidden_act'})")
+  if cfg.num_labels and cfg.mlm_head:
+    problems.append("both a classification and a masked-LM head (transformers has one head)")
+  if cfg.num_labels and cfg.classifier == "token" and cfg.pooler:
+    problems.append("a pooler on a token classifier (*ForTokenClassification has none)")
   if problems:
     raise ConversionError(f"The model cannot be written as {family}: " + "; ".join(problems))
 
 
-def hf_config_for(cfg: BertConfig, family: str, *, dtype: str, base: dict | None = None) -> dict:
+def architecture(cfg: BertConfig, family: str) -> str:
+  if cfg.num_labels:
+    suffix = CLASSIFIER_SUFFIXES["token" if cfg.classifier == "token" else "sequence"]
+  else:
+    suffix = "ForMaskedLM" if cfg.mlm_head else "Model"
+  return CLASS_PREFIX[family] + suffix
+
+
+def label_fields(cfg: BertConfig, labels: tuple[str, ...] | None) -> dict:
+  """num_labels, id2label / label2id (labels, else LABEL_i) and problem_type of a head."""
+  names = list(labels or (f"LABEL_{i}" for i in range(cfg.num_labels)))
+  if len(names) != cfg.num_labels:
+    raise ConversionError(f"{len(names)} label names ({', '.join(names)}) for a classifier "
+                          f"of num_labels={cfg.num_labels}.")
+  problem = {"regression": "regression", "sequence": "single_label_classification"}
+  fields = {"num_labels": cfg.num_labels, "id2label": dict(enumerate(names)),
+            "label2id": {name: i for i, name in enumerate(names)}}
+  if cfg.classifier in problem:
+    fields["problem_type"] = problem[cfg.classifier]
+  return fields
+
+
+def hf_config_for(cfg: BertConfig, family: str, *, dtype: str, base: dict | None = None,
+                  labels: tuple[str, ...] | None = None) -> dict:
   """A config.json for `cfg`; keys of `base` (the source model's config) are kept so token
-  ids and other settings survive a round trip."""
-  name = CLASS_PREFIX[family] + ("ForMaskedLM" if cfg.mlm_head else "Model")
+  ids and other settings survive a round trip. labels: a classifier's class names."""
+  name = architecture(cfg, family)
   hf = dict(base or {})
-  hf.pop("torch_dtype", None)
+  for key in ("torch_dtype", "num_labels", "id2label", "label2id", "problem_type"):
+    hf.pop(key, None)
+  if cfg.num_labels:
+    hf.update(label_fields(cfg, labels))
   hf.setdefault("attention_probs_dropout_prob", cfg.dropout_rate)
   hf.update({
       "architectures": [name], "model_type": family, "vocab_size": cfg.vocab_size,
@@ -145,8 +184,9 @@ def hf_config_for(cfg: BertConfig, family: str, *, dtype: str, base: dict | None
 
 def save_bert(cfg: BertConfig, params: dict, out_dir: str | Path, family: str,
               dtype: str = "float32", *, base: dict | None = None,
-              max_shard_bytes: int = 5 * 2**30) -> Path:
+              labels: tuple[str, ...] | None = None, max_shard_bytes: int = 5 * 2**30) -> Path:
   """Writes config.json and safetensors that transformers' from_pretrained loads as
+  {Bert,Roberta}For{Sequence,Token}Classification (a classifier, `labels` its class names),
   {Bert,Roberta}ForMaskedLM (with an MLM head; a pooler is kept as {family}.pooler.*, which
   *Model classes load) or {Bert,Roberta}Model."""
   if family not in FAMILIES:
@@ -154,10 +194,10 @@ def save_bert(cfg: BertConfig, params: dict, out_dir: str | Path, family: str,
   _check_representable(cfg, family)
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  prefix = f"{family}." if cfg.mlm_head else ""
+  prefix = f"{family}." if cfg.mlm_head or cfg.num_labels else ""
   write_tensors(ShardedSafetensorsWriter(out, max_shard_bytes), cfg, params, family, prefix,
                 dtype)
-  config = hf_config_for(cfg, family, dtype=dtype, base=base)
+  config = hf_config_for(cfg, family, dtype=dtype, base=base, labels=labels)
   (out / "config.json").write_text(json.dumps(config, indent=2))
   return out
 

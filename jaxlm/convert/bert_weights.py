@@ -1,8 +1,9 @@
 """The one table that maps Hugging Face BERT / RoBERTa tensors to jaxlm `Bert` parameters,
 and the checked, tensor-by-tensor transfer in both directions.
 
-Encoder tensors carry a "bert." / "roberta." prefix in the *ForMaskedLM classes and none in
-BertModel / RobertaModel; heads are never prefixed. Layouts are the decoder's (see
+Encoder tensors carry a "bert." / "roberta." prefix in the *ForMaskedLM and
+*For{Sequence,Token}Classification classes and none in BertModel / RobertaModel; heads are
+never prefixed. Layouts are the decoder's (see
 llama_weights.py): HF Linear weights are (out, in), jaxlm kernels (in, ...out) with heads
 split out, layer weights stacked on a leading layers axis.
 """
@@ -66,10 +67,15 @@ def bert_table(cfg: BertConfig, family: str, prefix: str) -> list[Entry]:
       *_linear(("layers", "mlp", "down"), layer + "output.dense"),
       *_layer_norm(("layers", "mlp_norm"), layer + "output.LayerNorm"),
   ]
+  # RobertaClassificationHead's dense + tanh on <s> is BERT's pooler under another name.
+  roberta_sequence = family == "roberta" and cfg.num_labels and cfg.classifier != "token"
   if cfg.pooler:
-    table += _linear(("pooler",), prefix + "pooler.dense")
+    table += _linear(("pooler",), "classifier.dense" if roberta_sequence else
+                     prefix + "pooler.dense")
   if cfg.mlm_head:
     table += _mlm_head(family)
+  if cfg.num_labels:
+    table += _linear(("score",), "classifier.out_proj" if roberta_sequence else "classifier")
   return table
 
 

@@ -9,9 +9,14 @@ from jaxlm.models.config import LlamaConfig
 FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
-# LlamaConfig.classifier -> the suffix of the HF classes with that head.
+# LlamaConfig.classifier -> the suffix of the HF classes with that head. A regression head
+# is a sequence classifier with one label and problem_type "regression" (PROBLEM_TYPES).
 CLASSIFIER_SUFFIXES = {"sequence": "ForSequenceClassification",
-                       "token": "ForTokenClassification"}
+                       "token": "ForTokenClassification",
+                       "regression": "ForSequenceClassification"}
+# What a sequence head's loss is, as config.json's problem_type says it: written on export,
+# since transformers takes a head of one label without it for a regression head.
+PROBLEM_TYPES = {"sequence": "single_label_classification", "regression": "regression"}
 _CLASS_PREFIXES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gpt2": "GPT2"}
 # classifier -> family -> HF architecture, e.g. ["token"]["qwen2"] = Qwen2ForTokenClassification
 CLASSIFIER_ARCHITECTURES = {kind: {family: prefix + suffix
@@ -48,17 +53,24 @@ def read_hf_config(hf: dict) -> tuple[LlamaConfig, str]:
         f"{', '.join(FAMILIES)} (Llama 2/3/3.1/3.2, Mistral, Qwen2, GPT-2), and the encoders "
         f"bert, roberta.")
   read = _read_gpt2 if family == "gpt2" else _read_llama
-  return read(hf, family).replace(num_labels=num_labels(hf),
-                                  classifier=classifier_kind(hf) or "sequence"), family
+  kind, labels = classifier_kind(hf) or "sequence", num_labels(hf)
+  if kind == "regression" and labels != 1:
+    raise ConversionError(f"A regression head of {labels} outputs (problem_type 'regression', "
+                          f"num_labels={labels}): jaxlm's regression head predicts one score.")
+  return read(hf, family).replace(num_labels=labels, classifier=kind), family
 
 
 def classifier_kind(hf: dict) -> str | None:
-  """"sequence" or "token" (LlamaConfig.classifier) for a classifier's config.json, None
-  for a language model's."""
+  """"sequence", "token" or "regression" (LlamaConfig.classifier) for a classifier's
+  config.json, None for a language model's. A sequence classifier regresses as transformers
+  decides: problem_type "regression", or one label and no problem_type."""
   for architecture in hf.get("architectures") or []:
-    for kind, suffix in CLASSIFIER_SUFFIXES.items():
-      if architecture.endswith(suffix):
-        return kind
+    if architecture.endswith(CLASSIFIER_SUFFIXES["token"]):
+      return "token"
+    if architecture.endswith(CLASSIFIER_SUFFIXES["sequence"]):
+      problem = hf.get("problem_type")
+      regresses = problem == "regression" or (problem is None and _label_count(hf) == 1)
+      return "regression" if regresses else "sequence"
   return None
 
 
@@ -66,17 +78,20 @@ def is_classifier(hf: dict) -> bool:
   return classifier_kind(hf) is not None
 
 
-def num_labels(hf: dict) -> int:
-  """HF's num_labels: the size of id2label (config.json keeps no count of its own in
-  transformers 5), 2 when a classifier names no labels; 0 for a language model."""
-  if not is_classifier(hf):
-    return 0
+def _label_count(hf: dict) -> int:
   return len(hf.get("id2label") or {}) or hf.get("num_labels", 2)
 
 
+def num_labels(hf: dict) -> int:
+  """HF's num_labels: the size of id2label (config.json keeps no count of its own in
+  transformers 5), 2 when a classifier names no labels; 0 for a language model."""
+  return _label_count(hf) if is_classifier(hf) else 0
+
+
 def label_names(hf: dict) -> tuple[str, ...] | None:
-  """A classifier's label names in class order, from id2label (keys are strings in JSON)."""
-  id2label = hf.get("id2label") if is_classifier(hf) else None
+  """A classifier's label names in class order, from id2label (keys are strings in JSON);
+  None for a regression head, whose one output is a score, not a class."""
+  id2label = hf.get("id2label") if classifier_kind(hf) in ("sequence", "token") else None
   return tuple(id2label[k] for k in sorted(id2label, key=int)) if id2label else None
 
 
@@ -155,7 +170,7 @@ def write_hf_config(cfg: LlamaConfig, family: str | None = None, *, dtype: str,
   hf = dict(base or {})
   # token_classification_bias: HF's default (true) is what jaxlm's token head computes.
   for stale in ("rope_scaling", "rope_theta", "torch_dtype", "rope_parameters", "id2label",
-                "label2id", "num_labels", "token_classification_bias"):
+                "label2id", "num_labels", "token_classification_bias", "problem_type"):
     hf.pop(stale, None)
   architectures = (CLASSIFIER_ARCHITECTURES[cfg.classifier] if cfg.num_labels
                    else ARCHITECTURES)
@@ -203,6 +218,7 @@ def _classifier_fields(cfg: LlamaConfig, hf: dict, labels: tuple[str, ...] | Non
             "label2id": {name: i for i, name in enumerate(names)}}
   if cfg.classifier == "token":  # logits at every token: no pooling, so no pad token needed
     return fields
+  fields["problem_type"] = PROBLEM_TYPES[cfg.classifier]
   # transformers pools each row at its last token that is not pad_token_id and refuses
   # batches of more than one row without one. A base without a pad token gets its eos: our
   # training pools at the last token it reads, and a text's eos is a target, never read, so

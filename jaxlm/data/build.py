@@ -43,8 +43,7 @@ def cache_key(sources: list[Source], tok: TextTokenizer, settings: dict, seq_len
       "chat_template": tok.template() if settings["format"] == "chat" else "",
       # Only when on, so that the caches built before the setting existed stay valid.
       "settings": {**{k: settings[k] for k in CONTENT_SETTINGS},
-                   **({"add_special_tokens": True} if settings.get("add_special_tokens")
-                      else {})},
+                   **{k: True for k in ("add_special_tokens", "regression") if settings.get(k)}},
       "seq_len": seq_len, "seed": seed})
 
 
@@ -71,6 +70,7 @@ def _tokenize(examples: list[Example], tok: TextTokenizer):
   example's word carries its tag on its first sub-word token and -1 (no target) on the rest,
   so each word is predicted once."""
   encoded = iter(tok.encode([text for e in examples for text, _ in e.parts]))
+  before, after = tok.wrap
   out = []
   for example in examples:
     ids = [next(encoded) for _ in example.parts]
@@ -80,6 +80,11 @@ def _tokenize(examples: list[Example], tok: TextTokenizer):
       tags = [np.full(len(i), -1, np.int64) for i in ids]
       for word_tags, tag in zip(tags, example.tags):
         word_tags[:1] = tag
+    if len(before) or len(after):  # an encoder's [CLS] ... [SEP], never a target
+      ids = [before, *ids, after]
+      flags = [np.zeros(len(before), bool), *flags, np.zeros(len(after), bool)]
+      if tags is not None:
+        tags = [np.full(len(before), -1), *tags, np.full(len(after), -1)]
     if example.eos:
       ids.append(np.array([tok.eos_id], np.int32))
       flags.append(np.array([example.parts[-1][1]]))
@@ -110,6 +115,7 @@ def make_formatter(settings: dict, tok: TextTokenizer | None) -> Formatter:
                    prompt_template=settings["prompt_template"],
                    strip_html=settings["strip_html"], tokenizer=tok,
                    label_head=settings["label_head"],
+                   regression=settings["regression"],
                    word_separator=settings["word_separator"])
 
 
@@ -146,14 +152,15 @@ def _build(out: Path, sources: list[Source], tok: TextTokenizer, settings: dict,
   problems = Problems()
   stats = collections.Counter()
   seen: set[bytes] = set()
-  dtypes = cache.storage_dtypes(tok.vocab_size, seq_len)
+  regression = settings["regression"]
+  dtypes = cache.storage_dtypes(tok.vocab_size, seq_len, regression)
   per_window = settings["overflow"] == "window" and settings["stride"] in (0, seq_len)
   described = []
 
   tagging = settings["format"] == "tagging"
 
   def flush(examples, digests, writers):
-    labels = (np.array([e.label for e in examples], np.int64)
+    labels = (np.array([e.label for e in examples], np.float32 if regression else np.int64)
               if settings["label_head"] and not tagging else None)
     encoded = _tokenize(examples, tok)
     pieces, counts = cut_pieces([(ids, flags) for ids, flags, _ in encoded], seq_len,

@@ -36,12 +36,13 @@ def fingerprint(inputs: dict) -> str:
                         ).hexdigest()
 
 
-def storage_dtypes(vocab_size: int, seq_len: int) -> dict[str, str]:
-  """The narrowest dtypes that hold the values: half the disk and page cache of int32."""
+def storage_dtypes(vocab_size: int, seq_len: int, regression: bool = False) -> dict[str, str]:
+  """The narrowest dtypes that hold the values: half the disk and page cache of int32.
+  Regression targets are float32 bit patterns (shaping.encode_scores): all 32 bits."""
   tokens = "uint16" if vocab_size <= 1 << 16 else "int32"
   places = "uint16" if seq_len < 1 << 16 else "int32"
-  return {"input_ids": tokens, "targets": tokens, "loss_mask": "uint8", "positions": places,
-          "segment_ids": places}
+  return {"input_ids": tokens, "targets": "int32" if regression else tokens,
+          "loss_mask": "uint8", "positions": places, "segment_ids": places}
 
 
 class RowWriter:

@@ -14,12 +14,16 @@ trained on (loss_mask 1) or only conditioned on.
 
 A label is a string from data.labels or an int indexing it. For a classification head
 (label_head=True) the label is not text: the example is the rendered prompt alone and carries
-the label's index, which shaping makes the target of the prompt's last token. A row that
-does not fit raises RowError, which the build counts against data.error_budget.
+the label's index, which shaping makes the target of the prompt's last token. For a
+regression head (regression=True) the label is a number, the example's score, and data.labels
+is empty. A row that does not fit raises RowError, which the build counts against
+data.error_budget.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import string
 
 from jaxlm.data.clean import strip_html
@@ -30,6 +34,8 @@ FIELDS = {"text": ("text",), "sft": ("prompt", "completion"), "chat": ("messages
           "tagging": ("tokens", "tags")}
 DEFAULT_PROMPTS = {"classification": "{text}\nLabel:", "pairs": "{text_a}\n{text_b}\nLabel:"}
 HEAD_FORMATS = ("classification", "pairs", "tagging")  # formats a classifier (num_labels) reads
+# The largest float32: a larger score would reach training as inf (rows hold float32 scores).
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class RowError(ValueError):
@@ -41,7 +47,8 @@ class Example:
   parts: tuple[tuple[str, bool], ...]  # (text, trained)
   chars: int  # characters of the row's own text, compared with data.min_chars
   eos: bool  # ends with the end-of-text token; chat templates close their turns themselves
-  label: int | None = None  # the class index, for a classification head
+  # the class index, for a classification head; the score, for a regression head
+  label: int | float | None = None
   tags: tuple[int, ...] | None = None  # for tagging: each part is a word, this its tag index
 
 
@@ -49,24 +56,27 @@ class Formatter:
 
   def __init__(self, fmt: str, *, labels=(), prompt_template: str = "",
                strip_html: bool = False, tokenizer=None, label_head: bool = False,
-               word_separator: str = " "):
+               regression: bool = False, word_separator: str = " "):
     if fmt not in FIELDS:
       raise DataError(f"data.format must be one of {', '.join(FIELDS)}, not {fmt!r}.")
     self.fmt = fmt
     self.labels = tuple(labels)
     self.strip_html = strip_html
     self.tokenizer = tokenizer
-    self.label_head = label_head
+    self.label_head = label_head or regression
+    self.regression = regression
     self.word_separator = word_separator
     self.prompt_template = prompt_template or DEFAULT_PROMPTS.get(fmt, "")
-    if label_head and fmt not in HEAD_FORMATS:
+    if regression:
+      self._check_regression()
+    if self.label_head and fmt not in HEAD_FORMATS:
       raise DataError(f"A classification head (model.num_labels > 0) needs data.format "
                       f"'classification' or 'pairs' (a label per example) or 'tagging' (a tag "
                       f"per word), not {fmt!r}.")
     if fmt == "tagging" and not label_head:
       raise DataError("data.format = 'tagging' trains a token classifier: set model.num_labels "
                       "to the number of data.labels (the tag set).")
-    if fmt in HEAD_FORMATS and not self.labels:
+    if fmt in HEAD_FORMATS and not self.labels and not regression:
       raise DataError(f"data.format = {fmt!r} needs data.labels, the allowed label names.")
     if fmt in DEFAULT_PROMPTS:
       used = {name for _, name, _, _ in string.Formatter().parse(self.prompt_template) if name}
@@ -87,11 +97,36 @@ class Formatter:
     if self.fmt == "sft":
       return Example(((fields["prompt"], False), (fields["completion"], True)), chars, eos=True)
     prompt = self.prompt_template.format(**fields)
+    if self.regression:
+      return Example(((prompt, True),), chars, eos=True, label=self._score(row))
     label = self._label(row)
     if self.label_head:
       # Marked trained so that shaping keeps it; the only target is the label (shaping.py).
       return Example(((prompt, True),), chars, eos=True, label=self.labels.index(label))
     return Example(((prompt, False), (" " + label, True)), chars, eos=True)
+
+  def _check_regression(self) -> None:
+    if self.fmt not in DEFAULT_PROMPTS:
+      raise DataError(f"A regression head (model.classifier = 'regression') reads a number "
+                      f"per example: set data.format to 'classification' ({{text, label}}) or "
+                      f"'pairs' ({{text_a, text_b, label}}), not {self.fmt!r}.")
+    if self.labels:
+      raise DataError(f"data.labels names classes ({list(self.labels)}), but a regression head "
+                      f"(model.classifier = 'regression') predicts each row's number label: "
+                      f"unset data.labels, or train a classifier (model.classifier = "
+                      f"'sequence', model.num_labels = {len(self.labels)}).")
+
+  def _score(self, row: dict) -> float:
+    """A regression label: any real number that float32 holds (Python's, numpy's)."""
+    value = row.get("label")
+    if value is None:
+      raise RowError("missing field 'label'")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+      raise RowError(f"field 'label' must be a number for a regression head, got "
+                     f"{type(value).__name__} {value!r}")
+    if not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+      raise RowError(f"field 'label' must be a finite number (float32), got {value!r}")
+    return float(value)
 
   def _clean(self, text: str) -> str:
     return strip_html(text) if self.strip_html else text

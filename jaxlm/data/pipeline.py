@@ -26,13 +26,15 @@ are ignored):
   stride = 0               window step in tokens; 0 = seq_len (no overlap)
   text_unit = "document"   what one document of a .txt file is: line | paragraph | document
   labels = ()              allowed labels (classification, pairs) or tags (tagging); an int
-                           label indexes it
+                           label indexes it. Empty for a regression head, whose label is a
+                           number (the score)
   prompt_template = ""     classification / pairs prompt; "" = "{text}\\nLabel:" or
                            "{text_a}\\n{text_b}\\nLabel:"; the target is " " + label
   word_separator = " "     tagging: what goes between words ("" for Chinese characters)
   chat_template = ""       Jinja chat template replacing the tokenizer's own
-  add_special_tokens = False  text: encode each document with the tokenizer's post-processor,
-                           e.g. [CLS] ... [SEP] (BERT) or <s> ... </s> (RoBERTa)
+  add_special_tokens = False  wrap each example (text, classification, pairs, tagging) in
+                           the tokenizer's special tokens, e.g. [CLS] ... [SEP] (BERT) or
+                           <s> ... </s> (RoBERTa), as an encoder reads it
   strip_html = False       keep only the visible text of HTML
   min_chars = 1            drop examples with fewer characters of text
   dedupe = True            drop exact duplicates (across all sources, before the split)
@@ -82,10 +84,12 @@ DEFAULTS = {
 }
 
 
-def resolve_settings(data_config: Mapping, seq_len: int, label_head: bool = False) -> dict:
+def resolve_settings(data_config: Mapping, seq_len: int, label_head: bool = False,
+                     regression: bool = False) -> dict:
   """DEFAULTS overridden by the config's values, checked, with "auto" resolved. label_head:
   rows for a classification head (the label's index is the target, see shaping.py), not
-  for a language model."""
+  for a language model; regression: for a regression head (the label is a number, the
+  target; implies label_head)."""
   config = data_config.to_dict() if hasattr(data_config, "to_dict") else dict(data_config)
   settings = {key: config.get(key, default) for key, default in DEFAULTS.items()}
   if isinstance(settings["sources"], str):
@@ -94,7 +98,9 @@ def resolve_settings(data_config: Mapping, seq_len: int, label_head: bool = Fals
   settings["labels"] = tuple(settings["labels"])
   if not settings["sources"]:
     raise DataError("data.sources is empty; name at least one source, e.g. ('embedded',).")
+  label_head = label_head or regression
   settings["label_head"] = label_head
+  settings["regression"] = regression
   if settings["overflow"] == "auto":
     settings["overflow"] = ("truncate_right" if label_head else
                             "window" if settings["format"] == "text" else "truncate_left")
@@ -104,9 +110,10 @@ def resolve_settings(data_config: Mapping, seq_len: int, label_head: bool = Fals
   if settings["text_unit"] not in TEXT_UNITS:
     raise DataError(f"data.text_unit must be one of {', '.join(TEXT_UNITS)}, not "
                     f"{settings['text_unit']!r}.")
-  if settings["add_special_tokens"] and settings["format"] != "text":
-    raise DataError(f"data.add_special_tokens wraps whole documents, so it needs data.format = "
-                    f"'text', not {settings['format']!r} (templates carry their own tokens).")
+  if settings["add_special_tokens"] and settings["format"] in ("sft", "chat"):
+    raise DataError(f"data.add_special_tokens wraps whole examples for an encoder; "
+                    f"data.format = {settings['format']!r} trains a decoder, whose templates "
+                    f"carry their own tokens: unset it.")
   check_budget_value(settings["error_budget"])
   check_shaping(settings["shaping"], settings["overflow"], settings["stride"] or seq_len, seq_len)
   return settings
@@ -131,10 +138,10 @@ def _weights(sources) -> list[float] | None:
 
 
 def prepare_data(data_config: Mapping, tokenizer, seq_len: int, seed: int,
-                 label_head: bool = False):
+                 label_head: bool = False, regression: bool = False):
   """Builds the tokenized cache if it is absent (e.g. ahead of a job); returns its directory,
   its metadata (row counts, statistics, malformed rows) and whether this call built it."""
-  settings = resolve_settings(data_config, seq_len, label_head)
+  settings = resolve_settings(data_config, seq_len, label_head, regression)
   sources = [parse_source(spec) for spec in settings["sources"]]
   _check_renames(sources, settings["format"])
   tok = TextTokenizer(tokenizer, settings["chat_template"], settings["add_special_tokens"])
@@ -165,13 +172,15 @@ class TrainData:
 
 def build_train_data(data_config: Mapping, tokenizer, seq_len: int, global_batch: int, seed: int,
                      process_index: int = 0, process_count: int = 1,
-                     label_head: bool = False) -> TrainData:
+                     label_head: bool = False, regression: bool = False) -> TrainData:
   """tokenizer: a spec ("embedded", a tokenizer.json, a Hugging Face model directory), a
   tokenizers.Tokenizer or a transformers tokenizer. Every process may call this at once: the
-  first builds the cache, the others wait and read it. label_head: see resolve_settings."""
-  settings = resolve_settings(data_config, seq_len, label_head)
+  first builds the cache, the others wait and read it. label_head, regression: see
+  resolve_settings."""
+  settings = resolve_settings(data_config, seq_len, label_head, regression)
   weights = _weights([parse_source(spec) for spec in settings["sources"]])
-  directory, meta, built = prepare_data(data_config, tokenizer, seq_len, seed, label_head)
+  directory, meta, built = prepare_data(data_config, tokenizer, seq_len, seed, label_head,
+                                        regression)
   data_id = hashlib.sha256(json.dumps([meta["fingerprint"], weights]).encode()).hexdigest()[:16]
   common = dict(seed=seed, process_index=process_index, process_count=process_count,
                 prefetch=settings["prefetch"], data_id=data_id)

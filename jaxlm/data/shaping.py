@@ -16,6 +16,14 @@ is its label's index at its last pair: the last token the decoder reads, the one
 seen the whole text (what transformers' *ForSequenceClassification pools). With tags (a token
 classifier) every example is one piece too, and each token with a tag has it as the target
 at its own position (what *ForTokenClassification predicts), not at the next token's.
+
+A regression head's target sits where a class index would, but is a float32 score: the row
+holds its bit pattern in the int32 `targets` (`encode_scores`; `decode_scores`, or
+jax.lax.bitcast_convert_type in the train step, gives the score back, exactly). So rows stay
+five int arrays: the cache, the loader, the batch shardings and gradient accumulation's split
+serve regression rows unchanged, where a float field of its own would have to be threaded
+through every one of them for the single target per example. The cache stores such targets
+as int32 (cache.storage_dtypes), never narrower.
 """
 from __future__ import annotations
 
@@ -30,6 +38,16 @@ from jaxlm.data.sources import DataError
 FIELDS = ("input_ids", "targets", "loss_mask", "positions", "segment_ids")
 OVERFLOW = ("window", "truncate_left", "truncate_right", "drop")
 SHAPING = ("pack", "window")
+
+
+def encode_scores(scores) -> np.ndarray:
+  """Regression scores -> the int32 targets that carry them: their float32 bit patterns."""
+  return np.ascontiguousarray(scores, np.float32).view(np.int32)
+
+
+def decode_scores(targets) -> np.ndarray:
+  """The float32 scores that `encode_scores` put in targets (0 elsewhere decodes as 0.0)."""
+  return np.ascontiguousarray(targets, np.int32).view(np.float32)
 
 
 def check_shaping(shaping: str, overflow: str, stride: int, seq_len: int) -> None:
@@ -52,7 +70,9 @@ class Pieces:
   start: np.ndarray  # index into ids of its first input token
   size: np.ndarray  # its number of pairs
   loss_from: np.ndarray  # its first pair with a loss
-  label: np.ndarray | None = None  # its example's class index, for a classification head
+  # its example's class index (int), for a classification head; its score (float32), for a
+  # regression head
+  label: np.ndarray | None = None
   tags: np.ndarray | None = None  # a tag index per token of ids (-1: none), for a token classifier
 
   def select(self, mask: np.ndarray) -> "Pieces":
@@ -83,10 +103,10 @@ def _cut(length: int, seq_len: int, overflow: str, stride: int):
 def cut_pieces(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int, *, overflow: str,
                stride: int = 0, labels: np.ndarray | None = None,
                tags: list[np.ndarray] | None = None) -> tuple[Pieces, collections.Counter]:
-  """examples: (token ids, trained flag per token); labels: a class index per example, for a
-  classification head; tags: a tag index per token of each example (-1: none), for a token
-  classifier. With either, overflow must not be "window" (one piece per example). Pieces
-  without any loss are dropped."""
+  """examples: (token ids, trained flag per token); labels: a class index (int) per example,
+  for a classification head, or a score (float32), for a regression head; tags: a tag index
+  per token of each example (-1: none), for a token classifier. With either, overflow must
+  not be "window" (one piece per example). Pieces without any loss are dropped."""
   if (labels is not None or tags is not None) and overflow == "window":
     raise DataError("A classification head needs one piece per example: set data.overflow to "
                     "truncate_right (keep the start), truncate_left (keep the end) or drop.")
@@ -112,7 +132,9 @@ def cut_pieces(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int, *, o
   columns = [np.array(c, np.int64) for c in zip(*kept)] or [np.zeros(0, np.int64)] * 5
   pieces = Pieces(ids, trained, *columns, tags=tags)
   if labels is not None:
-    pieces.label = np.asarray(labels, np.int64)[pieces.example]
+    labels = np.asarray(labels)
+    pieces.label = labels.astype(np.float32 if labels.dtype.kind == "f" else np.int64)[
+        pieces.example]
   return pieces, stats
 
 
@@ -174,7 +196,8 @@ def pack_rows(pieces: Pieces, seq_len: int, shaping: str) -> dict[str, np.ndarra
     # Targets elsewhere stay 0: a token id would index past the classes.
     last = w == np.repeat(size, size) - 1
     rows["loss_mask"][dst[last]] = 1
-    rows["targets"][dst[last]] = pieces.label
+    rows["targets"][dst[last]] = (encode_scores(pieces.label) if pieces.label.dtype.kind == "f"
+                                  else pieces.label)
   rows["positions"][dst] = w
   rows["segment_ids"][dst] = np.repeat(segment, size)
   return {f: a.reshape(num_rows, seq_len) for f, a in rows.items()}

@@ -15,8 +15,10 @@ from jaxlm.data.text import end_of_text_id, load_tokenizer
 class TextTokenizer:
   """tokenizer: a spec for `load_tokenizer` ("embedded", a tokenizer.json or a Hugging Face
   model directory), a `tokenizers.Tokenizer`, or a transformers tokenizer. chat_template: a
-  Jinja template that replaces the tokenizer's own. add_special_tokens: encode with the
-  tokenizer's post-processor ([CLS] ... [SEP] for BERT, <s> ... </s> for RoBERTa)."""
+  Jinja template that replaces the tokenizer's own. add_special_tokens: wrap each example
+  in what the tokenizer's post-processor puts around a text ([CLS] ... [SEP] for BERT,
+  <s> ... </s> for RoBERTa): `wrap`, which the data build adds once per example, however
+  many parts (words, prompt and completion) it is encoded in."""
 
   def __init__(self, tokenizer, chat_template: str = "", add_special_tokens: bool = False):
     self._hf = None
@@ -37,6 +39,8 @@ class TextTokenizer:
     hf_eos = getattr(self._hf, "eos_token_id", None)
     self.eos_id = hf_eos if hf_eos is not None else _end_id(self.backend)
     self.vocab_size = self.backend.get_vocab_size()
+    self.wrap = _special_tokens_around(self.backend) if add_special_tokens else (
+        np.zeros(0, np.int32), np.zeros(0, np.int32))
 
   def fingerprint(self) -> str:
     digest = hashlib.sha256(self.backend.to_str().encode())
@@ -44,10 +48,10 @@ class TextTokenizer:
     return digest.hexdigest()
 
   def encode(self, texts: list[str]) -> list[np.ndarray]:
-    """Token ids of each text as is: no special tokens added (templates carry their own)
-    unless add_special_tokens."""
+    """Token ids of each text as is: no special tokens added (templates carry their own;
+    `wrap` holds those of add_special_tokens)."""
     return [np.asarray(e.ids, np.int32) for e in self.backend.encode_batch_fast(
-        texts, add_special_tokens=self.add_special_tokens)]
+        texts, add_special_tokens=False)]
 
   def decode(self, ids) -> str:
     return self.backend.decode(list(map(int, ids)), skip_special_tokens=False)
@@ -72,6 +76,17 @@ class TextTokenizer:
                       "set data.chat_template to a Jinja template or use a tokenizer directory "
                       "whose tokenizer_config.json has one.")
     return self._hf
+
+
+def _special_tokens_around(backend: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+  """(ids before, ids after) the text that the post-processor adds to a single text."""
+  marker = "x"
+  plain = backend.encode(marker, add_special_tokens=False).ids
+  wrapped = backend.encode(marker, add_special_tokens=True).ids
+  start = next(i for i in range(len(wrapped) - len(plain) + 1)
+               if wrapped[i:i + len(plain)] == plain)
+  return (np.asarray(wrapped[:start], np.int32),
+          np.asarray(wrapped[start + len(plain):], np.int32))
 
 
 def _end_id(backend: Tokenizer) -> int:

@@ -8,7 +8,8 @@ data.strip_html), short ones (data.min_chars) and exact duplicates (data.dedupe)
 each held out by the same seeded hash of its content (data.seed, data.validation_fraction).
 The classifier reads the rendered prompt; the template's words are the same in every example,
 so they do not change the result. Nothing is tokenized: data.overflow = "drop", which drops
-examples longer than data.seq_len tokens from training, does not drop them here.
+examples longer than data.seq_len tokens from training, does not drop them here. A tagging
+recipe (NER) gets a CRF on the same split instead: jaxlm/evaluate/crf_baseline.py.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from sklearn.pipeline import Pipeline
 
 from jaxlm.data.budget import Problems, enforce
 from jaxlm.data.build import held_out, iter_examples, make_formatter
-from jaxlm.data.formats import DEFAULT_PROMPTS
+from jaxlm.data.formats import DEFAULT_PROMPTS, Example
 from jaxlm.data.pipeline import resolve_settings
 from jaxlm.data.sources import DataError, parse_source
 from jaxlm.evaluate.metrics import classification_metrics, format_confusion_matrix
@@ -43,24 +44,30 @@ class LabelledSplit(NamedTuple):
   val_labels: list[int]
 
 
+def split_examples(settings: dict, seed: int) -> tuple[list[Example], list[Example]]:
+  """(training, held-out) examples of a head's data, as the data build makes and splits them
+  (settings: `resolve_settings(..., label_head=True)`)."""
+  formatter = make_formatter(settings, None)  # no tokenizer: a head's formats need none
+  problems, stats, seen = Problems(), collections.Counter(), set()
+  sides = {False: [], True: []}
+  for source in map(parse_source, settings["sources"]):
+    for example, digest in iter_examples(source, settings, formatter, problems, stats, seen):
+      # Window 0: a head's examples are cut to one row, so each is held out whole.
+      sides[held_out(digest, 0, seed, settings["validation_fraction"])].append(example)
+  enforce(problems.report(), settings["error_budget"])
+  return sides[False], sides[True]
+
+
 def labelled_split(config) -> LabelledSplit:
   """The rendered prompt and label index of every example, on its side of the split."""
   settings = resolve_settings(config.data, config.data.seq_len, label_head=True)
   if settings["format"] not in DEFAULT_PROMPTS:
     raise DataError(f"A baseline classifies examples: data.format must be one of "
-                    f"{', '.join(DEFAULT_PROMPTS)}, not {settings['format']!r}.")
-  formatter = make_formatter(settings, None)  # no tokenizer: classification needs none
-  problems, stats, seen = Problems(), collections.Counter(), set()
-  sides = {False: ([], []), True: ([], [])}
-  for source in map(parse_source, settings["sources"]):
-    for example, digest in iter_examples(source, settings, formatter, problems, stats, seen):
-      # Window 0: a head's examples are cut to one row, so each is held out whole.
-      texts, labels = sides[held_out(digest, 0, config.data.seed,
-                                     settings["validation_fraction"])]
-      texts.append(example.parts[0][0])
-      labels.append(example.label)
-  enforce(problems.report(), settings["error_budget"])
-  return LabelledSplit(*sides[False], *sides[True])
+                    f"{', '.join(DEFAULT_PROMPTS)}, not {settings['format']!r} (a tagging "
+                    f"recipe gets a CRF: jaxlm.evaluate.crf_baseline).")
+  train, val = split_examples(settings, config.data.seed)
+  return LabelledSplit([e.parts[0][0] for e in train], [e.label for e in train],
+                       [e.parts[0][0] for e in val], [e.label for e in val])
 
 
 def make_classifier(analyzer: str = "word", seed: int = 0) -> Pipeline:

@@ -1,5 +1,6 @@
-"""Classification, perplexity and generation metrics over the standard implementations
-(scikit-learn, sacrebleu, rouge-score), returned as flat dicts of floats.
+"""Classification, regression, perplexity and generation metrics over the standard
+implementations (scikit-learn, scipy, sacrebleu, rouge-score), returned as flat dicts of
+floats.
 
 Keys are stable across calls so TensorBoard curves line up: per-class values are "f1/NAME"
 (TensorBoard groups them under "f1"). The one non-float entry is classification's
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU, CHRF
+from scipy import stats
 from sklearn.metrics import (accuracy_score, confusion_matrix, precision_recall_fscore_support,
                              top_k_accuracy_score)
 
@@ -86,6 +88,25 @@ def classification_metrics(labels, predictions, label_names: Sequence[str], *, s
 
   out["confusion_matrix"] = confusion_matrix(labels, predictions,
                                              labels=range(num_classes)).tolist()
+  return out
+
+
+def regression_metrics(targets, predictions) -> dict:
+  """mse, rmse, mae, and the pearson and spearman correlations (scipy.stats) of predicted
+  against true scores, as GLUE reports STS-B. A correlation is undefined when either side is
+  constant (an untrained head can predict one value for all) or has one example: it is then
+  0.0, no association, so that logs and early stopping always get a number."""
+  targets = np.asarray(targets, np.float64)
+  predictions = np.asarray(predictions, np.float64)
+  if targets.shape != predictions.shape or targets.ndim != 1 or not targets.size:
+    raise ValueError(f"Need as many predictions as targets, 1-D, and at least one (got shapes "
+                     f"{predictions.shape} and {targets.shape}).")
+  error = predictions - targets
+  mse = float(np.mean(np.square(error)))
+  out = {"mse": mse, "rmse": math.sqrt(mse), "mae": float(np.mean(np.abs(error)))}
+  varies = targets.size > 1 and np.ptp(targets) > 0 and np.ptp(predictions) > 0
+  for name, correlation in (("pearson", stats.pearsonr), ("spearman", stats.spearmanr)):
+    out[name] = float(correlation(targets, predictions)[0]) if varies else 0.0
   return out
 
 

@@ -7,7 +7,10 @@
   classification / pairs   loss and perplexity, and every label in data.labels scored by the
                            log-likelihood of its target tokens after each prompt: accuracy,
                            P/R/F1, top-k and the confusion matrix; a classifier
-                           (model.num_labels > 0) is scored by its head's logits instead
+                           (model.num_labels > 0) is scored by its head's logits instead,
+                           and a regression head (number labels) by the mean squared error
+                           of its predictions (loss = mse, rmse, mae) and their pearson and
+                           spearman correlations with the true scores
   tagging                  a token classifier: loss, accuracy / P/R/F1 / confusion matrix over
                            words (each word's first token) and, when the tags spell entities
                            (O, B-X, I-X, ...), entity-level precision / recall / F1 (seqeval)
@@ -35,14 +38,15 @@ from jaxlm.data.build import tokenize_examples
 from jaxlm.data.formats import DEFAULT_PROMPTS, FIELDS, Formatter
 from jaxlm.data.loader import RowBatches
 from jaxlm.data.pipeline import build_train_data
+from jaxlm.data.shaping import decode_scores
 from jaxlm.data.tokens import TextTokenizer
 from jaxlm.evaluate.metrics import (classification_metrics, format_confusion_matrix,
-                                    generation_metrics, perplexity)
+                                    generation_metrics, perplexity, regression_metrics)
 from jaxlm.evaluate.ner import entity_metrics, is_entity_tagset, segment_tags
 from jaxlm.generate.decode import generate
 from jaxlm.generate.text import eos_ids
 from jaxlm.loading import LoadedParams, load_params, resolve_source
-from jaxlm.models.factory import abstract_model, is_encoder
+from jaxlm.models.factory import abstract_model, batch_logits, is_encoder
 from jaxlm.train import step as steps
 from jaxlm.train.loop import check_labels, config_mesh, training_tokenizer
 
@@ -142,22 +146,38 @@ def head_scores(model: EvalModel, batch: dict,
   return log_probs[labelled], batch["targets"][labelled]
 
 
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _head_outputs(graphdef, params, inputs):
+  return batch_logits(nnx.merge(graphdef, params), inputs)[..., 0]
+
+
+def regression_predictions(model: EvalModel, batch: dict) -> tuple[np.ndarray, np.ndarray]:
+  """A regression head's (prediction [examples], true score [examples]) at the labelled
+  token of each example of a batch (its last)."""
+  inputs = {k: batch[k] for k in ("input_ids", "positions", "segment_ids")}
+  predicted = np.asarray(_head_outputs(model.graphdef, model.params, inputs))
+  scored = batch["loss_mask"].astype(bool)
+  return predicted[scored], decode_scores(batch["targets"])[scored]
+
+
 def target_log_probs(model: EvalModel, batch: dict) -> np.ndarray:
   return np.asarray(_target_log_probs(model.graphdef, model.params, batch["input_ids"],
                                       batch["targets"], batch["positions"],
                                       batch["segment_ids"]), np.float64)
 
 
-def eval_rows(config, spec: str, split: str, label_head: bool = False) -> RowBatches:
+def eval_rows(config, spec: str, split: str, label_head: bool = False,
+              regression: bool = False) -> RowBatches:
   """The split's rows, each once; the last batch is padded with loss_mask 0 rows.
-  label_head: rows for a classifier (see jaxlm.data.pipeline.resolve_settings)."""
+  label_head, regression: rows for a classifier or a regression head (see
+  jaxlm.data.pipeline.resolve_settings)."""
   if split not in SPLITS:
     raise ValueError(f"--split must be one of {', '.join(SPLITS)}, not {split!r}.")
   if split == "validation" and not config.data.validation_fraction:
     raise ValueError("The validation split is empty: data.validation_fraction is 0. Evaluate "
                      "--split train, or hold data out with --config.data.validation_fraction.")
   data = build_train_data(config.data, spec, config.data.seq_len, config.data.batch_size,
-                          config.data.seed, label_head=label_head)
+                          config.data.seed, label_head=label_head, regression=regression)
   if split == "train":
     return RowBatches(data.train.parts, config.data.batch_size, seed=config.data.seed,
                       shuffle=False, prefetch=0)
@@ -270,7 +290,7 @@ def _check_task(config, tok: TextTokenizer, model_cfg, generate_text: bool) -> N
     raise ValueError(f"The tokenizer has {tok.vocab_size} tokens but the model's vocabulary "
                      f"only {vocab_size}: it was not trained with this tokenizer. Evaluate with "
                      f"its own (--config.data.tokenizer=...).")
-  if fmt in SCORED_FORMATS and not config.data.labels:
+  if fmt in SCORED_FORMATS and not config.data.labels and not steps.is_regression(model_cfg):
     raise ValueError(f"data.format = {fmt!r} is scored by its labels; set data.labels, e.g. "
                      f"--config.data.labels=\"('negative', 'positive')\".")
   if generate_text and fmt not in GENERATED_FORMATS:
@@ -295,8 +315,11 @@ def evaluate_model(config, model_path: str | Path | None = None, *, split: str =
   spec = tokenizer_spec(config, model_path, model.loaded)
   tok = TextTokenizer(spec, config.data.chat_template)
   head = model.loaded.cfg.num_labels > 0
+  regression = steps.is_regression(model.loaded.cfg)
   _check_task(config, tok, model.loaded.cfg, generate_text)
-  rows = eval_rows(config, spec, split, label_head=head)
+  rows = eval_rows(config, spec, split, label_head=head, regression=regression)
+  if regression:
+    return _evaluate_regression(model, rows, split, max_batches, model_path)
   if is_encoder(model.loaded.cfg):
     return _evaluate_mlm(config, model, tok, spec, rows, split, max_batches, model_path)
   # Text is only counted; a split of a large corpus need not be held in memory as examples.
@@ -345,6 +368,22 @@ def evaluate_model(config, model_path: str | Path | None = None, *, split: str =
     scores, signature = generation_metrics(predictions, references)
     result.update(scores, bleu_signature=signature)
   return result
+
+
+def _evaluate_regression(model: EvalModel, rows: RowBatches, split: str,
+                         max_batches: int | None, model_path) -> dict:
+  """The training loop's regression metrics (loss = mse), over every example of the split."""
+  predictions, scores = [], []
+  for k in range(min(max_batches or rows.batches_per_epoch, rows.batches_per_epoch)):
+    predicted, true = regression_predictions(model, rows.batch(k))
+    predictions.append(predicted)
+    scores.append(true)
+  count = sum(map(len, scores))
+  if not count:
+    raise ValueError(f"The {split} split has no examples with a score to evaluate.")
+  metrics = regression_metrics(np.concatenate(scores), np.concatenate(predictions))
+  return {"loss": metrics["mse"], **metrics, "examples": count, "tokens": count,
+          "split": split, "model": str(model_path)}
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mlm"))

@@ -242,7 +242,7 @@ def _fused_peft(entry, layer: dict, widths: list[int], to_hf) -> tuple[np.ndarra
 
 
 # LlamaConfig.classifier -> PEFT's task_type for the HF classifier it exports as.
-PEFT_TASKS = {"sequence": "SEQ_CLS", "token": "TOKEN_CLS"}
+PEFT_TASKS = {"sequence": "SEQ_CLS", "token": "TOKEN_CLS", "regression": "SEQ_CLS"}
 
 
 def _head_tensors(params: dict, cfg) -> dict:

@@ -1,5 +1,8 @@
 """BERT-family encoders (BERT, RoBERTa) in Flax NNX: post-LayerNorm bidirectional layers with
-biases everywhere, learned absolute positions, an optional pooler and masked-LM head.
+biases everywhere, learned absolute positions, an optional pooler and masked-LM head, and an
+optional classification head (`score`, num_labels > 0): on the pooled first token of each
+segment ([CLS] / <s>) for a sequence classifier or regressor, on every token for a token
+classifier (NER).
 
 Layers are stacked on a leading "layers" axis and scanned, as in the Llama decoder, and use
 the same logical axis names, so the same sharding rules and checkpoint layout apply.
@@ -22,6 +25,7 @@ from jaxlm.layers.remat import remat
 from jaxlm.layers.sharding import constrain, param
 
 RESIDUAL = ("act_batch", "act_length", "act_embed")
+CLASSIFIERS = ("sequence", "token", "regression")
 ACTIVATIONS = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
@@ -51,16 +55,17 @@ class BertConfig:
   dropout_rate: float = 0.0
   pooler: bool = True
   mlm_head: bool = True
+  # A classification head over num_labels classes (0: none): "sequence" (and "regression",
+  # one output) reads the pooler's output, so needs pooler=True; "token" reads every token.
+  num_labels: int = 0
+  classifier: str = "sequence"
   param_dtype: str = "float32"
   compute_dtype: str = "bfloat16"
   scan_layers: bool = True
   remat_policy: str = "none"  # see layers/remat.py
   attention_impl: str | None = None  # None: cuDNN on GPU for 16-bit, XLA elsewhere
   init_std: float = 0.02
-  # What the trainer asks of every model config (LlamaConfig has them as fields): an encoder
-  # is never a classifier here, and its positions are a learned table.
-  num_labels: ClassVar[int] = 0
-  classifier: ClassVar[str] = "sequence"
+  # What the trainer asks of every model config (a LlamaConfig field): positions are a table.
   position_embedding: ClassVar[str] = "learned"
 
   def __post_init__(self):
@@ -71,6 +76,12 @@ class BertConfig:
     for field in ("hidden_act", "mlm_head_act"):
       if getattr(self, field) not in ACTIVATIONS:
         problems.append(f"{field}={getattr(self, field)!r} (supported: {', '.join(ACTIVATIONS)})")
+    if self.classifier not in CLASSIFIERS:
+      problems.append(f"classifier={self.classifier!r} (one of {', '.join(CLASSIFIERS)})")
+    elif self.num_labels and self.classifier != "token" and not self.pooler:
+      problems.append(f"a {self.classifier} classifier reads the pooler: set pooler=True")
+    if self.num_labels and self.classifier == "regression" and self.num_labels != 1:
+      problems.append(f"a regression head has one output, not num_labels={self.num_labels}")
     if problems:
       raise ValueError("Invalid BERT config: " + "; ".join(problems))
 
@@ -93,7 +104,8 @@ class BertConfig:
     word embedding still does the MLM head's vocabulary projection)."""
     d, m, v = self.hidden_size, self.mlp_dim, self.vocab_size
     layer = 4 * (d * d + d) + 2 * d * m + m + d + 4 * d  # attention, MLP, two LayerNorms
-    heads = (d * d + d if self.pooler else 0) + (d * d + 3 * d + v if self.mlm_head else 0)
+    heads = ((d * d + d if self.pooler else 0) + (d * d + 3 * d + v if self.mlm_head else 0)
+             + (self.num_labels * (d + 1)))
     tables = v * d + (self.max_position_embeddings + self.type_vocab_size) * d + 2 * d
     if include_embedding:
       return self.num_layers * layer + heads + tables
@@ -248,9 +260,11 @@ class Bert(nnx.Module):
 
     self.layers = stacked_layers(rngs)
     d = cfg.hidden_size
-    self.pooler = (_dense(cfg, "bd,de->be", (d, d), ("embed", None), (None,), rngs)
+    self.pooler = (_dense(cfg, "...d,de->...e", (d, d), ("embed", None), (None,), rngs)
                    if cfg.pooler else None)
     self.mlm_head = MLMHead(cfg, rngs=rngs) if cfg.mlm_head else None
+    self.score = (_dense(cfg, "btd,dc->btc", (d, cfg.num_labels), ("embed", None), (None,), rngs)
+                  if cfg.num_labels else None)
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                token_type_ids: jax.Array | None = None, *, positions: jax.Array | None = None,
@@ -303,6 +317,28 @@ class Bert(nnx.Module):
       raise ValueError("This model has no masked-LM head (BertConfig.mlm_head=False).")
     logits = self.mlm_head(hidden, self.embeddings.word)
     return constrain(logits, ("act_batch", "act_length", "act_vocab"))
+
+
+  def class_logits(self, hidden: jax.Array, positions: jax.Array | None = None,
+                   dropout_rng: jax.Array | None = None) -> jax.Array:
+    """float32 [batch, seq, num_labels]. A token classifier scores each token. A sequence
+    classifier scores each segment by its first token ([CLS] / <s>) through the pooler, and
+    every token of the segment gets that segment's logits, so that a packed row's examples
+    are each read at whichever token the data puts their label (their last). positions
+    (0 at each segment's first token; None: one segment per row) locate the segments."""
+    if self.score is None:
+      raise ValueError("This model has no classification head (BertConfig.num_labels=0).")
+    if self.cfg.classifier == "token":
+      features = hidden
+    else:
+      features = jnp.tanh(self.pooler(hidden))
+      seq = hidden.shape[1]
+      first = (jnp.zeros_like(hidden[..., 0], jnp.int32) if positions is None
+               else jnp.arange(seq) - positions)
+      features = jnp.take_along_axis(features, first[..., None], axis=1)
+    features = dropout(features, self.cfg.dropout_rate, dropout_rng)
+    logits = self.score(features).astype(jnp.float32)
+    return constrain(logits, ("act_batch", "act_length", None))
 
 
 def bert_from_params(cfg: BertConfig, params: dict) -> Bert:

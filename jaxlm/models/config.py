@@ -8,7 +8,7 @@ from typing import Any
 NORM_TYPES = ("rms", "layer")
 POSITION_EMBEDDINGS = ("rope", "learned")
 MLP_TYPES = ("swiglu", "gelu")
-CLASSIFIERS = ("sequence", "token")
+CLASSIFIERS = ("sequence", "token", "regression")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +42,9 @@ class LlamaConfig:
   # > 0: a classifier: a `score` projection to num_labels classes replaces the output
   # projection to the vocabulary. classifier "sequence" (HF *ForSequenceClassification) is
   # read at a text's last token; "token" (HF *ForTokenClassification, e.g. NER) at every token
-  # and, as in transformers, has a bias.
+  # and, as in transformers, has a bias. "regression" (HF *ForSequenceClassification with
+  # problem_type "regression", e.g. STS-B) is a sequence head with one output (num_labels=1),
+  # a score trained by squared error.
   num_labels: int = 0
   classifier: str = "sequence"
   dropout_rate: float = 0.0
@@ -74,6 +76,9 @@ class LlamaConfig:
       problems.append(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
     if self.num_labels < 0:
       problems.append(f"num_labels ({self.num_labels}) must be 0 (a language model) or more")
+    if self.classifier == "regression" and self.num_labels > 1:
+      problems.append(f"a regression head predicts one number: set num_labels=1, not "
+                      f"{self.num_labels}")
     if problems:
       raise ValueError("Invalid model config: " + "; ".join(problems))
 

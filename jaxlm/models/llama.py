@@ -121,9 +121,9 @@ class Llama(nnx.Module):
                dropout_rng: jax.Array | None = None, cache: dict | None = None):
     """input_ids, positions, segment_ids: int [batch, seq] -> float32 logits
     [batch, seq, vocab], or [batch, seq, num_labels] for a classifier (cfg.num_labels > 0),
-    whose prediction for a text is at its last token. Positions default to 0..seq-1;
-    segment ids (documents packed in one row, 0 = padding) restrict attention to the token's
-    own document.
+    whose prediction for a text is at its last token (a regression head's: [..., 0], the
+    score). Positions default to 0..seq-1; segment ids (documents packed in one row,
+    0 = padding) restrict attention to the token's own document.
 
     With a cache (`init_cache`) the tokens fill its next seq slots and attend to everything
     cached at or before their position; returns (logits, updated cache). Positions then

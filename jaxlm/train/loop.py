@@ -14,12 +14,12 @@ import numpy as np
 
 from jaxlm import config as config_lib
 from jaxlm.checkpoint import Checkpointer
-from jaxlm.data.formats import HEAD_FORMATS
+from jaxlm.data.formats import DEFAULT_PROMPTS, HEAD_FORMATS
 from jaxlm.data.loader import RowBatches
 from jaxlm.data.pipeline import build_train_data
 from jaxlm.data.text import load_tokenizer
 from jaxlm.finetune.lora import LoRAConfig
-from jaxlm.models.factory import is_encoder
+from jaxlm.models.factory import is_encoder, reusable_params, with_heads_of
 from jaxlm.parallel.mesh import build_mesh
 from jaxlm.parallel.rules import LogicalRules
 from jaxlm.train.distill import check_mix
@@ -28,7 +28,7 @@ from jaxlm.train.metrics import MetricsWriter, Progress, peak_flops_per_device
 from jaxlm.train.mlm import tokenizer_mlm
 from jaxlm.train.optimizer import make_optimizer
 from jaxlm.train.preemption import Preempted, PreemptionWatch
-from jaxlm.train.step import LossConfig
+from jaxlm.train.step import LossConfig, is_regression
 from jaxlm.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -90,8 +90,16 @@ def config_mesh(config):
 
 def check_labels(model_cfg, config) -> None:
   """A classifier's head needs a label per example (a tag per word for a token classifier)
-  and as many labels as it has classes."""
+  and as many labels as it has classes; a regression head a number per example, and no
+  labels."""
   fmt = config.data.format
+  if model_cfg.classifier == "regression" and not model_cfg.num_labels:
+    raise config_lib.ConfigError(
+        "model.classifier = 'regression' is a head with one output, the score: set "
+        "model.num_labels = 1.")
+  if is_regression(model_cfg):
+    _check_regression_data(config)
+    return
   if not model_cfg.num_labels:
     if fmt == "tagging":
       raise config_lib.ConfigError(
@@ -114,6 +122,35 @@ def check_labels(model_cfg, config) -> None:
         f"The classification head has model.num_labels = {model_cfg.num_labels} classes but "
         f"data.labels names {len(config.data.labels)} ({list(config.data.labels)}); make them "
         f"agree.")
+
+
+def _check_regression_data(config) -> None:
+  fmt = config.data.format
+  if fmt not in DEFAULT_PROMPTS:
+    raise config_lib.ConfigError(
+        f"A regression head (model.classifier = 'regression') reads a number per example: "
+        f"set data.format to 'classification' ({{text, label}}) or 'pairs' ({{text_a, text_b, "
+        f"label}}) with a number as the label, not {fmt!r}.")
+  if config.data.labels:
+    raise config_lib.ConfigError(
+        f"data.labels names classes ({list(config.data.labels)}), but a regression head "
+        f"(model.classifier = 'regression') predicts each row's number label: unset "
+        f"data.labels, or train a classifier (model.classifier = 'sequence', "
+        f"model.num_labels = {len(config.data.labels)}).")
+
+
+def check_regression_loss(model_cfg, config) -> None:
+  """A regression head trains by squared error alone: there are no classes to smooth, no
+  softmax normaliser for z-loss to hold and no teacher distribution to match."""
+  if not is_regression(model_cfg):
+    return
+  given = [name for name, value in (("train.label_smoothing", config.train.label_smoothing),
+                                    ("train.z_loss", config.train.z_loss),
+                                    ("distill.teacher", config.distill.teacher)) if value]
+  if given:
+    raise config_lib.ConfigError(
+        f"A regression head (model.classifier = 'regression') trains by squared error, to "
+        f"which {' and '.join(given)} do not apply; unset {'it' if len(given) == 1 else 'them'}.")
 
 
 def check_layout(model_cfg, mesh, config) -> None:
@@ -158,13 +195,15 @@ def training_tokenizer(config) -> str:
 
 def mlm_options(config, model_cfg) -> dict:
   """The Trainer's masked-LM settings for an encoder ({} for a decoder): the training
-  tokenizer's mask and special tokens, and config.mlm."""
-  if not is_encoder(model_cfg):
+  tokenizer's mask and special tokens, and config.mlm. An encoder with a classification
+  head (model.num_labels) trains that instead."""
+  if not is_encoder(model_cfg) or model_cfg.num_labels:
     return {}
   if config.data.format != "text":
     raise config_lib.ConfigError(
-        f"A BERT / RoBERTa encoder trains by masked-LM on plain text: set data.format = "
-        f"'text', not {config.data.format!r}.")
+        f"A BERT / RoBERTa encoder without a head trains by masked-LM on plain text: set "
+        f"data.format = 'text', not {config.data.format!r}, or give it a classification "
+        f"head with model.num_labels.")
   if config.distill.teacher:
     raise config_lib.ConfigError("Distillation (distill.teacher) trains decoders only; unset "
                                  "it for a masked-LM encoder.")
@@ -193,6 +232,7 @@ class Run:
     mesh = config_mesh(config)
     check_layout(model_cfg, mesh, config)
     check_labels(model_cfg, config)
+    check_regression_loss(model_cfg, config)
     tx, schedule = make_optimizer(config.optim, config.train.steps)
     trainer = Trainer(
         model_cfg, tx, schedule, LogicalRules(mesh, config.mesh.rules),
@@ -215,19 +255,13 @@ class Run:
     optimizer), or a random initialisation."""
     if self.config.model.init_from:
       from jaxlm.loading import load_params, read_config
-      base_cfg = self.model_cfg
+      # The source as it is, then what this model reuses: a new classification head on a
+      # language model, another head on a classifier, a fresh MLM head on a BertModel.
       source_cfg = read_config(self.config.model.init_from)[0]
-      if self.model_cfg.num_labels and not source_cfg.num_labels:
-        # A classifier from a language model: its trunk, and a new head instead of lm_head.
-        base_cfg = self.model_cfg.replace(num_labels=0)
-      if is_encoder(source_cfg) and not source_cfg.mlm_head:
-        # A BertModel / RobertaModel: the encoder, and a fresh masked-LM head.
-        base_cfg = self.model_cfg.replace(mlm_head=False)
+      base_cfg = with_heads_of(self.model_cfg, source_cfg)
       loaded = load_params(self.config.model.init_from, cfg=base_cfg,
                            shardings=self.trainer.base_param_shardings(base_cfg))
-      params = loaded.params
-      if base_cfg is not self.model_cfg and not is_encoder(base_cfg):
-        params = {k: v for k, v in params.items() if k != "lm_head"}
+      params = reusable_params(loaded.params, source_cfg, self.model_cfg)
       return self.trainer.init_from_params(params, self.config.train.seed)
     return self.trainer.init_state(self.config.train.seed)
 
@@ -252,7 +286,10 @@ class Run:
 def evaluate(run: Run, params, batches: RowBatches, num_batches: int) -> dict:
   """Loss and perplexity over the first num_batches validation batches; for a classifier,
   its loss and accuracy / macro and weighted F1 instead (of its words, for a token
-  classifier, plus entity-level precision / recall / F1 when the tags spell entities)."""
+  classifier, plus entity-level precision / recall / F1 when the tags spell entities); for
+  a regression head, see evaluate_regression."""
+  if run.trainer.regression:
+    return evaluate_regression(run, params, batches, num_batches)
   from jaxlm.evaluate.ner import entity_metrics, is_entity_tagset, segment_tags
   labels = run.config.data.labels
   entities = run.trainer.token_classifier and is_entity_tagset(labels)
@@ -279,6 +316,23 @@ def evaluate(run: Run, params, batches: RowBatches, num_batches: int) -> dict:
     scores = entity_metrics(true_tags, pred_tags)
     metrics.update({f"eval_entity_{k}": scores[k] for k in ("precision", "recall", "f1")})
   return metrics
+
+
+def evaluate_regression(run: Run, params, batches: RowBatches, num_batches: int) -> dict:
+  """eval_loss (the mean squared error, = eval_mse), eval_rmse, eval_mae, eval_pearson and
+  eval_spearman of a regression head's predictions over the first num_batches validation
+  batches, one per example."""
+  from jaxlm.evaluate.metrics import regression_metrics
+  predictions, scores = [], []
+  for k in range(min(num_batches, batches.batches_per_epoch)):
+    out = jax.device_get(run.trainer.eval_step(params, run.global_batch(batches.batch(k))))
+    # Replicated, the whole global batch: every process computes the same metrics, so all
+    # take the same early-stopping decision.
+    scored = np.asarray(out["loss_mask"]).astype(bool)
+    predictions.append(np.asarray(out["predictions"])[scored])
+    scores.append(np.asarray(out["scores"])[scored])
+  metrics = regression_metrics(np.concatenate(scores), np.concatenate(predictions))
+  return {"eval_loss": metrics["mse"], **{f"eval_{k}": v for k, v in metrics.items()}}
 
 
 def classifier_metrics(confusion: np.ndarray, label_names) -> dict:
@@ -344,7 +398,7 @@ def train(config, workdir: str | Path) -> dict:
   loaded_data = build_train_data(
       config.data, tokenizer_spec, config.data.seq_len, config.data.batch_size,
       config.data.seed, jax.process_index(), jax.process_count(),
-      label_head=model_cfg.num_labels > 0)
+      label_head=model_cfg.num_labels > 0, regression=trainer.regression)
   data = loaded_data.train
   val_data = loaded_data.validation if config.train.eval_every else None
 
@@ -437,7 +491,10 @@ def train(config, workdir: str | Path) -> dict:
         step_time = elapsed / timed_steps if timed_steps else float("nan")
         tokens_per_s = tokens_per_step / step_time if timed_steps else float("nan")
         last_logged = {
-            "loss": float(host["loss"]), "perplexity": math.exp(min(float(host["nll"]), 50.0)),
+            "loss": float(host["loss"]),
+            # A regression head's loss is a squared error: it has no perplexity.
+            **({"perplexity": math.exp(min(float(host["nll"]), 50.0))} if "nll" in host
+               else {}),
             "learning_rate": float(host["learning_rate"]),
             "grad_norm": float(host["grad_norm"]), "param_norm": float(host["param_norm"]),
             "step_time_s": step_time,

@@ -2,6 +2,10 @@
 
 For a classifier (cfg.num_labels > 0) nothing changes here: its logits are over classes and
 the data puts each example's class index as the target of its last token (data/shaping.py).
+A regression head (`regression`, cfg.classifier "regression") has one output, and its target
+there is a float32 score carried in the int32 targets (shaping.encode_scores): the loss is
+the squared error of logits[..., 0], summed over the loss_mask tokens like cross-entropy, so
+`loss` is the mean squared error and gradient accumulation stays exact.
 
 state is a plain dict {"step", "params", "opt_state", "rng"} of arrays, plus "frozen" when
 only part of the model trains: then "params" holds the trainable parameters (the only ones
@@ -53,6 +57,7 @@ class Distill:
 
 SUM_KEYS = ("loss_sum", "nll_sum", "z_loss_sum", "tokens")
 DISTILL_SUM_KEYS = SUM_KEYS + ("kl_sum", "hard_sum")
+REGRESSION_SUM_KEYS = ("loss_sum", "tokens")  # loss_sum: the summed squared error
 
 
 # Folded into the step's key for LoRA dropout and for MLM masking, apart from the model's
@@ -64,6 +69,24 @@ MLM_STREAM = 2
 def mlm_step_key(state_rng, step):
   """The key a train step corrupts its batch with: fixed by the seed and the step."""
   return jax.random.fold_in(jax.random.fold_in(state_rng, step), MLM_STREAM)
+
+
+def is_regression(cfg) -> bool:
+  """Whether a model config (decoder or encoder) has a regression head."""
+  return cfg.num_labels > 0 and cfg.classifier == "regression"
+
+
+def target_scores(targets: jax.Array) -> jax.Array:
+  """A regression batch's float32 scores from its int32 targets (the inverse of
+  jaxlm.data.shaping.encode_scores)."""
+  return jax.lax.bitcast_convert_type(targets.astype(jnp.int32), jnp.float32)
+
+
+def squared_error(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+  """Sums over the mask of (prediction - score)^2, the prediction being the head's one output."""
+  mask = mask.astype(jnp.float32)
+  error = logits[..., 0].astype(jnp.float32) - target_scores(targets)
+  return {"loss_sum": jnp.sum(jnp.square(error) * mask), "tokens": jnp.sum(mask)}
 
 
 def model_params(state) -> dict:
@@ -79,8 +102,10 @@ def _logits(graphdef, params, batch, dropout_rng, lora_key=None):
 
 
 def _forward_sums(graphdef, params, batch, loss_cfg: LossConfig, dropout_rng, lora_key=None,
-                  distill: Distill | None = None, teacher=None):
+                  distill: Distill | None = None, teacher=None, regression: bool = False):
   logits = _logits(graphdef, params, batch, dropout_rng, lora_key)
+  if regression:
+    return squared_error(logits, batch["targets"], batch["loss_mask"])
   if distill is None:
     return cross_entropy(logits, batch["targets"], batch["loss_mask"],
                          label_smoothing=loss_cfg.label_smoothing, z_loss=loss_cfg.z_loss)
@@ -109,8 +134,9 @@ def train_step(state, batch, teacher=None, *, graphdef, tx: optax.GradientTransf
                loss_cfg: LossConfig, grad_accum_steps: int = 1, dropout: bool = False,
                skip_nonfinite: bool = False, adapter_dropout: bool = False,
                activation_resolver=None, distill: Distill | None = None,
-               mlm: MLM | None = None):
-  """teacher: the teacher's parameters, with `distill` only."""
+               mlm: MLM | None = None, regression: bool = False):
+  """teacher: the teacher's parameters, with `distill` only. regression: a regression head
+  (squared error; label smoothing, z-loss and distillation do not apply)."""
   with activation_sharding(activation_resolver):
     step = state["step"]
     if mlm is not None:
@@ -124,7 +150,8 @@ def train_step(state, batch, teacher=None, *, graphdef, tx: optax.GradientTransf
     def sum_loss(params, micro, rng, lora_rng):
       # Differentiating with respect to the trainable part only: no frozen weight gradients.
       full = params if frozen is None else combine(frozen, params)
-      sums = _forward_sums(graphdef, full, micro, loss_cfg, rng, lora_rng, distill, teacher)
+      sums = _forward_sums(graphdef, full, micro, loss_cfg, rng, lora_rng, distill, teacher,
+                           regression)
       return sums["loss_sum"], sums
 
     grad_fn = jax.grad(sum_loss, has_aux=True)
@@ -143,8 +170,9 @@ def train_step(state, batch, teacher=None, *, graphdef, tx: optax.GradientTransf
         return (jax.tree.map(jnp.add, carry_grads, grads),
                 jax.tree.map(jnp.add, carry_sums, sums)), None
 
-      empty_sums = {k: jnp.zeros((), jnp.float32)
-                    for k in (SUM_KEYS if distill is None else DISTILL_SUM_KEYS)}
+      sum_keys = (REGRESSION_SUM_KEYS if regression else
+                  SUM_KEYS if distill is None else DISTILL_SUM_KEYS)
+      empty_sums = {k: jnp.zeros((), jnp.float32) for k in sum_keys}
       (grads, sums), _ = jax.lax.scan(
           accumulate, (zeros, empty_sums),
           (micro_batches, jnp.arange(grad_accum_steps)))
@@ -164,14 +192,15 @@ def train_step(state, batch, teacher=None, *, graphdef, tx: optax.GradientTransf
       opt_state = jax.tree.map(keep, opt_state, state["opt_state"])
     metrics = {
         "loss": sums["loss_sum"] / total_tokens,
-        "nll": sums["nll_sum"] / total_tokens,
-        "z_loss": sums["z_loss_sum"] / total_tokens,
         "tokens": sums["tokens"],
         "grad_norm": grad_norm,
         "param_norm": param_norm,
         "skipped": (~finite).astype(jnp.int32) if skip_nonfinite else jnp.zeros((), jnp.int32),
         "learning_rate": jnp.asarray(schedule(step), jnp.float32),
     }
+    if not regression:
+      metrics["nll"] = sums["nll_sum"] / total_tokens
+      metrics["z_loss"] = sums["z_loss_sum"] / total_tokens
     if distill is not None:
       metrics["distill_kl"] = sums["kl_sum"] / total_tokens
       metrics["hard_loss"] = sums["hard_sum"] / total_tokens
@@ -180,15 +209,21 @@ def train_step(state, batch, teacher=None, *, graphdef, tx: optax.GradientTransf
 
 
 def eval_step(params, batch, *, graphdef, activation_resolver=None, num_labels: int = 0,
-              token_predictions: bool = False, mlm: MLM | None = None):
+              token_predictions: bool = False, mlm: MLM | None = None,
+              regression: bool = False):
   """Summed loss over the loss_mask tokens; for a classifier (num_labels > 0) also the
   confusion matrix [true, predicted] of its predictions there, which sums over batches, and
   with token_predictions (a token classifier) the predicted class at every token, from which
-  the host scores whole entities."""
+  the host scores whole entities. For a regression head instead the prediction and the
+  score at every token, float32 [batch, seq], and the loss_mask that picks the examples':
+  correlations need every pair, not sums."""
   with activation_sharding(activation_resolver):
     if mlm is not None:
       batch = corrupt_batch(eval_key(mlm, batch["input_ids"]), batch, mlm)
     logits = _logits(graphdef, params, batch, None)
+    if regression:
+      return {"predictions": logits[..., 0].astype(jnp.float32),
+              "scores": target_scores(batch["targets"]), "loss_mask": batch["loss_mask"]}
     sums = cross_entropy(logits, batch["targets"], batch["loss_mask"])
     out = {"nll_sum": sums["nll_sum"], "tokens": sums["tokens"]}
     if num_labels:

@@ -45,12 +45,14 @@ class Trainer:
                head_lr_multiplier: float = 1.0, teacher_cfg: LlamaConfig | None = None,
                distill_temperature: float = 2.0, distill_alpha: float = 0.5,
                mlm: steps.MLM | None = None):
-    if is_encoder(model_cfg) and mlm is None:
-      raise ValueError("An encoder trains by masked-LM: pass mlm (its mask token and special "
-                       "tokens, see jaxlm.train.mlm.tokenizer_mlm).")
+    if is_encoder(model_cfg) and not model_cfg.num_labels and mlm is None:
+      raise ValueError("An encoder without a classification head trains by masked-LM: pass "
+                       "mlm (its mask token and special tokens, see "
+                       "jaxlm.train.mlm.tokenizer_mlm).")
     self.model_cfg = model_cfg
     self.mlm = mlm
     self.token_classifier = model_cfg.num_labels > 0 and model_cfg.classifier == "token"
+    self.regression = steps.is_regression(model_cfg)
     self.lora = lora
     self.frozen_dtype = frozen_dtype
     self.rules = rules
@@ -77,7 +79,8 @@ class Trainer:
         steps.train_step, graphdef=self.graphdef, tx=self.tx, schedule=schedule,
         loss_cfg=loss_cfg, grad_accum_steps=grad_accum_steps, skip_nonfinite=skip_nonfinite,
         dropout=model_cfg.dropout_rate > 0,
-        adapter_dropout=lora is not None and lora.dropout > 0, activation_resolver=resolver)
+        adapter_dropout=lora is not None and lora.dropout > 0, activation_resolver=resolver,
+        regression=self.regression)
     if mlm is not None:
       train_fn = functools.partial(train_fn, mlm=mlm)
     if distill is not None:
@@ -86,7 +89,8 @@ class Trainer:
     self._eval_fn = functools.partial(steps.eval_step, graphdef=self.graphdef,
                                       activation_resolver=resolver,
                                       num_labels=model_cfg.num_labels,
-                                      token_predictions=self.token_classifier, mlm=mlm)
+                                      token_predictions=self.token_classifier, mlm=mlm,
+                                      regression=self.regression)
     self._compiled_steps = {}
 
   def _build_model(self, seed) -> Llama:

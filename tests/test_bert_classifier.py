@@ -1,0 +1,304 @@
+"""Classification heads on BERT / RoBERTa encoders, proven against transformers (PyTorch) on
+tiny random models: *ForSequenceClassification (and its regression form) and
+*ForTokenClassification logits, conversion both ways, packed rows read as each example alone,
+and `jaxlm train` on encoder classification and tagging data with exports that transformers
+loads with the same logits."""
+import json
+import random
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from jaxlm import cli  # noqa: E402
+from jaxlm.config import apply_overrides, base_config  # noqa: E402
+from jaxlm.convert.bert_hf import load_bert, read_bert_config, save_bert  # noqa: E402
+from jaxlm.convert.bert_hf import save_random_encoder  # noqa: E402
+from jaxlm.loading import load_params  # noqa: E402
+from jaxlm.models.bert import bert_from_params  # noqa: E402
+from jaxlm.train.loop import Run, train  # noqa: E402
+
+from tests.test_bert import CLASS_PREFIX, build_hf, padded_batch  # noqa: E402
+
+HEADS = {"sequence": ("ForSequenceClassification", {"num_labels": 3}),
+         "token": ("ForTokenClassification", {"num_labels": 5}),
+         "regression": ("ForSequenceClassification",
+                        {"num_labels": 1, "problem_type": "regression"})}
+CASES = [(family, kind) for family in ("bert", "roberta") for kind in HEADS]
+ATOL = 1e-4
+
+
+def _hf_logits(model, ids, mask, token_types=None):
+  inputs = {"input_ids": torch.as_tensor(ids), "attention_mask": torch.as_tensor(mask)}
+  if token_types is not None:
+    inputs["token_type_ids"] = torch.as_tensor(token_types)
+  with torch.no_grad():
+    return model(**inputs).logits.numpy()
+
+
+def _our_logits(model, ids, mask, token_types=None):
+  """transformers' shapes: [batch, classes] for a sequence head, [batch, seq, classes] for
+  a token head."""
+  hidden = model(jnp.asarray(ids), jnp.asarray(mask),
+                 None if token_types is None else jnp.asarray(token_types))
+  logits = np.asarray(model.class_logits(hidden))
+  return logits if model.cfg.classifier == "token" else logits[:, 0]
+
+
+@pytest.mark.parametrize("family,kind", CASES)
+def test_heads_match_transformers_and_export_back(family, kind, tmp_path):
+  head, settings = HEADS[kind]
+  hf_model = build_hf(family, head, tmp_path / "hf", **settings)
+  batch = padded_batch(family)
+  expected = _hf_logits(hf_model, *batch)
+
+  cfg, params = load_bert(tmp_path / "hf")
+  assert (cfg.classifier, cfg.num_labels, cfg.mlm_head) == (kind, settings["num_labels"], False)
+  assert cfg.pooler == (kind != "token")
+  np.testing.assert_allclose(_our_logits(bert_from_params(cfg, params), *batch), expected,
+                             rtol=0, atol=ATOL)
+
+  _, _, hf_config = read_bert_config(tmp_path / "hf")
+  labels = tuple(f"class {i}" for i in range(cfg.num_labels))
+  out = save_bert(cfg, params, tmp_path / "export", family, base=hf_config, labels=labels)
+  reloaded, info = getattr(transformers, CLASS_PREFIX[family] + head).from_pretrained(
+      out, output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"], info
+  assert reloaded.config.id2label == dict(enumerate(labels))
+  assert reloaded.config.problem_type == settings.get(
+      "problem_type", None if kind == "token" else "single_label_classification")
+  np.testing.assert_allclose(_hf_logits(reloaded.eval(), *batch), expected, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("kind", ["sequence", "token"])
+def test_packed_examples_get_the_logits_they_get_alone(kind, tmp_path):
+  """Training packs examples into rows; a sequence head reads each segment's own first
+  token, and every token of the segment carries those logits."""
+  from jaxlm.models.factory import batch_logits
+  head, settings = HEADS[kind]
+  build_hf("roberta", head, tmp_path / "hf", **settings)
+  cfg, params = load_bert(tmp_path / "hf")
+  model = bert_from_params(cfg, params)
+  rng = np.random.default_rng(1)
+  first, second = rng.integers(3, 100, 7), rng.integers(3, 100, 4)
+  row = np.concatenate([first, second, [cfg.pad_token_id] * 3])[None]
+  batch = {"input_ids": jnp.asarray(row),
+           "positions": jnp.asarray([[*range(7), *range(4), 0, 0, 0]]),
+           "segment_ids": jnp.asarray([[1] * 7 + [2] * 4 + [0] * 3])}
+  packed = np.asarray(batch_logits(model, batch))[0]
+  for ids, part in ((first, packed[:7]), (second, packed[7:11])):
+    alone = np.asarray(model.class_logits(model(jnp.asarray(ids[None]))))[0]
+    np.testing.assert_allclose(part, alone, rtol=0, atol=ATOL)
+    if kind == "sequence":
+      np.testing.assert_allclose(part, np.broadcast_to(part[0], part.shape), rtol=0, atol=ATOL)
+
+
+COLORS = ("red", "blue", "green")
+WORDS = "cat dog bird fish big small old new the a saw near".split()
+PEOPLE = ("Emma", "Anne Elliot", "Mr Darcy", "Harriet")
+PLACES = ("Bath", "Kellynch Hall", "London", "Highbury")
+TAGS = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC")
+
+
+def _classified_rows():
+  """The label is the one colour word among five others: the [CLS] token must find it."""
+  rng = random.Random(0)
+  rows = []
+  for i in range(400):
+    words = rng.sample(WORDS, 5)
+    color = rng.choice(COLORS)
+    words.insert(rng.randrange(6), color)
+    rows.append({"text": " ".join(words) + f" {i}", "label": color})
+  return rows
+
+
+def _scored_pairs():
+  """STS-B style: a pair's score is half the number of colour words in the two texts."""
+  rng = random.Random(2)
+  rows = []
+  for i in range(400):
+    a, b = ([rng.choice(WORDS + list(COLORS)) for _ in range(5)] for _ in range(2))
+    score = sum(w in COLORS for w in a + b) / 2
+    rows.append({"text_a": " ".join(a), "text_b": " ".join(b) + f" {i}", "label": score})
+  return rows
+
+
+def _tagged_rows():
+  rng = random.Random(1)
+  rows = []
+  for i in range(300):
+    person, place = rng.choice(PEOPLE).split(), rng.choice(PLACES).split()
+    filler = rng.sample(WORDS, rng.randrange(1, 4))
+    tokens = person + filler + place + [str(i)]
+    tags = (["B-PER"] + ["I-PER"] * (len(person) - 1) + ["O"] * len(filler)
+            + ["B-LOC"] + ["I-LOC"] * (len(place) - 1) + ["O"])
+    rows.append({"tokens": tokens, "tags": tags})
+  return rows
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory):
+  root = tmp_path_factory.mktemp("encoder_heads")
+  files = {"classification": root / "classified.jsonl", "tagging": root / "tagged.jsonl",
+           "pairs": root / "pairs.jsonl"}
+  for (fmt, path), rows in zip(files.items(),
+                               (_classified_rows(), _tagged_rows(), _scored_pairs())):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  texts = [r["text"] for r in _classified_rows()] + [" ".join(r["tokens"])
+                                                     for r in _tagged_rows()]
+  encoders = {family: save_random_encoder(root / family, family, texts=texts, vocab_size=300,
+                                          hidden_size=32, mlp_dim=64, num_heads=4,
+                                          max_positions=64)
+              for family in ("bert", "roberta")}
+  return files, encoders, str(root / "cache")
+
+
+def _config(data_files, fmt, family="bert", **overrides):
+  files, encoders, cache = data_files
+  labels = {"classification": COLORS, "tagging": TAGS, "pairs": ()}[fmt]
+  head = ({"model.classifier": "regression",
+           "data.prompt_template": "{text_a} [SEP] {text_b}"} if fmt == "pairs" else
+          {"model.num_labels": len(labels), "data.prompt_template": "{text}"})
+  config = base_config()
+  apply_overrides(config, {
+      "model.init_from": str(encoders[family]), "model.compute_dtype": "float32", **head,
+      "data.sources": (str(files[fmt]),), "data.format": fmt, "data.labels": labels,
+      "data.seq_len": 32,
+      "data.batch_size": 16, "data.cache_dir": cache, "data.add_special_tokens": True,
+      "data.shaping": "pack", "data.validation_fraction": 0.1, "optim.learning_rate": 1e-2,
+      "optim.warmup_steps": 2, "train.steps": 60, "train.log_every": 10, "train.eval_every": 60,
+      "train.eval_batches": 100, "checkpoint.every": 60, "checkpoint.async_save": False,
+      **{k.replace("__", "."): v for k, v in overrides.items()}})
+  return config
+
+
+@pytest.fixture(scope="module")
+def runs(data_files, tmp_path_factory):
+  """(workdir, final metrics) of a sequence classifier (RoBERTa) and a token classifier
+  (BERT), each from a *ForMaskedLM checkpoint: the MLM head is dropped, pooler and score
+  start fresh."""
+  root = tmp_path_factory.mktemp("encoder_head_runs")
+  # A score is learnt more slowly than a label: the regression run takes 150 steps, not 60.
+  longer = {"train__steps": 150, "train__eval_every": 150, "checkpoint__every": 150}
+  return {fmt: (root / fmt, train(_config(data_files, fmt, family, **extra), root / fmt))
+          for fmt, family, extra in (("classification", "roberta", {}), ("tagging", "bert", {}),
+                                     ("pairs", "bert", longer))}
+
+
+def test_sequence_classifier_trains_and_exports_to_transformers(runs, tmp_path):
+  workdir, metrics = runs["classification"]
+  assert metrics["eval_accuracy"] >= 0.9, metrics
+  out = tmp_path / "hf"
+  assert cli.main(["convert", "--to-hf", str(workdir), "--out", str(out)]) == 0
+  model = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+  assert type(model).__name__ == "RobertaForSequenceClassification"
+  assert model.config.id2label == dict(enumerate(COLORS))
+  # The tokenizer wraps a text in <s> ... </s> as the training rows did.
+  tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+  rows = _classified_rows()[:32]
+  encoded = tokenizer([r["text"] for r in rows], padding=True, return_tensors="np")
+  expected = _hf_logits(model, encoded["input_ids"], encoded["attention_mask"])
+  loaded = load_params(workdir)
+  ours = _our_logits(bert_from_params(loaded.cfg, loaded.params), encoded["input_ids"],
+                     encoded["attention_mask"])
+  np.testing.assert_allclose(ours, expected, rtol=0, atol=ATOL)
+  predicted = [COLORS[i] for i in expected.argmax(axis=1)]
+  assert np.mean([p == r["label"] for p, r in zip(predicted, rows)]) >= 0.9
+
+
+def test_token_classifier_trains_and_exports_to_transformers(runs, tmp_path):
+  workdir, metrics = runs["tagging"]
+  assert metrics["eval_entity_f1"] >= 0.9, metrics
+  out = tmp_path / "hf"
+  assert cli.main(["convert", "--to-hf", str(workdir), "--out", str(out)]) == 0
+  model = transformers.AutoModelForTokenClassification.from_pretrained(out).eval()
+  assert type(model).__name__ == "BertForTokenClassification"
+  tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+  row = _tagged_rows()[0]
+  encoded = tokenizer(row["tokens"], is_split_into_words=True, return_tensors="np")
+  expected = _hf_logits(model, encoded["input_ids"], encoded["attention_mask"])
+  loaded = load_params(workdir)
+  ours = _our_logits(bert_from_params(loaded.cfg, loaded.params), encoded["input_ids"],
+                     encoded["attention_mask"])
+  np.testing.assert_allclose(ours, expected, rtol=0, atol=ATOL)
+  word_ids = encoded.word_ids(0)
+  first = [i for i, w in enumerate(word_ids) if w is not None and w != word_ids[i - 1]]
+  assert [model.config.id2label[i] for i in expected[0, first].argmax(-1)] == row["tags"]
+
+
+def test_pair_regression_trains_and_exports_to_transformers(runs, tmp_path):
+  workdir, metrics = runs["pairs"]
+  assert metrics["eval_pearson"] >= 0.9, metrics
+  out = tmp_path / "hf"
+  assert cli.main(["convert", "--to-hf", str(workdir), "--out", str(out)]) == 0
+  model = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+  assert model.config.problem_type == "regression" and model.config.num_labels == 1
+  tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+  rows = _scored_pairs()[:32]
+  # The training rows read "[CLS] a [SEP] b [SEP]", the ids of the tokenizer's own pair
+  # encoding; their token types stay 0, so the comparison leaves token_type_ids out.
+  encoded = tokenizer([r["text_a"] for r in rows], [r["text_b"] for r in rows],
+                      padding=True, return_tensors="np")
+  expected = _hf_logits(model, encoded["input_ids"], encoded["attention_mask"])
+  loaded = load_params(workdir)
+  ours = _our_logits(bert_from_params(loaded.cfg, loaded.params), encoded["input_ids"],
+                     encoded["attention_mask"])
+  np.testing.assert_allclose(ours, expected, rtol=0, atol=ATOL)
+  scores = np.array([r["label"] for r in rows])
+  assert np.corrcoef(expected[:, 0], scores)[0, 1] >= 0.9
+
+
+def test_a_classifier_starts_another_head_from_its_trunk(runs, data_files, tmp_path):
+  """init_from a sequence classifier into a token classifier: the trunk carries over, the
+  head (and the pooler a token head does not read) does not."""
+  workdir, _ = runs["classification"]
+  hf_dir = tmp_path / "hf"
+  assert cli.main(["convert", "--to-hf", str(workdir), "--out", str(hf_dir)]) == 0
+  config = _config(data_files, "tagging", model__init_from=str(hf_dir))
+  run = Run.build(config)
+  assert (run.model_cfg.classifier, run.model_cfg.num_labels) == ("token", len(TAGS))
+  assert not run.model_cfg.pooler and not run.model_cfg.mlm_head
+  params = run.trainer.model_params(run.fresh_state())
+  source = load_params(hf_dir).params
+  assert set(params) == set(source) - {"pooler"}
+  assert params["score"]["kernel"].shape == (32, len(TAGS))
+  np.testing.assert_array_equal(params["layers"]["mlp"]["up"]["kernel"],
+                                source["layers"]["mlp"]["up"]["kernel"])
+
+
+def test_encoder_head_refusals(data_files):
+  from jaxlm.models.bert import BertConfig
+  with pytest.raises(ValueError, match="sequence classifier reads the pooler: set pooler=True"):
+    BertConfig(num_labels=2, pooler=False)
+  with pytest.raises(ValueError, match="regression head has one output, not num_labels=3"):
+    BertConfig(num_labels=3, classifier="regression")
+  with pytest.raises(ValueError, match="without a head trains by masked-LM.*model.num_labels"):
+    Run.build(_config(data_files, "classification", model__num_labels=0))
+
+
+def test_bbc_news_bert_recipe_trains_on_the_real_articles(data_files, tmp_path):
+  """configs/bbc_news_bert.py at a tiny size: the real BBC News articles (the export's first
+  300), a tiny random BertForMaskedLM source (no pooler, an MLM head to drop), evaluated before and after a step."""
+  from jaxlm.config import load_config
+  from jaxlm.data.corpora import export_corpus
+  _, encoders, _ = data_files
+  export_corpus("bbc-news", tmp_path / "all.jsonl")
+  lines = (tmp_path / "all.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+  (tmp_path / "rows.jsonl").write_text("".join(lines[:300]), encoding="utf-8")
+  config = load_config("bbc_news_bert", [
+      f"--config.model.init_from={encoders['bert']}",
+      f"--config.data.sources={tmp_path / 'rows.jsonl'}",
+      f"--config.data.cache_dir={tmp_path / 'cache'}", "--config.data.seq_len=32",
+      "--config.data.batch_size=8", "--config.train.steps=2", "--config.train.log_every=1",
+      "--config.train.eval_every=2", "--config.train.eval_batches=2",
+      "--config.checkpoint.every=2", "--config.checkpoint.async_save=False"])
+  run = Run.build(config)
+  assert (run.model_cfg.classifier, run.model_cfg.num_labels) == ("sequence", 5)
+  assert run.model_cfg.pooler and not run.model_cfg.mlm_head
+  metrics = train(config, tmp_path / "run")
+  logged = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+  assert logged[0]["step"] == 0 and 0.0 <= logged[0]["eval_accuracy"] <= 1.0
+  assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["eval_f1_macro"])
