@@ -238,17 +238,50 @@ def test_pair_regression_trains_and_exports_to_transformers(runs, tmp_path):
   assert model.config.problem_type == "regression" and model.config.num_labels == 1
   tokenizer = transformers.AutoTokenizer.from_pretrained(out)
   rows = _scored_pairs()[:32]
-  # The training rows read "[CLS] a [SEP] b [SEP]", the ids of the tokenizer's own pair
-  # encoding; their token types stay 0, so the comparison leaves token_type_ids out.
+  # The training rows read "[CLS] a [SEP] b [SEP]" with b as token type 1: the tokenizer's
+  # own pair encoding.
   encoded = tokenizer([r["text_a"] for r in rows], [r["text_b"] for r in rows],
                       padding=True, return_tensors="np")
-  expected = _hf_logits(model, encoded["input_ids"], encoded["attention_mask"])
+  assert encoded["token_type_ids"].any()
+  pair = (encoded["input_ids"], encoded["attention_mask"], encoded["token_type_ids"])
+  expected = _hf_logits(model, *pair)
   loaded = load_params(workdir)
-  ours = _our_logits(bert_from_params(loaded.cfg, loaded.params), encoded["input_ids"],
-                     encoded["attention_mask"])
+  ours = _our_logits(bert_from_params(loaded.cfg, loaded.params), *pair)
   np.testing.assert_allclose(ours, expected, rtol=0, atol=ATOL)
   scores = np.array([r["label"] for r in rows])
   assert np.corrcoef(expected[:, 0], scores)[0, 1] >= 0.9
+
+
+def test_pair_token_types_are_the_tokenizers(data_files):
+  """A packed row of a pair, a single text and padding gets the token types BERT's tokenizer
+  gives each alone: 0 through the first [SEP], 1 after it; 0 for a single text."""
+  from jaxlm.models.bert import pair_token_types
+  _, encoders, _ = data_files
+  tokenizer = transformers.AutoTokenizer.from_pretrained(encoders["bert"])
+  pair = tokenizer("the big cat", "saw a small red dog")
+  single = tokenizer("an old bird near the fish")
+  parts = [pair, single, pair]
+  ids = np.concatenate([p["input_ids"] for p in parts] + [[0, 0]])[None]
+  positions = np.concatenate([np.arange(len(p["input_ids"])) for p in parts] + [[0, 0]])[None]
+  segments = np.concatenate([np.full(len(p["input_ids"]), i + 1) for i, p in enumerate(parts)]
+                            + [[0, 0]])[None]
+  types = pair_token_types(jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(segments),
+                           tokenizer.sep_token_id)
+  expected = np.concatenate([p["token_type_ids"] for p in parts] + [[0, 0]])
+  assert expected.any()
+  np.testing.assert_array_equal(np.asarray(types)[0], expected)
+
+
+def test_jaxlm_eval_reproduces_the_encoder_heads_training_metrics(runs, capsys):
+  for fmt, names in (("classification", ("accuracy", "f1_macro")), ("pairs", ("mse", "pearson"))):
+    workdir, _ = runs[fmt]
+    # No early stopping: the workdir's model is the last step's, evaluated last.
+    last = [m for m in map(json.loads, open(workdir / "metrics.jsonl")) if "eval_loss" in m][-1]
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", str(workdir)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for name in names:
+      assert result[name] == pytest.approx(last[f"eval_{name}"], rel=1e-4, abs=1e-6), fmt
 
 
 def test_a_classifier_starts_another_head_from_its_trunk(runs, data_files, tmp_path):
@@ -277,6 +310,10 @@ def test_encoder_head_refusals(data_files):
     BertConfig(num_labels=3, classifier="regression")
   with pytest.raises(ValueError, match="without a head trains by masked-LM.*model.num_labels"):
     Run.build(_config(data_files, "classification", model__num_labels=0))
+  with pytest.raises(ValueError, match="as transformers does: set data.add_special_tokens"):
+    Run.build(_config(data_files, "classification", data__add_special_tokens=False))
+  with pytest.raises(ValueError, match=r"data.prompt_template to e.g. '\{text_a\} \[SEP\] "):
+    Run.build(_config(data_files, "pairs", data__prompt_template="{text_a} {text_b}"))
 
 
 def test_bbc_news_bert_recipe_trains_on_the_real_articles(data_files, tmp_path):

@@ -260,8 +260,12 @@ def save_random_encoder(out_dir: str | Path, family: str = "bert", *, texts=None
                    ("bos", "pad", "eos", "unk", "mask"), _SPECIAL_TOKENS[family]))
   if family == "roberta":
     names.update(cls=names["bos"], sep=names["eos"])
+  # BERT's tokenizer returns token types (a pair's second text is type 1), RoBERTa's none.
+  inputs = ["input_ids", "token_type_ids", "attention_mask"] if family == "bert" else [
+      "input_ids", "attention_mask"]
   hf_tokenizer = transformers.PreTrainedTokenizerFast(
-      tokenizer_object=tok, **{f"{k}_token": v for k, v in names.items()})
+      tokenizer_object=tok, model_input_names=inputs,
+      **{f"{k}_token": v for k, v in names.items()})
   roberta = family == "roberta"
   pad_id = tok.token_to_id(names["pad"])
   config = getattr(transformers, CLASS_PREFIX[family] + "Config")(

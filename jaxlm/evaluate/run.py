@@ -48,7 +48,8 @@ from jaxlm.generate.text import eos_ids
 from jaxlm.loading import LoadedParams, load_params, resolve_source
 from jaxlm.models.factory import abstract_model, batch_logits, is_encoder
 from jaxlm.train import step as steps
-from jaxlm.train.loop import check_labels, config_mesh, training_tokenizer
+from jaxlm.train.loop import (check_labels, config_mesh, encoder_head_options,
+                              training_tokenizer)
 
 SCORED_FORMATS = tuple(DEFAULT_PROMPTS)  # classification, pairs: a label per example
 GENERATED_FORMATS = ("sft", "chat")  # a prompt and an answer per example
@@ -84,6 +85,8 @@ class EvalModel:
   graphdef: object
   params: object
   loaded: LoadedParams
+  # A BERT head on text pairs: the [SEP] id its token types follow (train.step).
+  pair_separator: int | None = None
 
 
 def eval_config(recipe: str | None, model: str | None, overrides=()):
@@ -124,16 +127,22 @@ def _target_log_probs(graphdef, params, input_ids, targets, positions, segment_i
   return jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
 
 
-@functools.partial(jax.jit, static_argnames="graphdef")
-def _class_log_probs(graphdef, params, input_ids, positions, segment_ids):
-  logits = nnx.merge(graphdef, params)(input_ids, positions, segment_ids)
-  return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+@functools.partial(jax.jit, static_argnames=("graphdef", "pair_separator"))
+def _head_logits(graphdef, params, inputs, pair_separator):
+  inputs = steps.with_pair_token_types(inputs, pair_separator)
+  return batch_logits(nnx.merge(graphdef, params), inputs)
+
+
+def head_logits(model: EvalModel, batch: dict) -> jax.Array:
+  """A head's float32 outputs at every token [batch, seq, num_labels], as training computes
+  them (a decoder's or an encoder's)."""
+  inputs = {k: batch[k] for k in ("input_ids", "positions", "segment_ids")}
+  return _head_logits(model.graphdef, model.params, inputs, model.pair_separator)
 
 
 def class_log_probs(model: EvalModel, batch: dict) -> np.ndarray:
   """A classifier's log-probability of each class at every token [batch, seq, classes]."""
-  return np.asarray(_class_log_probs(model.graphdef, model.params, batch["input_ids"],
-                                     batch["positions"], batch["segment_ids"]), np.float64)
+  return np.asarray(jax.nn.log_softmax(head_logits(model, batch), axis=-1), np.float64)
 
 
 def head_scores(model: EvalModel, batch: dict,
@@ -146,16 +155,10 @@ def head_scores(model: EvalModel, batch: dict,
   return log_probs[labelled], batch["targets"][labelled]
 
 
-@functools.partial(jax.jit, static_argnames="graphdef")
-def _head_outputs(graphdef, params, inputs):
-  return batch_logits(nnx.merge(graphdef, params), inputs)[..., 0]
-
-
 def regression_predictions(model: EvalModel, batch: dict) -> tuple[np.ndarray, np.ndarray]:
   """A regression head's (prediction [examples], true score [examples]) at the labelled
   token of each example of a batch (its last)."""
-  inputs = {k: batch[k] for k in ("input_ids", "positions", "segment_ids")}
-  predicted = np.asarray(_head_outputs(model.graphdef, model.params, inputs))
+  predicted = np.asarray(head_logits(model, batch)[..., 0])
   scored = batch["loss_mask"].astype(bool)
   return predicted[scored], decode_scores(batch["targets"])[scored]
 
@@ -317,10 +320,12 @@ def evaluate_model(config, model_path: str | Path | None = None, *, split: str =
   head = model.loaded.cfg.num_labels > 0
   regression = steps.is_regression(model.loaded.cfg)
   _check_task(config, tok, model.loaded.cfg, generate_text)
+  model = dataclasses.replace(model, pair_separator=encoder_head_options(
+      config, model.loaded.cfg, spec).get("pair_separator"))
   rows = eval_rows(config, spec, split, label_head=head, regression=regression)
   if regression:
     return _evaluate_regression(model, rows, split, max_batches, model_path)
-  if is_encoder(model.loaded.cfg):
+  if is_encoder(model.loaded.cfg) and not head:
     return _evaluate_mlm(config, model, tok, spec, rows, split, max_batches, model_path)
   # Text is only counted; a split of a large corpus need not be held in memory as examples.
   keep = (config.data.format in SCORED_FORMATS and not head) or generate_text

@@ -144,6 +144,20 @@ def bert_positions(cfg: BertConfig, input_ids: jax.Array) -> jax.Array:
   return jnp.cumsum(real, axis=1) * real + cfg.position_offset - 1
 
 
+def pair_token_types(input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                     separator_id: int) -> jax.Array:
+  """BERT's token types of packed text pairs, int32 [batch, seq]: 0 up to and including the
+  first separator of each segment ([CLS] a [SEP]), 1 after it (b [SEP]), 0 for padding; a
+  segment without a separator inside is all 0, a single text. The types BERT's tokenizer
+  gives `tokenizer(a, b)`, recovered from the ids so that rows need no extra field.
+  positions: 0 at each segment's first token; segment_ids: 0 for padding."""
+  is_separator = (input_ids == separator_id).astype(jnp.int32)
+  before = jnp.cumsum(is_separator, axis=1) - is_separator  # separators before each token
+  start = jnp.arange(input_ids.shape[1]) - positions  # each token's segment start
+  within = before - jnp.take_along_axis(before, start, axis=1)
+  return ((within > 0) & (segment_ids > 0)).astype(jnp.int32)
+
+
 def _attention_mask(attention_mask, segment_ids) -> jax.Array | None:
   """[batch, 1, 1 | seq, seq] bool: keys that are not padding, and with segment_ids only
   those of the query's own segment (the decoder's segment mask)."""

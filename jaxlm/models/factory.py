@@ -75,14 +75,15 @@ def encoder_preset(name: str, **fields) -> BertConfig | None:
 
 
 def batch_logits(model, batch: dict, dropout_rng=None):
-  """float32 logits of a training batch (input_ids, and positions / segment_ids where
-  present): the decoder's next-token logits [batch, seq, vocab] (or its head's, [batch, seq,
+  """float32 logits of a training batch (input_ids, and positions / segment_ids /
+  token_type_ids where present): the decoder's next-token logits [batch, seq, vocab] (or its head's, [batch, seq,
   num_labels]); the encoder's, with attention kept within each segment, from its
   classification head when it has one, else its masked-LM logits."""
   if isinstance(model, Bert):
     head_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, 1)
-    hidden = model(batch["input_ids"], positions=batch.get("positions"),
-                   segment_ids=batch.get("segment_ids"), dropout_rng=dropout_rng)
+    hidden = model(batch["input_ids"], token_type_ids=batch.get("token_type_ids"),
+                   positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
+                   dropout_rng=dropout_rng)
     if model.score is not None:
       return model.class_logits(hidden, batch.get("positions"), head_rng)
     return model.mlm_logits(hidden)

@@ -217,6 +217,38 @@ def mlm_options(config, model_cfg) -> dict:
     raise config_lib.ConfigError(str(e)) from None
 
 
+SEPARATOR_TOKENS = ("[SEP]", "</s>")  # BERT's, RoBERTa's
+
+
+def encoder_head_options(config, model_cfg, tokenizer_spec: str | None = None) -> dict:
+  """An encoder head reads its examples as transformers' tokenizer gives them: each wrapped
+  in [CLS] ... [SEP], a pair's texts joined by [SEP] in data.prompt_template, and, when the
+  encoder has token types (BERT), the second text of a pair as type 1 ({"pair_separator":
+  the [SEP] id} for the Trainer). {} for a decoder or a masked-LM encoder."""
+  if not is_encoder(model_cfg) or not model_cfg.num_labels:
+    return {}
+  if not config.data.add_special_tokens:
+    raise config_lib.ConfigError(
+        "An encoder's classification head reads each example as its tokenizer wraps it "
+        "([CLS] ... [SEP], <s> ... </s>), as transformers does: set "
+        "data.add_special_tokens = True.")
+  if config.data.format != "pairs":
+    return {}
+  tokenizer = load_tokenizer(tokenizer_spec or training_tokenizer(config))
+  separator = next((t for t in SEPARATOR_TOKENS if tokenizer.token_to_id(t) is not None), None)
+  template = config.data.prompt_template or ""
+  at = [template.find(part) for part in ("{text_a}", separator or "[SEP]", "{text_b}")]
+  if separator is None or -1 in at or at != sorted(at):
+    example = {"[SEP]": "{text_a} [SEP] {text_b}", "</s>": "{text_a}</s></s>{text_b}"}
+    raise config_lib.ConfigError(
+        f"An encoder reads a pair as one sequence with its separator between the texts: set "
+        f"data.prompt_template to e.g. {example.get(separator, example['[SEP]'])!r} (the "
+        f"tokenizer's own pair encoding), not {template!r}.")
+  if model_cfg.type_vocab_size < 2:
+    return {}  # RoBERTa: no token types
+  return {"pair_separator": int(tokenizer.token_to_id(separator))}
+
+
 @dataclasses.dataclass
 class Run:
   """Everything a training run is made of, built from a config."""
@@ -239,7 +271,8 @@ class Run:
         loss_cfg=LossConfig(config.train.label_smoothing, config.train.z_loss),
         grad_accum_steps=config.train.grad_accum_steps,
         skip_nonfinite=config.train.on_nonfinite == "skip", **finetune_options(config),
-        **teacher_options(config, model_cfg), **mlm_options(config, model_cfg))
+        **teacher_options(config, model_cfg), **mlm_options(config, model_cfg),
+        **encoder_head_options(config, model_cfg))
     return cls(config, model_cfg, mesh, trainer, schedule)
 
   def signature(self) -> dict:

@@ -35,6 +35,7 @@ from flax import nnx
 from jaxlm.finetune.trainable import combine
 from jaxlm.layers.linear import lora_dropout
 from jaxlm.layers.sharding import activation_sharding, constrain
+from jaxlm.models.bert import pair_token_types
 from jaxlm.models.factory import batch_logits
 from jaxlm.train.distill import distillation_sums
 from jaxlm.train.loss import cross_entropy
@@ -89,6 +90,15 @@ def squared_error(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> dic
   return {"loss_sum": jnp.sum(jnp.square(error) * mask), "tokens": jnp.sum(mask)}
 
 
+def with_pair_token_types(batch: dict, separator_id: int | None) -> dict:
+  """The batch with BERT's token types of text pairs (models/bert.py pair_token_types) when
+  separator_id is given, else as it is."""
+  if separator_id is None:
+    return batch
+  return dict(batch, token_type_ids=pair_token_types(
+      batch["input_ids"], batch["positions"], batch["segment_ids"], separator_id))
+
+
 def model_params(state) -> dict:
   """The whole model's parameters: the trainable ones and, when some are frozen, the rest."""
   frozen = state.get("frozen")
@@ -134,11 +144,14 @@ def train_step(state, batch, teacher=None, *, graphdef, tx: optax.GradientTransf
                loss_cfg: LossConfig, grad_accum_steps: int = 1, dropout: bool = False,
                skip_nonfinite: bool = False, adapter_dropout: bool = False,
                activation_resolver=None, distill: Distill | None = None,
-               mlm: MLM | None = None, regression: bool = False):
+               mlm: MLM | None = None, regression: bool = False,
+               pair_separator: int | None = None):
   """teacher: the teacher's parameters, with `distill` only. regression: a regression head
-  (squared error; label smoothing, z-loss and distillation do not apply)."""
+  (squared error; label smoothing, z-loss and distillation do not apply). pair_separator:
+  a BERT encoder's [SEP] id, for text pairs read with token types (with_pair_token_types)."""
   with activation_sharding(activation_resolver):
     step = state["step"]
+    batch = with_pair_token_types(batch, pair_separator)
     if mlm is not None:
       batch = corrupt_batch(mlm_step_key(state["rng"], step), batch, mlm)
     step_rng = jax.random.fold_in(state["rng"], step)
@@ -210,7 +223,7 @@ def train_step(state, batch, teacher=None, *, graphdef, tx: optax.GradientTransf
 
 def eval_step(params, batch, *, graphdef, activation_resolver=None, num_labels: int = 0,
               token_predictions: bool = False, mlm: MLM | None = None,
-              regression: bool = False):
+              regression: bool = False, pair_separator: int | None = None):
   """Summed loss over the loss_mask tokens; for a classifier (num_labels > 0) also the
   confusion matrix [true, predicted] of its predictions there, which sums over batches, and
   with token_predictions (a token classifier) the predicted class at every token, from which
@@ -218,6 +231,7 @@ def eval_step(params, batch, *, graphdef, activation_resolver=None, num_labels: 
   score at every token, float32 [batch, seq], and the loss_mask that picks the examples':
   correlations need every pair, not sums."""
   with activation_sharding(activation_resolver):
+    batch = with_pair_token_types(batch, pair_separator)
     if mlm is not None:
       batch = corrupt_batch(eval_key(mlm, batch["input_ids"]), batch, mlm)
     logits = _logits(graphdef, params, batch, None)

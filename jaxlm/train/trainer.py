@@ -12,7 +12,8 @@ parameters as a third argument, sharded by `teacher_shardings` (the teacher's ow
 axes under the same rules and mesh) and never donated; without one nothing changes.
 
 The model is whatever models/factory.py builds from model_cfg: the decoder, or a BERT /
-RoBERTa encoder, which trains by masked-LM (`mlm`: the steps corrupt each batch)."""
+RoBERTa encoder, which trains by masked-LM (`mlm`: the steps corrupt each batch) or a
+classification head (text pairs with BERT's token types: `pair_separator`)."""
 from __future__ import annotations
 
 import functools
@@ -44,7 +45,7 @@ class Trainer:
                layer_lr_decay: float | None = None, head_pattern: str = r"^(lm_head|score)/",
                head_lr_multiplier: float = 1.0, teacher_cfg: LlamaConfig | None = None,
                distill_temperature: float = 2.0, distill_alpha: float = 0.5,
-               mlm: steps.MLM | None = None):
+               mlm: steps.MLM | None = None, pair_separator: int | None = None):
     if is_encoder(model_cfg) and not model_cfg.num_labels and mlm is None:
       raise ValueError("An encoder without a classification head trains by masked-LM: pass "
                        "mlm (its mask token and special tokens, see "
@@ -80,7 +81,7 @@ class Trainer:
         loss_cfg=loss_cfg, grad_accum_steps=grad_accum_steps, skip_nonfinite=skip_nonfinite,
         dropout=model_cfg.dropout_rate > 0,
         adapter_dropout=lora is not None and lora.dropout > 0, activation_resolver=resolver,
-        regression=self.regression)
+        regression=self.regression, pair_separator=pair_separator)
     if mlm is not None:
       train_fn = functools.partial(train_fn, mlm=mlm)
     if distill is not None:
@@ -90,7 +91,8 @@ class Trainer:
                                       activation_resolver=resolver,
                                       num_labels=model_cfg.num_labels,
                                       token_predictions=self.token_classifier, mlm=mlm,
-                                      regression=self.regression)
+                                      regression=self.regression,
+                                      pair_separator=pair_separator)
     self._compiled_steps = {}
 
   def _build_model(self, seed) -> Llama:
