@@ -316,26 +316,32 @@ def test_encoder_head_refusals(data_files):
     Run.build(_config(data_files, "pairs", data__prompt_template="{text_a} {text_b}"))
 
 
-def test_bbc_news_bert_recipe_trains_on_the_real_articles(data_files, tmp_path):
-  """configs/bbc_news_bert.py at a tiny size: the real BBC News articles (the export's first
-  300), a tiny random BertForMaskedLM source (no pooler, an MLM head to drop), evaluated before and after a step."""
+@pytest.mark.parametrize("recipe, corpus, head", [
+    ("bbc_news_bert", "bbc-news", ("sequence", 5)),
+    ("ner_zh_bert", "peoples-daily-ner", ("token", 7))])
+def test_encoder_recipes_train_on_the_real_data(data_files, tmp_path, recipe, corpus, head):
+  """configs/bbc_news_bert.py and ner_zh_bert.py at a tiny size: the real corpus (its first
+  300 rows), a tiny random BertForMaskedLM source (no pooler, an MLM head to drop),
+  evaluated before and after a step."""
   from jaxlm.config import load_config
   from jaxlm.data.corpora import export_corpus
   _, encoders, _ = data_files
-  export_corpus("bbc-news", tmp_path / "all.jsonl")
+  export_corpus(corpus, tmp_path / "all.jsonl")
   lines = (tmp_path / "all.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
   (tmp_path / "rows.jsonl").write_text("".join(lines[:300]), encoding="utf-8")
-  config = load_config("bbc_news_bert", [
+  config = load_config(recipe, [
       f"--config.model.init_from={encoders['bert']}",
       f"--config.data.sources={tmp_path / 'rows.jsonl'}",
       f"--config.data.cache_dir={tmp_path / 'cache'}", "--config.data.seq_len=32",
-      "--config.data.batch_size=8", "--config.train.steps=2", "--config.train.log_every=1",
-      "--config.train.eval_every=2", "--config.train.eval_batches=2",
-      "--config.checkpoint.every=2", "--config.checkpoint.async_save=False"])
+      "--config.data.batch_size=8", "--config.data.validation_fraction=0.1",
+      "--config.train.steps=2", "--config.train.log_every=1", "--config.train.eval_every=2",
+      "--config.train.eval_batches=2", "--config.checkpoint.every=2",
+      "--config.checkpoint.async_save=False"])
   run = Run.build(config)
-  assert (run.model_cfg.classifier, run.model_cfg.num_labels) == ("sequence", 5)
-  assert run.model_cfg.pooler and not run.model_cfg.mlm_head
+  assert (run.model_cfg.classifier, run.model_cfg.num_labels) == head
+  assert run.model_cfg.pooler == (head[0] == "sequence") and not run.model_cfg.mlm_head
   metrics = train(config, tmp_path / "run")
   logged = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
   assert logged[0]["step"] == 0 and 0.0 <= logged[0]["eval_accuracy"] <= 1.0
-  assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["eval_f1_macro"])
+  watched = config.train.early_stopping.metric
+  assert np.isfinite(metrics["loss"]) and np.isfinite(metrics[watched])
