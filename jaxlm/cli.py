@@ -104,22 +104,26 @@ A summary is printed, then the metrics as one JSON line.
   ev.add_argument("--out", help="also write the JSON metrics to this file")
 
   base = sub.add_parser(
-      "baseline", help="TF-IDF + logistic regression on a recipe's classification split, "
-      "a CRF on a tagging (NER) split", formatter_class=argparse.RawDescriptionHelpFormatter,
-      description="""\
+      "baseline", help="TF-IDF + logistic regression on a recipe's classification split "
+      "(ridge for a regression head), a CRF on a tagging (NER) split",
+      formatter_class=argparse.RawDescriptionHelpFormatter, description="""\
 A classical reference for a fine-tuned classifier, trained on the recipe's training examples
 and scored on its held-out ones, the very examples `jaxlm train` gives a classification head
 (same reading, formatting, min_chars, deduplication and seeded split; --config.data.*
 overrides apply). data.format classification or pairs: TF-IDF n-grams and logistic
 regression (scikit-learn); prints accuracy, macro / weighted P/R/F1, per-class F1 and the
-confusion matrix. data.format tagging (NER): a linear-chain CRF (CRFsuite) over the words and
-word bigrams of a 5-word window and their character kinds; prints entity-level P/R/F1 and
-per-type F1 (seqeval, as `jaxlm eval`) and the same word-level scores as a classifier's.
+confusion matrix; with model.classifier = regression, ridge regression (penalty chosen by
+leave-one-out error) and MSE / RMSE / MAE / Pearson / Spearman. data.format tagging
+(NER): a linear-chain CRF (CRFsuite) over the words and word bigrams of a 5-word window and
+their character kinds; prints entity-level P/R/F1 and per-type F1 (seqeval, as `jaxlm
+eval`) and the same word-level scores as a classifier's.
 --json prints the metrics as one JSON line instead.
 
   jaxlm baseline --config bbc_news                          # English: word 1-2-grams
   jaxlm baseline --config sentiment_zh --analyzer char      # Chinese: character 1-3-grams
   jaxlm baseline --config ner_zh                            # Chinese NER: CRF over characters
+  jaxlm baseline --config.model.classifier=regression --config.data.format=pairs \
+    --config.data.sources="('data/red_pairs.jsonl',)" --config.data.validation_fraction=0.2
   jaxlm baseline --config.data.sources=reviews.jsonl --config.data.format=classification \\
     --config.data.labels="('neg', 'pos')" --config.data.validation_fraction=0.1 --json""")
   base.add_argument("--config", default="tiny_demo", help="recipe path or name")

@@ -150,7 +150,7 @@ def test_baseline_cli(tiny_config, tmp_path, capsys):
   assert exit_info.value.code == 0
   usage = capsys.readouterr().out
   assert "--analyzer {word,char}" in usage
-  assert "data.format tagging (NER): a linear-chain CRF" in usage
+  assert "(NER): a linear-chain CRF" in usage and "ridge regression" in usage
   data = write_jsonl(tmp_path / "animals.jsonl", animal_rows(90))
   recipe = tmp_path / "animals.py"
   recipe.write_text(f"""from jaxlm.config import load_config
@@ -245,3 +245,41 @@ def test_baseline_cli_trains_a_crf_for_a_tagging_recipe(tmp_path, capsys):
   assert json.loads(capsys.readouterr().out)["method"] == "crf"
   assert cli.main(args + ["--analyzer", "char"]) == 2
   assert "--analyzer chooses TF-IDF n-grams" in capsys.readouterr().err
+
+
+def scored_rows(count, seed=0):
+  """Pairs of animal words whose score is the number of "meow"s in them."""
+  rng = np.random.default_rng(seed)
+  words = "meow bark fetch swim fins gills leash purr".split()
+  rows = []
+  for i in range(count):
+    a, b = (list(rng.choice(words, 4)) for _ in range(2))
+    rows.append({"text_a": " ".join(a), "text_b": " ".join(b) + f" n{i}",
+                 "label": float((a + b).count("meow"))})
+  return rows
+
+
+def test_a_regression_recipe_gets_a_ridge_baseline_on_its_split(tiny_config, tmp_path,
+                                                                capsys):
+  rows = scored_rows(300)
+  config = tiny_config(model__classifier="regression", data__format="pairs",
+                       data__sources=(write_jsonl(tmp_path / "scored.jsonl", rows),),
+                       data__validation_fraction=0.2)
+  result = tfidf_baseline(config)
+  assert result["method"] == "ridge" and result["pearson"] > 0.95
+  assert result["mse"] < 0.1 * np.var([row["label"] for row in rows])
+  split = labelled_split(config)
+  assert result["validation_examples"] == len(split.val_labels) > 30
+  assert all(isinstance(score, float) for score in split.val_labels)
+  # A shuffled score leaves nothing to learn: no correlation.
+  shuffled = [dict(row, label=rows[(i * 7) % 300]["label"]) for i, row in enumerate(rows)]
+  config.data.sources = (write_jsonl(tmp_path / "shuffled.jsonl", shuffled),)
+  assert abs(tfidf_baseline(config)["pearson"]) < 0.3
+  config.data.sources = (write_jsonl(tmp_path / "scored.jsonl", rows),)
+  assert cli.main(["baseline", "--config.model.classifier=regression",
+                   "--config.data.format=pairs",
+                   f"--config.data.sources={tmp_path / 'scored.jsonl'}",
+                   "--config.data.validation_fraction=0.2"]) == 0
+  report = capsys.readouterr().out
+  assert "+ ridge regression (alpha " in report and "pearson" in report
+  assert "confusion matrix" not in report

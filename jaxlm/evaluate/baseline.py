@@ -1,6 +1,7 @@
 """`jaxlm baseline`: TF-IDF features and logistic regression on a recipe's classification
-data, trained and scored on exactly the examples `jaxlm train` trains a classification head on
-and holds out, so a fine-tuned model has a classical reference on the same validation set.
+data (ridge regression for a regression head's scores), trained and scored on exactly the
+examples `jaxlm train` trains a head on and holds out, so a fine-tuned model has a classical
+reference on the same validation set.
 
 The examples are made as the data build makes them for a head (model.num_labels > 0): rows
 read and formatted (data.format classification or pairs, data.labels, data.prompt_template,
@@ -18,7 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 from sklearn.feature_extraction.text import TfidfVectorizer
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, RidgeCV
 from sklearn.pipeline import Pipeline
 
 from jaxlm.data.budget import Problems, enforce
@@ -26,7 +27,8 @@ from jaxlm.data.build import held_out, iter_examples, make_formatter
 from jaxlm.data.formats import DEFAULT_PROMPTS, Example
 from jaxlm.data.pipeline import resolve_settings
 from jaxlm.data.sources import DataError, parse_source
-from jaxlm.evaluate.metrics import classification_metrics, format_confusion_matrix
+from jaxlm.evaluate.metrics import (classification_metrics, format_confusion_matrix,
+                                    regression_metrics)
 
 # word: unigrams and bigrams of scikit-learn's word tokens, for space-separated languages;
 # char: 1-3 character n-grams, the natural unit for Chinese, which has no spaces.
@@ -35,13 +37,16 @@ ANALYZERS = {"word": {"analyzer": "word", "ngram_range": (1, 2)},
 # Inverse L2 penalty. 3-fold cross-validation on the training split: BBC News 0.956 / 0.962
 # / 0.964 accuracy at C = 1 / 10 / 100, the Chinese reviews 0.721 / 0.714 / 0.710.
 C = 10.0
+# The ridge penalties a regression baseline picks from, by leave-one-out error on the
+# training split (scikit-learn's RidgeCV).
+RIDGE_ALPHAS = (0.01, 0.1, 1.0, 10.0, 100.0)
 
 
 class LabelledSplit(NamedTuple):
   train_texts: list[str]
-  train_labels: list[int]  # indices into data.labels
+  train_labels: list  # indices into data.labels; for a regression recipe the scores
   val_texts: list[str]
-  val_labels: list[int]
+  val_labels: list
 
 
 def split_examples(settings: dict, seed: int) -> tuple[list[Example], list[Example]]:
@@ -58,9 +63,15 @@ def split_examples(settings: dict, seed: int) -> tuple[list[Example], list[Examp
   return sides[False], sides[True]
 
 
+def is_regression_recipe(config) -> bool:
+  return config.model.classifier == "regression"
+
+
 def labelled_split(config) -> LabelledSplit:
-  """The rendered prompt and label index of every example, on its side of the split."""
-  settings = resolve_settings(config.data, config.data.seq_len, label_head=True)
+  """The rendered prompt and label index (a regression recipe's: score) of every example,
+  on its side of the split."""
+  settings = resolve_settings(config.data, config.data.seq_len, label_head=True,
+                              regression=is_regression_recipe(config))
   if settings["format"] not in DEFAULT_PROMPTS:
     raise DataError(f"A baseline classifies examples: data.format must be one of "
                     f"{', '.join(DEFAULT_PROMPTS)}, not {settings['format']!r} (a tagging "
@@ -70,12 +81,15 @@ def labelled_split(config) -> LabelledSplit:
                        [e.parts[0][0] for e in val], [e.label for e in val])
 
 
-def make_classifier(analyzer: str = "word", seed: int = 0) -> Pipeline:
+def _tfidf(analyzer: str) -> TfidfVectorizer:
   if analyzer not in ANALYZERS:
     raise ValueError(f"analyzer must be one of {', '.join(ANALYZERS)}, not {analyzer!r}.")
-  return Pipeline([
-      ("tfidf", TfidfVectorizer(sublinear_tf=True, **ANALYZERS[analyzer])),
-      ("logreg", LogisticRegression(C=C, max_iter=1000, random_state=seed))])
+  return TfidfVectorizer(sublinear_tf=True, **ANALYZERS[analyzer])
+
+
+def make_classifier(analyzer: str = "word", seed: int = 0) -> Pipeline:
+  return Pipeline([("tfidf", _tfidf(analyzer)),
+                   ("logreg", LogisticRegression(C=C, max_iter=1000, random_state=seed))])
 
 
 def _check_split(split: LabelledSplit, config) -> None:
@@ -83,35 +97,52 @@ def _check_split(split: LabelledSplit, config) -> None:
     raise DataError(f"data.validation_fraction = {config.data.validation_fraction} held out "
                     f"none of the {len(split.train_texts):,} examples; raise it, e.g. "
                     f"--config.data.validation_fraction=0.1.")
+  if is_regression_recipe(config):
+    return
   if len(set(split.train_labels)) < 2:
     raise DataError(f"The training split holds examples of {len(set(split.train_labels))} of "
                     f"the {len(config.data.labels)} data.labels; a classifier needs two.")
 
 
+def make_regressor(analyzer: str = "word") -> Pipeline:
+  return Pipeline([("tfidf", _tfidf(analyzer)), ("ridge", RidgeCV(alphas=RIDGE_ALPHAS))])
+
+
 def tfidf_baseline(config, analyzer: str = "word") -> dict:
   """Trains on the recipe's training examples and scores its validation examples: the
-  metrics of `classification_metrics`, plus "train_examples", "validation_examples" and
-  "analyzer"."""
-  classifier = make_classifier(analyzer, config.data.seed)
-  labels = tuple(config.data.labels)
+  metrics of `classification_metrics` (a regression recipe's: of `regression_metrics`, and
+  "alpha", the ridge penalty chosen), plus "train_examples", "validation_examples",
+  "analyzer" and "method" (logistic or ridge)."""
   split = labelled_split(config)
   _check_split(split, config)
+  sizes = {"train_examples": len(split.train_texts),
+           "validation_examples": len(split.val_texts), "analyzer": analyzer}
+  if is_regression_recipe(config):
+    regressor = make_regressor(analyzer)
+    regressor.fit(split.train_texts, split.train_labels)
+    metrics = regression_metrics(split.val_labels, regressor.predict(split.val_texts))
+    return {**metrics, "alpha": float(regressor.named_steps["ridge"].alpha_), **sizes,
+            "method": "ridge"}
+  classifier = make_classifier(analyzer, config.data.seed)
+  labels = tuple(config.data.labels)
   classifier.fit(split.train_texts, split.train_labels)
   # predict_proba has a column per class seen in training only; absent classes score 0.
   scores = np.zeros((len(split.val_texts), len(labels)))
   scores[:, classifier.classes_] = classifier.predict_proba(split.val_texts)
   metrics = classification_metrics(np.array(split.val_labels), scores.argmax(axis=1), labels,
                                    scores=scores)
-  return {**metrics, "train_examples": len(split.train_texts),
-          "validation_examples": len(split.val_texts), "analyzer": analyzer}
+  return {**metrics, **sizes, "method": "logistic"}
 
 
 def format_report(result: dict, labels) -> str:
   low, high = ANALYZERS[result["analyzer"]]["ngram_range"]
-  header = (f"baseline: TF-IDF {result['analyzer']} {low}-{high}-grams + logistic regression: "
+  model = ("logistic regression" if result["method"] == "logistic" else
+           f"ridge regression (alpha {result['alpha']:g})")
+  header = (f"baseline: TF-IDF {result['analyzer']} {low}-{high}-grams + {model}: "
             f"trained on {result['train_examples']:,} examples, scored on "
             f"{result['validation_examples']:,} held out")
   lines = [header] + [f"  {key:<20} {value:.4f}" for key, value in result.items()
-                      if isinstance(value, float)]
-  lines += ["confusion matrix:", format_confusion_matrix(result["confusion_matrix"], labels)]
+                      if isinstance(value, float) and key != "alpha"]
+  if "confusion_matrix" in result:
+    lines += ["confusion matrix:", format_confusion_matrix(result["confusion_matrix"], labels)]
   return "\n".join(lines)
