@@ -2,6 +2,7 @@
 persistent compilation cache for the session: the tests build the same tiny models again and
 again (and in subprocesses), and a cached executable loads in milliseconds where compiling
 takes seconds. The cache is new for every session, so nothing compiled elsewhere is reused."""
+import functools
 import os
 import tempfile
 
@@ -25,20 +26,21 @@ def token_cache(tmp_path_factory):
   return str(tmp_path_factory.mktemp("token_cache"))
 
 
+def make_tiny_config(token_cache: str, **overrides):
+  """A tiny, fast, fp32 training config; overrides as a__b=value for key a.b."""
+  from jaxlm.config import apply_overrides, base_config
+  config = base_config()
+  apply_overrides(config, {
+      "model.preset": "tiny", "model.vocab_size": 4096, "model.compute_dtype": "float32",
+      "data.seq_len": 32, "data.batch_size": 8, "data.cache_dir": token_cache,
+      "optim.learning_rate": 1e-3, "optim.warmup_steps": 2, "train.steps": 6,
+      "train.log_every": 1, "train.eval_every": 0, "checkpoint.every": 3,
+      "checkpoint.async_save": False,
+      **{k.replace("__", "."): v for k, v in overrides.items()}})
+  return config
+
+
 @pytest.fixture
 def tiny_config(token_cache):
-  """A factory for a tiny, fast, fp32 training config; overrides as {"a.b": value}."""
-  from jaxlm.config import apply_overrides, base_config
-
-  def make(**overrides):
-    config = base_config()
-    apply_overrides(config, {
-        "model.preset": "tiny", "model.vocab_size": 4096, "model.compute_dtype": "float32",
-        "data.seq_len": 32, "data.batch_size": 8, "data.cache_dir": token_cache,
-        "optim.learning_rate": 1e-3, "optim.warmup_steps": 2, "train.steps": 6,
-        "train.log_every": 1, "train.eval_every": 0, "checkpoint.every": 3,
-        "checkpoint.async_save": False,
-        **{k.replace("__", "."): v for k, v in overrides.items()}})
-    return config
-
-  return make
+  """A factory for make_tiny_config on the session's token cache."""
+  return functools.partial(make_tiny_config, token_cache)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxlm import cli
-from jaxlm.config import ConfigError, apply_overrides, base_config, model_config
+from jaxlm.config import ConfigError, model_config
 from jaxlm.data.build import cache_key
 from jaxlm.data.pipeline import build_train_data, resolve_settings
 from jaxlm.data.shaping import decode_scores, encode_scores
@@ -20,6 +20,7 @@ from jaxlm.train.loop import Run, train
 from jaxlm.train.step import target_scores
 
 from tests.helpers import assert_trees_close
+from tests.conftest import make_tiny_config
 
 KEYWORD = "red"
 FILLER = ["the", "a", "garden", "quiet", "morning", "house", "walk", "old"]
@@ -45,16 +46,11 @@ def scored_pairs(tmp_path_factory):
 
 
 def regression_config(token_cache, sources, **overrides):
-  """The tiny fp32 setup of conftest's tiny_config, for a module-scoped run."""
-  config = base_config()
-  apply_overrides(config, {
-      "model.preset": "tiny", "model.vocab_size": 4096, "model.compute_dtype": "float32",
-      "data.seq_len": 32, "data.batch_size": 8, "data.cache_dir": token_cache,
-      "optim.learning_rate": 3e-3, "optim.warmup_steps": 2, "train.steps": 6,
-      "train.log_every": 10, "train.eval_every": 0, "checkpoint.every": 1000,
-      "checkpoint.async_save": False, "data.sources": (str(sources),), **REGRESSION,
-      **{k.replace("__", "."): v for k, v in overrides.items()}})
-  return config
+  """conftest's tiny fp32 setup as a regression run, for a module-scoped run."""
+  return make_tiny_config(token_cache, **{
+      "optim__learning_rate": 3e-3, "train__log_every": 10, "checkpoint__every": 1000,
+      "data__sources": (str(sources),), **{k.replace(".", "__"): v for k, v in REGRESSION.items()},
+      **overrides})
 
 
 @pytest.fixture(scope="module")
