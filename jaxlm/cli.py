@@ -93,6 +93,7 @@ A summary is printed, then the metrics as one JSON line.
                   "recipe's model.init_from)")
   ev.add_argument("--config", help="recipe path or name (default: the workdir's own config "
                   "when --model is a training workdir, else tiny_demo)")
+  ev.add_argument("--task", help="a multi-task workdir's head to score (on that task's data)")
   ev.add_argument("--split", choices=("validation", "train"), default="validation",
                   help="the held-out rows (default) or the training rows")
   ev.add_argument("--max-batches", type=int,
@@ -146,6 +147,7 @@ online, a GGUF file, a jaxlm model directory or a `jaxlm train` workdir (latest 
   jaxlm convert --from-gguf model.Q4_1.gguf --out models/mine       # GGUF -> jaxlm
   jaxlm convert --to-hf models/mine --out hf_out --dtype bfloat16   # jaxlm -> HF
   jaxlm convert --to-hf runs/tiny_demo --out hf_demo                # a trained run -> HF
+  jaxlm convert --to-hf runs/multitask_zh_bert --task ner --out hf_ner  # one head of several
   jaxlm convert --to-peft runs/lora --out adapter --base hf/smollm2  # LoRA run -> PEFT
 
 A LoRA run exported with --to-hf has its adapters merged into the weights.
@@ -159,6 +161,8 @@ Tensors are streamed one at a time; nothing is left at --out if conversion fails
   source.add_argument("--to-peft", metavar="RUN",
                       help="LoRA training workdir to export as a PEFT adapter")
   conv.add_argument("--out", required=True, help="destination directory (must not exist)")
+  conv.add_argument("--task", help="--to-hf of a multi-task workdir: the head to export (its "
+                    "trunk with that head, one HF classifier)")
   conv.add_argument("--base", help="--to-peft: base model named in adapter_config.json "
                     "(default: the run's model.init_from)")
   conv.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
@@ -243,7 +247,7 @@ def _convert(args) -> str:
     from jaxlm.loading import save_peft_adapter
     return str(save_peft_adapter(args.to_peft, args.out, args.base))
   if args.to_hf:
-    loaded = load_params(args.to_hf)
+    loaded = load_params(args.to_hf, task=args.task)
     return str(save_hf_dir(loaded, args.out, dtype=args.dtype, max_shard_gb=args.max_shard_gb))
   loaded = load_params(args.from_hf or args.from_gguf, dtype=args.dtype)
   return str(save_model_dir(loaded, args.out))

@@ -110,7 +110,51 @@ def base_config() -> ml_collections.ConfigDict:
   c.mlm = ml_collections.ConfigDict(
       {"rate": 0.15, "mask_fraction": 0.8, "random_fraction": 0.1})
   c.checkpoint = ml_collections.ConfigDict({"every": 500, "keep": 3, "async_save": True})
+  # Multi-task training: several heads on one trunk, each task its own data and labelled
+  # examples (README "Several tasks on one trunk"). Each entry, by task name: any data.* key
+  # (sources, format, labels, prompt_template, ...; the rest comes from data), "classifier"
+  # ("sequence", "token" or "regression"; default: "token" for format "tagging", else
+  # "sequence") and "weight" (of the task's loss in the total, default 1). Empty: one head.
+  c.tasks = ml_collections.ConfigDict()
   return c
+
+
+TASK_KEYS = ("weight", "classifier")
+
+
+def task_names(config) -> list[str]:
+  return list(config.tasks.keys()) if "tasks" in config else []
+
+
+def task_weight(config, name: str) -> float:
+  return float(config.tasks[name].get("weight", 1.0))
+
+
+def task_config(config, name: str) -> ml_collections.ConfigDict:
+  """The single-head config that task `name` of a multi-task config trains: its data keys
+  in data, its head (classifier, num_labels = the number of its labels) in model."""
+  if name not in config.tasks:
+    raise ConfigError(f"No task {name!r}; the config's tasks are "
+                      f"{', '.join(task_names(config)) or '(none)'}.")
+  task = config.tasks[name]
+  unknown = [k for k in task.keys() if k not in TASK_KEYS and k not in DATA_DEFAULTS]
+  if unknown:
+    close = difflib.get_close_matches(unknown[0], [*TASK_KEYS, *DATA_DEFAULTS], n=3)
+    raise ConfigError(
+        f"tasks.{name}.{unknown[0]} is not a task key; a task takes data.* keys "
+        f"({', '.join(DATA_DEFAULTS)}), 'classifier' and 'weight'."
+        + (f" Did you mean {', '.join(close)}?" if close else ""))
+  single = config.copy_and_resolve_references()
+  with single.unlocked():
+    single.tasks = ml_collections.ConfigDict()
+    for key, value in task.items():
+      if key in DATA_DEFAULTS:
+        single.data[key] = tuple(value) if isinstance(value, list) else value
+    default = "token" if single.data.format == "tagging" else "sequence"
+    single.model.classifier = task.get("classifier", default)
+    single.model.num_labels = (1 if single.model.classifier == "regression"
+                               else len(single.data.labels))
+  return single
 
 
 def resolve_recipe(path_or_name: str) -> Path:
@@ -278,6 +322,8 @@ def read_workdir_config(workdir: Path) -> ml_collections.ConfigDict:
   saved = json.loads(path.read_text())
   saved["mesh"]["rules"] = [tuple(r) for r in saved["mesh"]["rules"]]
   config = base_config()
+  # A task's keys are its own, not the base config's: they are set as they were saved.
+  config.tasks = ml_collections.ConfigDict(saved.pop("tasks", {}))
   flat = _flatten(saved)
   for old, new in RENAMED_KEYS.items():
     if old in flat:

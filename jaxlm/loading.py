@@ -86,12 +86,29 @@ def resolve_source(path: str | Path) -> Path:
                           f"model directory or a .gguf file).")
 
 
-def read_config(path: str | Path) -> tuple[LlamaConfig, str]:
-  """The architecture of a model directory, workdir or GGUF file, without loading weights."""
+def workdir_task_config(workdir: Path, task: str | None = None):
+  """The config of a workdir's run, or with task (of a multi-task run) that task's single-head
+  config: a multi-task workdir holds one model per task."""
+  config = config_lib.read_workdir_config(workdir)
+  tasks = config_lib.task_names(config)
+  if tasks and task is None:
+    raise ConversionError(f"{workdir} trained several heads ({', '.join(tasks)}): name the "
+                          f"task to load, e.g. --task {tasks[0]}.")
+  if task is not None and not tasks:
+    raise ConversionError(f"{workdir} trained one head, not tasks: load it without a task.")
+  return config_lib.task_config(config, task) if tasks else config
+
+
+def read_config(path: str | Path, task: str | None = None) -> tuple[LlamaConfig, str]:
+  """The architecture of a model directory, workdir or GGUF file, without loading weights;
+  task: the head of a multi-task workdir."""
   path = resolve_source(path)
   if config_lib.is_workdir(path):
-    cfg = config_lib.model_config(config_lib.read_workdir_config(path))
+    cfg = config_lib.model_config(workdir_task_config(path, task))
     return cfg, family_for(cfg)
+  if task is not None:
+    raise ConversionError(f"{path} is not a multi-task training workdir: load it without a "
+                          f"task.")
   if path.suffix == ".gguf":
     from jaxlm.convert.gguf_import import read_gguf_config
     return read_gguf_config(path)
@@ -120,18 +137,20 @@ def model_family(cfg) -> str:
 
 
 def load_params(path: str | Path, *, cfg: LlamaConfig | None = None, mesh=None,
-                shardings=None, dtype: str | None = None) -> LoadedParams:
+                shardings=None, dtype: str | None = None,
+                task: str | None = None) -> LoadedParams:
   """cfg: the architecture to load into (default: the source's own, float32 or `dtype`).
-  Weights are placed on `shardings`, or on those `mesh` implies, as they are read."""
+  Weights are placed on `shardings`, or on those `mesh` implies, as they are read. task:
+  which head of a multi-task workdir (its trunk with that head, a single-head model)."""
   path = resolve_source(path)
-  source_cfg, family = read_config(path)
+  source_cfg, family = read_config(path, task)
   cfg = cfg or _with_dtype(source_cfg, dtype)
   shardings = shardings if shardings is not None else shardings_for(cfg, mesh)
   if path.suffix == ".gguf":
     from jaxlm.convert.gguf_import import load_gguf_params
     return LoadedParams(cfg, load_gguf_params(path, cfg, shardings), family, None, path)
   if config_lib.is_workdir(path):
-    return _load_workdir(path, cfg, shardings)
+    return _load_workdir(path, cfg, shardings, task)
   if (path / MODEL_FILE).is_file():
     meta = json.loads((path / MODEL_FILE).read_text())
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, cfg.param_dtype,
@@ -165,10 +184,15 @@ def _load_encoder_directory(path: Path, cfg, shardings) -> LoadedParams:
   return LoadedParams(cfg, params, family, hf, path, labels=label_names(hf))
 
 
-def _load_workdir(workdir: Path, cfg: LlamaConfig, shardings) -> LoadedParams:
+def _load_workdir(workdir: Path, cfg: LlamaConfig, shardings,
+                  task: str | None = None) -> LoadedParams:
   """Parameters of a training run's best checkpoint when it ran with early stopping, else its
-  latest; LoRA adapters are merged into the kernels."""
+  latest; LoRA adapters are merged into the kernels. task: of a multi-task run, its trunk
+  with that task's head."""
   config, run, params = _workdir_checkpoint_params(workdir)
+  if task is not None:
+    params = run.trainer.task_params(params, task)
+    run, config = run.task_runs[task], workdir_task_config(workdir, task)
   if run.trainer.lora is not None:
     from jaxlm.finetune.lora import merge_lora
     params = merge_lora(params, run.trainer.lora)
@@ -194,7 +218,7 @@ def _workdir_checkpoint_params(workdir: Path):
   init_from or the seed."""
   from jaxlm.checkpoint import Checkpointer
   from jaxlm.train.early_stopping import read_best
-  from jaxlm.train.loop import Run
+  from jaxlm.train.loop import build_run
 
   config = config_lib.read_workdir_config(workdir)
   with config.unlocked():  # restore on whatever devices this machine has
@@ -202,7 +226,7 @@ def _workdir_checkpoint_params(workdir: Path):
     # A frozen base kept in bf16 saved training memory; exports use its original weights.
     config.finetune.frozen_dtype = ""
     config.distill.teacher = ""  # the teacher shaped training only, not the model
-  run = Run.build(config)
+  run = build_run(config)
   checkpointer = Checkpointer(workdir / "checkpoints", every=1, keep=1)
   step = checkpointer.latest_step()
   if step is None:

@@ -89,21 +89,23 @@ class EvalModel:
   pair_separator: int | None = None
 
 
-def eval_config(recipe: str | None, model: str | None, overrides=()):
+def eval_config(recipe: str | None, model: str | None, overrides=(), task: str | None = None):
   """The recipe; without one, a training workdir's own config (its data is then exactly what
-  it trained on and held out), else the default recipe."""
+  it trained on and held out; with task, that task's of a multi-task run), else the default
+  recipe."""
   if recipe is None and model is not None:
     path = Path(model).expanduser()
     if path.exists() and config_lib.is_workdir(path):
-      config = config_lib.read_workdir_config(path)
+      from jaxlm.loading import workdir_task_config
+      config = workdir_task_config(path, task)
       config_lib.apply_overrides(config, overrides)
       config.lock()
       return config
   return config_lib.load_config(recipe or config_lib.DEFAULT_RECIPE, overrides)
 
 
-def load_eval_model(path: str | Path, mesh=None) -> EvalModel:
-  loaded = load_params(path, mesh=mesh)
+def load_eval_model(path: str | Path, mesh=None, task: str | None = None) -> EvalModel:
+  loaded = load_params(path, mesh=mesh, task=task)
   graphdef, _ = nnx.split(abstract_model(loaded.cfg))
   return EvalModel(graphdef, loaded.params, loaded)
 
@@ -302,10 +304,10 @@ def _check_task(config, tok: TextTokenizer, model_cfg, generate_text: bool) -> N
 
 def evaluate_model(config, model_path: str | Path | None = None, *, split: str = "validation",
                    max_batches: int | None = None, generate_text: bool = False,
-                   max_new_tokens: int = 64) -> dict:
-  """Metrics of a model (default: config.model.init_from) on the recipe's split: floats, plus
-  "examples", "tokens", "split", "model", and "confusion_matrix" (classification) or
-  "bleu_signature" (generate_text)."""
+                   max_new_tokens: int = 64, task: str | None = None) -> dict:
+  """Metrics of a model (default: config.model.init_from; task: a head of a multi-task
+  workdir) on the recipe's split: floats, plus "examples", "tokens", "split", "model", and
+  "confusion_matrix" (classification) or "bleu_signature" (generate_text)."""
   model_path = model_path or config.model.init_from
   if not model_path:
     raise config_lib.ConfigError("Name the model to evaluate: --model PATH, or a recipe whose "
@@ -314,7 +316,7 @@ def evaluate_model(config, model_path: str | Path | None = None, *, split: str =
     raise ValueError(f"--max-batches must be at least 1, got {max_batches}.")
   # The recipe's mesh (a workdir's training layout): parameters load sharded by their
   # logical axes, so a model too large for one device evaluates.
-  model = load_eval_model(model_path, config_mesh(config))
+  model = load_eval_model(model_path, config_mesh(config), task)
   spec = tokenizer_spec(config, model_path, model.loaded)
   tok = TextTokenizer(spec, config.data.chat_template)
   head = model.loaded.cfg.num_labels > 0
@@ -434,9 +436,10 @@ def format_report(result: dict, labels=()) -> str:
 
 def run_eval(args, overrides) -> dict:
   """The `jaxlm eval` command: prints the report, then the metrics as one JSON line."""
-  config = eval_config(args.config, args.model, overrides)
+  config = eval_config(args.config, args.model, overrides, args.task)
   result = evaluate_model(config, args.model, split=args.split, max_batches=args.max_batches,
-                          generate_text=args.generate, max_new_tokens=args.max_new_tokens)
+                          generate_text=args.generate, max_new_tokens=args.max_new_tokens,
+                          task=args.task)
   print(format_report(result, config.data.labels))
   line = json.dumps(result)
   print(line)

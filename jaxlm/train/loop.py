@@ -305,6 +305,17 @@ class Run:
       return None
     return self.trainer.load_teacher(self.config.distill.teacher)
 
+  def load_data(self, tokenizer_spec):
+    """The run's TrainData: its training and validation loaders over the tokenized cache."""
+    config = self.config
+    return build_train_data(
+        config.data, tokenizer_spec, config.data.seq_len, config.data.batch_size,
+        config.data.seed, jax.process_index(), jax.process_count(),
+        label_head=self.model_cfg.num_labels > 0, regression=self.trainer.regression)
+
+  def evaluate(self, params, batches: RowBatches, num_batches: int) -> dict:
+    return evaluate(self, params, batches, num_batches)
+
   def global_batch(self, local_rows: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """Assembles each process's rows into global arrays sharded over data x fsdp."""
     out = {}
@@ -314,6 +325,14 @@ class Run:
                                              global_shape, "batch " + key)
       out[key] = jax.make_array_from_process_local_data(sharding, rows, global_shape)
     return out
+
+
+def build_run(config) -> Run:
+  """A Run, or with config.tasks a MultiTaskRun (several heads on one trunk)."""
+  if config_lib.task_names(config):
+    from jaxlm.train.multitask import MultiTaskRun
+    return MultiTaskRun.build(config)
+  return Run.build(config)
 
 
 def evaluate(run: Run, params, batches: RowBatches, num_batches: int) -> dict:
@@ -418,7 +437,7 @@ def train(config, workdir: str | Path) -> dict:
   workdir = Path(workdir).expanduser().absolute()
   use_compilation_cache(config.train.compilation_cache_dir)
   is_main = jax.process_index() == 0
-  run = Run.build(config)
+  run = build_run(config)
   model_cfg, trainer = run.model_cfg, run.trainer
   signature = run.signature()
 
@@ -428,10 +447,7 @@ def train(config, workdir: str | Path) -> dict:
     raise config_lib.ConfigError(
         f"The tokenizer has {tokenizer_vocab} tokens but model.vocab_size is "
         f"{model_cfg.vocab_size}; set --config.model.vocab_size={tokenizer_vocab} or more.")
-  loaded_data = build_train_data(
-      config.data, tokenizer_spec, config.data.seq_len, config.data.batch_size,
-      config.data.seed, jax.process_index(), jax.process_count(),
-      label_head=model_cfg.num_labels > 0, regression=trainer.regression)
+  loaded_data = run.load_data(tokenizer_spec)
   data = loaded_data.train
   val_data = loaded_data.validation if config.train.eval_every else None
 
@@ -467,7 +483,9 @@ def train(config, workdir: str | Path) -> dict:
     stopper.resume(best[0], best[1].get(stopper.metric), start, config.train.eval_every)
     if stopper.exhausted:  # this run already stopped early: nothing left to do
       total = start
-  tokens_per_step = config.data.batch_size * config.data.seq_len
+  # A multi-task step reads a batch for every task.
+  tokens_per_step = (config.data.batch_size * config.data.seq_len
+                     * max(1, len(config_lib.task_names(config))))
   flops_per_step = model_cfg.flops_per_token(config.data.seq_len) * tokens_per_step
   peak = peak_flops_per_device(config.train.peak_tflops_per_device)
   writer = MetricsWriter(workdir, enabled=is_main)
@@ -480,7 +498,7 @@ def train(config, workdir: str | Path) -> dict:
 
   if val_data is not None and start == 0:
     # The starting point, so that a fine-tune's gain is visible from its first eval.
-    baseline = evaluate(run, trainer.model_params(state), val_data, config.train.eval_batches)
+    baseline = run.evaluate(trainer.model_params(state), val_data, config.train.eval_batches)
     if stopper and stopper.metric not in baseline:
       raise config_lib.ConfigError(
           f"train.early_stopping.metric = {stopper.metric!r} is not an evaluation metric; "
@@ -536,14 +554,15 @@ def train(config, workdir: str | Path) -> dict:
             "mfu": (flops_per_step / step_time / (peak * jax.device_count())
                     if peak and timed_steps else None),
         }
-        if config.train.z_loss:
+        last_logged.update({k: float(v) for k, v in host.items() if k.startswith("loss_")})
+        if config.train.z_loss and "z_loss" in host:
           last_logged["z_loss"] = float(host["z_loss"])
         if teacher is not None:
           last_logged["distill_kl"] = float(host["distill_kl"])
           last_logged["hard_loss"] = float(host["hard_loss"])
         if eval_now:
-          last_logged.update(evaluate(run, trainer.model_params(state), val_data,
-                                      config.train.eval_batches))
+          last_logged.update(run.evaluate(trainer.model_params(state), val_data,
+                                          config.train.eval_batches))
         writer.write(done, last_logged)
         progress.update(pending, last_logged)
         pending = 0

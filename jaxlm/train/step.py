@@ -191,34 +191,43 @@ def train_step(state, batch, teacher=None, *, graphdef, tx: optax.GradientTransf
           (micro_batches, jnp.arange(grad_accum_steps)))
 
     grads = jax.tree.map(lambda g: g / total_tokens, grads)
-    grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    # The new parameters' norm catches an update that overflowed even from finite gradients
-    # (of the trainable ones: the frozen ones do not change).
-    param_norm = optax.tree.norm(params)
-    finite = jnp.isfinite(grad_norm) & jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(param_norm)
-    if skip_nonfinite:
-      # Drop the whole update (params and optimizer moments) when anything overflowed.
-      keep = lambda new, old: jnp.where(finite, new, old)
-      params = jax.tree.map(keep, params, state["params"])
-      opt_state = jax.tree.map(keep, opt_state, state["opt_state"])
-    metrics = {
-        "loss": sums["loss_sum"] / total_tokens,
-        "tokens": sums["tokens"],
-        "grad_norm": grad_norm,
-        "param_norm": param_norm,
-        "skipped": (~finite).astype(jnp.int32) if skip_nonfinite else jnp.zeros((), jnp.int32),
-        "learning_rate": jnp.asarray(schedule(step), jnp.float32),
-    }
+    new_state, metrics = apply_gradients(state, grads, sums["loss_sum"] / total_tokens, tx=tx,
+                                         schedule=schedule, skip_nonfinite=skip_nonfinite)
+    metrics["tokens"] = sums["tokens"]
     if not regression:
       metrics["nll"] = sums["nll_sum"] / total_tokens
       metrics["z_loss"] = sums["z_loss_sum"] / total_tokens
     if distill is not None:
       metrics["distill_kl"] = sums["kl_sum"] / total_tokens
       metrics["hard_loss"] = sums["hard_sum"] / total_tokens
-    new_state = dict(state, step=step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
+
+
+def apply_gradients(state, grads, loss, *, tx: optax.GradientTransformation, schedule,
+                    skip_nonfinite: bool = False):
+  """One optimizer update of state["params"] by grads (of the trainable parameters) ->
+  (the next state, metrics: loss, grad_norm, param_norm, skipped, learning_rate). With
+  skip_nonfinite an update whose loss, gradients or result is not finite is dropped."""
+  grad_norm = optax.tree.norm(grads)
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  # The new parameters' norm catches an update that overflowed even from finite gradients
+  # (of the trainable ones: the frozen ones do not change).
+  param_norm = optax.tree.norm(params)
+  finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss) & jnp.isfinite(param_norm)
+  if skip_nonfinite:
+    # Drop the whole update (params and optimizer moments) when anything overflowed.
+    keep = lambda new, old: jnp.where(finite, new, old)
+    params = jax.tree.map(keep, params, state["params"])
+    opt_state = jax.tree.map(keep, opt_state, state["opt_state"])
+  metrics = {
+      "loss": loss,
+      "grad_norm": grad_norm,
+      "param_norm": param_norm,
+      "skipped": (~finite).astype(jnp.int32) if skip_nonfinite else jnp.zeros((), jnp.int32),
+      "learning_rate": jnp.asarray(schedule(state["step"]), jnp.float32),
+  }
+  return dict(state, step=state["step"] + 1, params=params, opt_state=opt_state), metrics
 
 
 def eval_step(params, batch, *, graphdef, activation_resolver=None, num_labels: int = 0,

@@ -52,6 +52,7 @@ class Trainer:
                        "jaxlm.train.mlm.tokenizer_mlm).")
     self.model_cfg = model_cfg
     self.mlm = mlm
+    self.pair_separator = pair_separator
     self.token_classifier = model_cfg.num_labels > 0 and model_cfg.classifier == "token"
     self.regression = steps.is_regression(model_cfg)
     self.lora = lora
@@ -209,12 +210,19 @@ class Trainer:
   # -- steps ----------------------------------------------------------------------------
 
   def _batch_shardings(self, batch):
-    return {k: self.rules.sharding(("batch",) + (None,) * (v.ndim - 1), v.shape, "batch " + k)
+    """Rows over the batch axes, for a batch dict (or a dict of them, one per task)."""
+    return {k: self._batch_shardings(v) if isinstance(v, dict) else
+            self.rules.sharding(("batch",) + (None,) * (v.ndim - 1), v.shape, "batch " + k)
             for k, v in batch.items()}
+
+  @staticmethod
+  def _layout_key(kind: str, batch) -> tuple:
+    return (kind, tuple((jax.tree_util.keystr(path), leaf.shape)
+                        for path, leaf in jax.tree_util.tree_leaves_with_path(batch)))
 
   def _jitted_train_step(self, batch):
     """One jitted step per batch layout (shapes and keys), shared by running and lowering."""
-    key = ("train", tuple(sorted((k, v.shape) for k, v in batch.items())))
+    key = self._layout_key("train", batch)
     if key not in self._compiled_steps and self.teacher_cfg is not None:
       # The teacher is read, never updated: not donated, not returned.
       self._compiled_steps[key] = jax.jit(
@@ -241,7 +249,7 @@ class Trainer:
     return self._jitted_train_step(batch)(state, batch, teacher)
 
   def eval_step(self, params, batch):
-    key = ("eval", tuple(sorted((k, v.shape) for k, v in batch.items())))
+    key = self._layout_key("eval", batch)
     if key not in self._compiled_steps:
       self._compiled_steps[key] = jax.jit(
           self._eval_fn, in_shardings=(self.param_shardings, self._batch_shardings(batch)),
