@@ -213,18 +213,34 @@ def _train_tokenizer(family: str, texts, vocab_size: int):
   from tokenizers import trainers
   specials = list(_SPECIAL_TOKENS[family])
   if family == "bert":
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    # WordPieceTrainer learns another vocabulary in every process (tokenizers#1794: its "##"
+    # pieces are numbered in hash-map order, which breaks ties between merges), and so would
+    # every stand-in model and every figure trained on one. BPE training is deterministic:
+    # its vocab_size pieces, each also as a "##" continuation where BPE splits a word there.
+    texts = list(texts)
+    bpe = Tokenizer(models.BPE(unk_token="[UNK]"))
+    bpe.normalizer = normalizers.BertNormalizer(lowercase=True)
+    bpe.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size,
+                                                       special_tokens=specials))
+    pieces = [p for p, _ in sorted(bpe.get_vocab().items(), key=lambda item: item[1])
+              if p not in specials]
+    continued = set()
+    for encoding in bpe.encode_batch(texts):
+      words = encoding.word_ids
+      continued.update(t for i, t in enumerate(encoding.tokens) if i and words[i] == words[i - 1])
+    vocab = {t: i for i, t in enumerate(
+        specials + pieces + ["##" + p for p in pieces if p in continued])}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer = bpe.normalizer, bpe.pre_tokenizer
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials)
   else:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator(texts, trainer)
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
   ids = {t: tok.token_to_id(t) for t in specials}
   if family == "bert":
     tok.post_processor = processors.BertProcessing(("[SEP]", ids["[SEP]"]),
@@ -247,7 +263,9 @@ def save_random_encoder(out_dir: str | Path, family: str = "bert", *, texts=None
                         seed: int = 0) -> Path:
   """A randomly initialised {Bert,Roberta}ForMaskedLM and a tokenizer trained on `texts`
   (default: the embedded Austen corpus), written with transformers' save_pretrained: a
-  stand-in for a downloaded checkpoint where there is none (offline, tests).
+  stand-in for a downloaded checkpoint where there is none (offline, tests). The same texts
+  give the same files in every process. BERT's WordPiece vocabulary holds vocab_size pieces
+  plus the "##" continuations of those that occur inside words.
 
     python -c "from jaxlm.convert.bert_hf import save_random_encoder as s; s('models/bert')"
   """

@@ -3,6 +3,7 @@ so small quantised models can be fine-tuned. Tensors are renamed to Hugging Face
 then go through the same table and checks as safetensors."""
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -28,6 +29,14 @@ _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
 
 
 def _reader(path: Path):
+  """The file's GGUFReader, parsed once per version of the file: parsing a vocabulary's
+  metadata takes seconds, and a conversion reads the config, then the tensors."""
+  stat = Path(path).stat()
+  return _parsed(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _parsed(path: str, mtime_ns: int, size: int):
   try:
     from gguf import GGUFReader
   except ImportError:
