@@ -216,7 +216,8 @@ def _train_tokenizer(family: str, texts, vocab_size: int):
     # WordPieceTrainer learns another vocabulary in every process (tokenizers#1794: its "##"
     # pieces are numbered in hash-map order, which breaks ties between merges), and so would
     # every stand-in model and every figure trained on one. BPE training is deterministic:
-    # its vocab_size pieces, each also as a "##" continuation where BPE splits a word there.
+    # its pieces, each also as a "##" continuation where BPE splits a word there, the pieces
+    # learnt last left out to keep to vocab_size.
     texts = list(texts)
     bpe = Tokenizer(models.BPE(unk_token="[UNK]"))
     bpe.normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -229,10 +230,17 @@ def _train_tokenizer(family: str, texts, vocab_size: int):
     for encoding in bpe.encode_batch(texts):
       words = encoding.word_ids
       continued.update(t for i, t in enumerate(encoding.tokens) if i and words[i] == words[i - 1])
+    size = len(specials)
+    for count, piece in enumerate(pieces):
+      size += 1 + (piece in continued)
+      if size > vocab_size:
+        pieces = pieces[:count]
+        break
     vocab = {t: i for i, t in enumerate(
         specials + pieces + ["##" + p for p in pieces if p in continued])}
     tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     tok.normalizer, tok.pre_tokenizer = bpe.normalizer, bpe.pre_tokenizer
+    tok.add_special_tokens(specials)  # "[SEP]" in a text is the separator, as trained ones read it
     tok.decoder = decoders.WordPiece()
   else:
     tok = Tokenizer(models.BPE())
@@ -264,8 +272,7 @@ def save_random_encoder(out_dir: str | Path, family: str = "bert", *, texts=None
   """A randomly initialised {Bert,Roberta}ForMaskedLM and a tokenizer trained on `texts`
   (default: the embedded Austen corpus), written with transformers' save_pretrained: a
   stand-in for a downloaded checkpoint where there is none (offline, tests). The same texts
-  give the same files in every process. BERT's WordPiece vocabulary holds vocab_size pieces
-  plus the "##" continuations of those that occur inside words.
+  give the same files in every process.
 
     python -c "from jaxlm.convert.bert_hf import save_random_encoder as s; s('models/bert')"
   """
