@@ -32,6 +32,7 @@ from jaxlm.train.optimizer import make_optimizer
 from jaxlm.train.trainer import Trainer
 
 HEAD = "score"
+TASK_STREAMS = 1000  # folded into the step's key, past steps.LORA_STREAM and MLM_STREAM
 
 
 class TaskLayout:
@@ -85,7 +86,8 @@ def multitask_train_step(state, batches, *, tasks: dict[str, TaskStep], layout: 
       full = params if frozen is None else combine(frozen, params)
       losses = {}
       for index, (name, task) in enumerate(tasks.items()):
-        task_rng = jax.random.fold_in(step_rng, 1000 + index)
+        # Each task's dropout and LoRA-dropout keys, apart from the step's other streams.
+        task_rng = jax.random.fold_in(step_rng, TASK_STREAMS + index)
         lora_key = jax.random.fold_in(task_rng, steps.LORA_STREAM) if adapter_dropout else None
         batch = steps.with_pair_token_types(batches[name], task.pair_separator)
         sums = steps._forward_sums(task.graphdef, layout.view(full, name), batch, loss_cfg,
@@ -111,7 +113,7 @@ class MultiTaskTrainer(Trainer):
                tx: optax.GradientTransformation, schedule, *,
                loss_cfg: steps.LossConfig = steps.LossConfig(), skip_nonfinite: bool = False,
                layer_lr_decay: float | None = None, head_pattern: str = r"^(lm_head|score)/",
-               head_lr_multiplier: float = 1.0, **_):
+               head_lr_multiplier: float = 1.0):
     first = next(iter(tasks.values()))
     self.tasks = tasks
     self.model_cfg = first.model_cfg  # the trunk's architecture (and the first head)
@@ -153,19 +155,15 @@ class MultiTaskTrainer(Trainer):
                     "trainer.tasks[name].eval_step(trainer.task_params(params, name), batch).")
 
 
-@dataclasses.dataclass(frozen=True)
 class MultiTaskData:
-  """Each task's TrainData; `train` yields {task: batch} and checkpoints every loader."""
-  parts: dict
+  """Each task's TrainData: `train` yields {task: batch} and checkpoints every loader;
+  `validation` is {task: loader} (None when a task holds nothing out)."""
 
-  @property
-  def train(self) -> "TaskBatches":
-    return TaskBatches({name: part.train for name, part in self.parts.items()})
-
-  @property
-  def validation(self) -> dict | None:
-    loaders = {name: part.validation for name, part in self.parts.items()}
-    return None if any(v is None for v in loaders.values()) else loaders
+  def __init__(self, parts: dict):
+    self.parts = parts
+    self.train = TaskBatches({name: part.train for name, part in parts.items()})
+    loaders = {name: part.validation for name, part in parts.items()}
+    self.validation = None if any(v is None for v in loaders.values()) else loaders
 
   def summary(self) -> str:
     return "\n".join(f"task {name}: {part.summary()}" for name, part in self.parts.items())
