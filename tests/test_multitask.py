@@ -184,3 +184,43 @@ def test_recipe_trains_on_the_real_corpora(data_files, tmp_path):  # noqa: F811
   assert logged[0]["step"] == 0 and 0.0 <= logged[0]["eval_sentiment_accuracy"] <= 1.0
   assert {"eval_ner_entity_f1", "loss_ner", "loss_sentiment"} <= set(metrics)
   assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["eval_loss"])
+
+
+def test_frozen_trunk_layers_stay_put_while_the_heads_learn(data_files):  # noqa: F811
+  run = build_run(_config(data_files, finetune__freeze="^layers/", optim__warmup_steps=0))
+  trainer = run.trainer
+  assert trainer.partial
+  state = run.fresh_state()
+  assert "layers" in state["frozen"] and "layers" not in state["params"]
+  assert set(state["params"]["score"]) == {"color", "ner"}
+  before = jax.device_get(trainer.model_params(state))
+  data = run.load_data(training_tokenizer(run.config))
+  new_state, _ = trainer.train_step(state, run.global_batch(next(data.train)))
+  data.close()
+  after = jax.device_get(trainer.model_params(new_state))
+  assert_trees_close(after["layers"], before["layers"], rtol=0, atol=0)
+  for name in ("color", "ner"):
+    assert not np.array_equal(after["score"][name]["kernel"], before["score"][name]["kernel"])
+
+
+def test_a_decoder_trunk_takes_several_heads_too(data_files):  # noqa: F811
+  config = _config(data_files, model__init_from="", model__preset="tiny",
+                   model__vocab_size=4096, data__add_special_tokens=False,
+                   optim__warmup_steps=0)
+  run = build_run(config)
+  trainer = run.trainer
+  state = run.fresh_state()
+  params = trainer.model_params(state)
+  assert params["score"]["color"]["kernel"].shape[-1] == len(COLORS)
+  assert params["score"]["ner"]["kernel"].shape[-1] == len(TAGS)
+  data = run.load_data(training_tokenizer(config))
+  batches = run.global_batch(next(data.train))
+  expected = {}
+  for name, task_run in run.task_runs.items():
+    sums = jax.device_get(task_run.trainer.eval_step(trainer.task_params(params, name),
+                                                     batches[name]))
+    expected[name] = float(sums["nll_sum"]) / float(sums["tokens"])
+  _, metrics = trainer.train_step(state, batches)
+  data.close()
+  for name in expected:
+    assert float(metrics[f"loss_{name}"]) == pytest.approx(expected[name], rel=1e-5)
