@@ -40,6 +40,16 @@ def _config(data_files, steps=80, **overrides):  # noqa: F811
   return config
 
 
+def _own_losses(run, params, batches) -> dict:
+  """Each task's mean loss from its own single-head eval step on its batch."""
+  losses = {}
+  for name, task_run in run.task_runs.items():
+    sums = jax.device_get(task_run.trainer.eval_step(run.trainer.task_params(params, name),
+                                                     batches[name]))
+    losses[name] = float(sums["nll_sum"]) / float(sums["tokens"])
+  return losses
+
+
 def test_heads_sit_apart_on_one_trunk_and_the_loss_is_the_weighted_sum(data_files):  # noqa: F811
   # Without dropout, so that the train step's losses are the eval step's.
   run = build_run(_config(data_files, model__dropout_rate=0.0, optim__warmup_steps=0))
@@ -57,12 +67,7 @@ def test_heads_sit_apart_on_one_trunk_and_the_loss_is_the_weighted_sum(data_file
 
   data = run.load_data(training_tokenizer(run.config))
   batches = run.global_batch(next(data.train))
-  # Each task's mean loss from its own single-head eval step, before the update.
-  expected = {}
-  for name, task_run in run.task_runs.items():
-    sums = jax.device_get(task_run.trainer.eval_step(trainer.task_params(params, name),
-                                                     batches[name]))
-    expected[name] = float(sums["nll_sum"]) / float(sums["tokens"])
+  expected = _own_losses(run, params, batches)
   before = jax.device_get(params)  # the step donates the state's buffers
   new_state, metrics = trainer.train_step(state, batches)
   data.close()
@@ -215,11 +220,7 @@ def test_a_decoder_trunk_takes_several_heads_too(data_files):  # noqa: F811
   assert params["score"]["ner"]["kernel"].shape[-1] == len(TAGS)
   data = run.load_data(training_tokenizer(config))
   batches = run.global_batch(next(data.train))
-  expected = {}
-  for name, task_run in run.task_runs.items():
-    sums = jax.device_get(task_run.trainer.eval_step(trainer.task_params(params, name),
-                                                     batches[name]))
-    expected[name] = float(sums["nll_sum"]) / float(sums["tokens"])
+  expected = _own_losses(run, params, batches)
   _, metrics = trainer.train_step(state, batches)
   data.close()
   for name in expected:
