@@ -149,6 +149,7 @@ online, a GGUF file, a jaxlm model directory or a `jaxlm train` workdir (latest 
   jaxlm convert --to-hf runs/tiny_demo --out hf_demo                # a trained run -> HF
   jaxlm convert --to-hf runs/multitask_zh_bert --task ner --out hf_ner  # one head of several
   jaxlm convert --to-peft runs/lora --out adapter --base hf/smollm2  # LoRA run -> PEFT
+  jaxlm convert --to-peft runs/lora_tasks --task topic --out topic_adapter  # one head's
 
 A LoRA run exported with --to-hf has its adapters merged into the weights.
 
@@ -161,8 +162,8 @@ Tensors are streamed one at a time; nothing is left at --out if conversion fails
   source.add_argument("--to-peft", metavar="RUN",
                       help="LoRA training workdir to export as a PEFT adapter")
   conv.add_argument("--out", required=True, help="destination directory (must not exist)")
-  conv.add_argument("--task", help="--to-hf of a multi-task workdir: the head to export (its "
-                    "trunk with that head, one HF classifier)")
+  conv.add_argument("--task", help="--to-hf / --to-peft of a multi-task workdir: the head to "
+                    "export (its trunk, or the trunk's adapters, with that head)")
   conv.add_argument("--base", help="--to-peft: base model named in adapter_config.json "
                     "(default: the run's model.init_from)")
   conv.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
@@ -245,7 +246,7 @@ def _convert(args) -> str:
 
   if args.to_peft:
     from jaxlm.loading import save_peft_adapter
-    return str(save_peft_adapter(args.to_peft, args.out, args.base))
+    return str(save_peft_adapter(args.to_peft, args.out, args.base, task=args.task))
   if args.to_hf:
     loaded = load_params(args.to_hf, task=args.task)
     return str(save_hf_dir(loaded, args.out, dtype=args.dtype, max_shard_gb=args.max_shard_gb))

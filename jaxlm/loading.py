@@ -189,10 +189,7 @@ def _load_workdir(workdir: Path, cfg: LlamaConfig, shardings,
   """Parameters of a training run's best checkpoint when it ran with early stopping, else its
   latest; LoRA adapters are merged into the kernels. task: of a multi-task run, its trunk
   with that task's head."""
-  config, run, params = _workdir_checkpoint_params(workdir)
-  if task is not None:
-    params = run.trainer.task_params(params, task)
-    run, config = run.task_runs[task], workdir_task_config(workdir, task)
+  config, run, params = _workdir_checkpoint_params(workdir, task)
   if run.trainer.lora is not None:
     from jaxlm.finetune.lora import merge_lora
     params = merge_lora(params, run.trainer.lora)
@@ -212,14 +209,16 @@ def _load_workdir(workdir: Path, cfg: LlamaConfig, shardings,
                       labels=(tuple(config.data.labels) or None) if cfg.num_labels else None)
 
 
-def _workdir_checkpoint_params(workdir: Path):
+def _workdir_checkpoint_params(workdir: Path, task: str | None = None):
   """(config, run, the whole model's parameters with adapters unmerged) of a workdir's best
   or latest checkpoint. A checkpoint holds what trained; a frozen base is rebuilt from
-  init_from or the seed."""
+  init_from or the seed. task: of a multi-task run, that task's config, run and model (its
+  trunk with its head); required for one."""
   from jaxlm.checkpoint import Checkpointer
   from jaxlm.train.early_stopping import read_best
   from jaxlm.train.loop import build_run
 
+  task_config = workdir_task_config(workdir, task)  # checks task before anything loads
   config = config_lib.read_workdir_config(workdir)
   with config.unlocked():  # restore on whatever devices this machine has
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
@@ -240,18 +239,23 @@ def _workdir_checkpoint_params(workdir: Path):
   checkpointer.close()
   if run.trainer.partial:
     state = run.trainer.resume_state(state, run.fresh_state())
-  return config, run, run.trainer.model_params(state)
+  params = run.trainer.model_params(state)
+  if task is None:
+    return config, run, params
+  return task_config, run.task_runs[task], run.trainer.task_params(params, task)
 
 
-def save_peft_adapter(workdir: str | Path, out: str | Path, base: str | None = None) -> Path:
+def save_peft_adapter(workdir: str | Path, out: str | Path, base: str | None = None,
+                      task: str | None = None) -> Path:
   """A LoRA run's adapters as a PEFT adapter directory (adapter_config.json +
   adapter_model.safetensors) for `peft.PeftModel.from_pretrained` on its base model, which
-  adapter_config.json names as `base` (default: the run's model.init_from)."""
+  adapter_config.json names as `base` (default: the run's model.init_from). task: of a
+  multi-task run, the head to export with the shared adapters."""
   from jaxlm.finetune.lora import export_peft_adapter
   workdir = resolve_source(workdir)
   if not config_lib.is_workdir(workdir):
     raise FileNotFoundError(f"{workdir} is not a `jaxlm train` workdir.")
-  config, run, params = _workdir_checkpoint_params(workdir)
+  config, run, params = _workdir_checkpoint_params(workdir, task)
   if run.trainer.lora is None:
     raise ValueError(f"{workdir} was not trained with LoRA (finetune.lora_targets is empty); "
                      f"export it whole with --to-hf.")
@@ -266,11 +270,12 @@ def _single_device_mesh():
   return build_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
 
 
-def load_model(path: str | Path, mesh=None, dtype: str | None = None) -> Llama:
+def load_model(path: str | Path, mesh=None, dtype: str | None = None,
+               task: str | None = None) -> Llama:
   """A Llama whose call on int input_ids [batch, seq] returns float32 logits
   [batch, seq, vocab]. dtype sets parameter and compute dtype (default float32); with a
-  mesh the weights are placed sharded as they load."""
-  loaded = load_params(path, mesh=mesh, dtype=dtype)
+  mesh the weights are placed sharded as they load. task: the head of a multi-task workdir."""
+  loaded = load_params(path, mesh=mesh, dtype=dtype, task=task)
   graphdef, _ = nnx.split(abstract_model(loaded.cfg))
   return nnx.merge(graphdef, loaded.params)
 

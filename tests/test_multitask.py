@@ -225,3 +225,52 @@ def test_a_decoder_trunk_takes_several_heads_too(data_files):  # noqa: F811
   data.close()
   for name in expected:
     assert float(metrics[f"loss_{name}"]) == pytest.approx(expected[name], rel=1e-5)
+
+
+def test_lora_trunk_exports_each_head_as_a_peft_adapter(data_files, tmp_path,  # noqa: F811
+                                                        capsys):
+  """LoRA on an HF decoder's q/v shared by two heads: only adapters and heads train, and
+  `convert --to-peft --task` gives, per head, an adapter that peft applies to the HF base
+  loaded as that head's classifier with the jaxlm task model's logits."""
+  peft = pytest.importorskip("peft")
+  import jaxlm
+  from tests.test_classifier_hf import padded_batch, pooled_jaxlm_logits, torch_logits
+  hf_config = transformers.LlamaConfig(
+      vocab_size=4096, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+      pad_token_id=0)
+  torch.manual_seed(0)
+  transformers.LlamaForCausalLM(hf_config).save_pretrained(tmp_path / "base")
+  config = _config(data_files, steps=6, model__init_from=str(tmp_path / "base"),
+                   data__add_special_tokens=False, optim__warmup_steps=0,
+                   finetune__lora_targets="attention/(q|v)_proj", finetune__lora_rank=4,
+                   finetune__frozen_dtype="bfloat16")
+  run = build_run(config)
+  state = run.fresh_state()
+  assert set(state["params"]["layers"]["attention"]) == {"q_proj", "v_proj"}
+  assert set(state["params"]["score"]) == {"color", "ner"}
+  before = jax.device_get(state["frozen"])
+  data = run.load_data(training_tokenizer(config))
+  new_state, _ = run.trainer.train_step(state, run.global_batch(next(data.train)))
+  data.close()
+  assert_trees_close(jax.device_get(new_state["frozen"]), before, rtol=0, atol=0)
+  assert np.abs(new_state["params"]["layers"]["attention"]["v_proj"]["lora_b"]).max() > 0
+  train(config, tmp_path / "run")
+
+  assert cli.main(["convert", "--to-peft", str(tmp_path / "run"),
+                   "--out", str(tmp_path / "x")]) == 2
+  assert "--task color" in capsys.readouterr().err and not (tmp_path / "x").exists()
+  ids, mask = padded_batch(pad_id=0)
+  classes = {"color": (transformers.AutoModelForSequenceClassification, len(COLORS)),
+             "ner": (transformers.AutoModelForTokenClassification, len(TAGS))}
+  for name, (auto, num_labels) in classes.items():
+    out = tmp_path / f"adapter_{name}"
+    assert cli.main(["convert", "--to-peft", str(tmp_path / "run"), "--task", name,
+                     "--out", str(out)]) == 0
+    ours = jaxlm.load_model(tmp_path / "run", task=name)
+    base = auto.from_pretrained(tmp_path / "base", num_labels=num_labels)
+    theirs = torch_logits(peft.PeftModel.from_pretrained(base, out).eval(), ids, mask)
+    if name == "color":
+      np.testing.assert_allclose(pooled_jaxlm_logits(ours, ids), theirs, atol=1e-4)
+    else:
+      np.testing.assert_allclose(np.asarray(ours(ids))[mask], theirs[mask], atol=1e-4)
