@@ -1,0 +1,90 @@
+#!/bin/bash
+# One device call that measures jaxlm against MaxText and PyTorch on the reference config
+# (DESIGN.md: 1.1B Llama, seq 2048, batch 8, AdamW, bf16 compute, fp32 params) in the same
+# run, as issue 7 asks. Parts run one after another, each in its own process under its own
+# timeout; a part that would not finish inside BUDGET_S (default 540 s) is skipped, so the
+# call ends inside the device tool's 600 s limit and still prints what it measured.
+#
+# Here, once (downloads MaxText's wheels and ml-collections, ~25 MB, into .anchor/):
+#   bash ../shared/bench/anchor_wheels.sh .anchor
+# Then, through the device tool (carry .anchor):
+#   bash bench/gpu_session.sh                               # jaxlm remat minimal + dots, MaxText
+#   bash bench/gpu_session.sh jaxlm:none torch              # more variants, the PyTorch anchor
+#   XLA_FLAGS=... bash bench/gpu_session.sh jaxlm:minimal   # an XLA flag's effect
+# Parts: jaxlm:<remat policy> (none, full, dots, minimal), maxtext, torch. BENCH_ARGS adds
+# arguments to bench/train_throughput.py (a dry run on CPU: BENCH_ARGS="--preset tiny
+# --seq-len 64" bash bench/gpu_session.sh jaxlm:minimal).
+# Logs and one JSON line per part go to $OUT (or /tmp/jaxlm_bench); a table is printed last.
+set -u
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(jaxlm:minimal jaxlm:dots maxtext)
+out=${OUT:-/tmp/jaxlm_bench}
+budget=${BUDGET_S:-540}
+anchor=.anchor
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+start=$SECONDS
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
+  --format=csv > "$out/gpu.csv" 2>&1
+cat "$out/gpu.csv"
+# The device image has JAX, Flax, Optax and Orbax but not ml-collections: carried as a wheel.
+site=/tmp/jaxlm_site
+if ! python3 -c "import ml_collections" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" \
+    "$anchor"/whl/ml_collections-*.whl || { echo "carry .anchor (see the header)"; exit 1; }
+fi
+export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}"
+python3 -c "import jax, flax, optax, orbax.checkpoint, jaxlm.train.loop; \
+print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" || exit 1
+
+run_part() {  # name, timeout, command...
+  local name=$1 limit=$2; shift 2
+  if (( SECONDS - start + limit > budget )); then
+    echo "{\"part\": \"$name\", \"skipped\": \"would pass BUDGET_S=$budget\"}" > "$out/$name.json"
+    return
+  fi
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$out/$name.json" 2> "$out/$name.log"
+  echo "$name: rc $? in $((SECONDS - t0)) s"
+}
+
+for part in "${parts[@]}"; do
+  case $part in
+    jaxlm:*)
+      remat=${part#jaxlm:}
+      run_part "jaxlm_$remat" 170 python3 bench/train_throughput.py --remat "$remat" \
+        --steps 10 --warmup 2 ${BENCH_ARGS:-} ;;
+    maxtext)
+      # anchors_gpu.sh's last line runs the PyTorch anchor, which is its own part here.
+      run_part maxtext_anchor 330 bash -c \
+        "sed '\$d' $anchor/anchors_gpu.sh | RESULTS_DIR=$out bash -s $anchor" ;;
+    torch)
+      run_part torch_anchor 210 python3 "$anchor/torch_llama_anchor.py" --compile ;;
+    *) echo "unknown part $part (jaxlm:<remat>, maxtext, torch)"; exit 2 ;;
+  esac
+done
+
+python3 - "$out" <<'PY'
+import json, pathlib, sys
+rows = []
+for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
+  lines = [l for l in path.read_text().splitlines() if l.startswith("{")]
+  rows.append((path.stem, json.loads(lines[-1]) if lines else {"error": "no result, see log"}))
+maxtext = next((r.get("tokens_per_s") for n, r in rows if n == "maxtext_anchor"), None)
+print(f"{'part':<16}{'tokens/s':>10}{'TFLOP/s':>9}{'MFU':>7}{'vs MaxText':>11}{'compile s':>10}"
+      f"{'peak GiB':>9}")
+for name, r in rows:
+  tps = r.get("tokens_per_s")
+  if tps is None:
+    print(f"{name:<16} {r.get('skipped') or r.get('error') or r}")
+    continue
+  tflops = r.get("tflops_per_device") or r.get("tflops")  # the anchors name it tflops
+  # MFU of 989 TFLOP/s (DESIGN.md's convention); jaxlm's own is null on unknown devices.
+  mfu = r["mfu"] if "mfu" in r else r.get("mfu_vs_989", tflops / 989 if tflops else None)
+  tflops, mfu = (f"{tflops:.0f}" if tflops else "-"), (f"{mfu:.3f}" if mfu else "-")
+  ratio = f"{tps / maxtext:.3f}" if maxtext else "-"
+  comp = f"{r['compile_s']:.1f}" if r.get("compile_s") else "-"
+  mem = f"{r['peak_memory_bytes'] / 2**30:.1f}" if r.get("peak_memory_bytes") else "-"
+  print(f"{name:<16}{tps:>10,.0f}{tflops:>9}{mfu:>7}{ratio:>11}{comp:>10}{mem:>9}")
+PY
