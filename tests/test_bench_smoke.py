@@ -38,3 +38,22 @@ def test_benchmark_help():
   out = subprocess.run([sys.executable, str(BENCH), "--help"], capture_output=True,
                        text=True, check=True).stdout
   assert "ref-1.1b" in out and "--config.SECTION.KEY=VALUE" in out and "--mesh" in out
+
+
+def test_gpu_session_skips_what_would_overrun_its_budget(tmp_path):
+  """bench/gpu_session.sh plumbing (no GPU here): the environment check passes, each part
+  past BUDGET_S is skipped and reported in the table, and an unknown part is refused."""
+  root = BENCH.parent.parent
+  env = dict(os.environ, OUT=str(tmp_path), BUDGET_S="0",
+             PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+  script = str(root / "bench" / "gpu_session.sh")
+  out = subprocess.run(["bash", script, "jaxlm:minimal", "maxtext", "torch"], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stdout + out.stderr
+  table = out.stdout[out.stdout.index("tokens/s"):]
+  for part in ("jaxlm_minimal", "maxtext_anchor", "torch_anchor"):
+    assert f"{part}" in table and "would pass BUDGET_S=0" in table
+    assert json.loads((tmp_path / f"{part}.json").read_text())["skipped"]
+  bad = subprocess.run(["bash", script, "jax:minimal"], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=120)
+  assert bad.returncode == 2 and "unknown part jax:minimal" in bad.stdout
