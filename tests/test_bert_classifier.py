@@ -347,3 +347,50 @@ def test_encoder_recipes_train_on_the_real_data(data_files, tmp_path, recipe, co
   assert logged[0]["step"] == 0 and 0.0 <= logged[0]["eval_accuracy"] <= 1.0
   watched = config.train.early_stopping.metric
   assert np.isfinite(metrics["loss"]) and np.isfinite(metrics[watched])
+
+
+def test_lora_on_an_encoder_trains_adapters_and_head_only_and_exports_merged(data_files,
+                                                                              tmp_path, capsys):
+  """LoRA on BERT's attention and MLM projections with a token head: the base stays
+  bit-identical, the checkpoint holds adapters and head only, the merged export is
+  transformers' BertForTokenClassification with the jaxlm model's logits, and a PEFT export
+  (not written for encoders) is refused with the way out."""
+  import jax
+  import orbax.checkpoint as ocp
+
+  config = _config(data_files, "tagging", finetune__lora_targets="attention/(q|v)_proj|mlp/up",
+                   finetune__lora_rank=8, optim__warmup_steps=0)
+  run = Run.build(config)
+  state = run.fresh_state()
+  assert set(state["params"]) == {"layers", "score"}
+  assert set(state["params"]["layers"]["attention"]) == {"q_proj", "v_proj"}
+  before = jax.device_get(state["frozen"])
+  train(config, tmp_path / "run")
+  with ocp.StandardCheckpointer() as reader:
+    saved = reader.metadata(tmp_path / "run" / "checkpoints" / "60" / "state").item_metadata
+  assert set(saved["params"]) == {"layers", "score"}
+  assert set(saved["params"]["layers"]["mlp"]["up"]) == {"lora_a", "lora_b"}
+  logged = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+  evals = [m for m in logged if "eval_loss" in m]
+  assert evals[-1]["eval_loss"] < 0.5 * evals[0]["eval_loss"], evals
+
+  loaded = load_params(tmp_path / "run")
+  frozen_q = before["layers"]["attention"]["q_proj"]["kernel"]
+  assert np.abs(loaded.params["layers"]["attention"]["q_proj"]["kernel"] - frozen_q).max() > 0
+  np.testing.assert_array_equal(loaded.params["layers"]["attention"]["k_proj"]["kernel"],
+                                before["layers"]["attention"]["k_proj"]["kernel"])
+  out = tmp_path / "hf"
+  assert cli.main(["convert", "--to-hf", str(tmp_path / "run"), "--out", str(out)]) == 0
+  model = transformers.AutoModelForTokenClassification.from_pretrained(out).eval()
+  tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+  encoded = tokenizer([r["tokens"] for r in _tagged_rows()[:8]], is_split_into_words=True,
+                      padding=True, return_tensors="np")
+  expected = _hf_logits(model, encoded["input_ids"], encoded["attention_mask"])
+  ours = _our_logits(bert_from_params(loaded.cfg, loaded.params), encoded["input_ids"],
+                     encoded["attention_mask"])
+  mask = encoded["attention_mask"].astype(bool)
+  np.testing.assert_allclose(ours[mask], expected[mask], rtol=0, atol=ATOL)
+  capsys.readouterr()
+  assert cli.main(["convert", "--to-peft", str(tmp_path / "run"),
+                   "--out", str(tmp_path / "adapter")]) == 2
+  assert "--to-hf" in capsys.readouterr().err and not (tmp_path / "adapter").exists()
