@@ -259,12 +259,8 @@ def save_peft_adapter(workdir: str | Path, out: str | Path, base: str | None = N
   if run.trainer.lora is None:
     raise ValueError(f"{workdir} was not trained with LoRA (finetune.lora_targets is empty); "
                      f"export it whole with --to-hf.")
-  if is_encoder(run.model_cfg):
-    raise ValueError(f"{workdir} is a BERT / RoBERTa run: PEFT export is written for the "
-                     f"decoder families (Llama, Mistral, Qwen2, GPT-2); export it with its "
-                     f"adapters merged into the weights with --to-hf.")
   with _atomic_directory(Path(out)) as tmp:
-    export_peft_adapter(params, run.model_cfg, family_for(run.model_cfg), tmp,
+    export_peft_adapter(params, run.model_cfg, model_family(run.model_cfg), tmp,
                         base or config.model.init_from, lora=run.trainer.lora)
   return Path(out).absolute()
 

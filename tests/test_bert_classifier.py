@@ -349,12 +349,11 @@ def test_encoder_recipes_train_on_the_real_data(data_files, tmp_path, recipe, co
   assert np.isfinite(metrics["loss"]) and np.isfinite(metrics[watched])
 
 
-def test_lora_on_an_encoder_trains_adapters_and_head_only_and_exports_merged(data_files,
-                                                                              tmp_path, capsys):
-  """LoRA on BERT's attention and MLM projections with a token head: the base stays
-  bit-identical, the checkpoint holds adapters and head only, the merged export is
-  transformers' BertForTokenClassification with the jaxlm model's logits, and a PEFT export
-  (not written for encoders) is refused with the way out."""
+def test_lora_on_an_encoder_trains_adapters_and_head_only_and_exports(data_files, tmp_path):
+  """LoRA on BERT's attention and MLP projections with a token head: the base stays
+  bit-identical, the checkpoint holds adapters and head only, and both the merged export
+  (transformers' BertForTokenClassification) and the PEFT adapter on the base give the
+  jaxlm model's logits."""
   import jax
   import orbax.checkpoint as ocp
 
@@ -390,7 +389,51 @@ def test_lora_on_an_encoder_trains_adapters_and_head_only_and_exports_merged(dat
                      encoded["attention_mask"])
   mask = encoded["attention_mask"].astype(bool)
   np.testing.assert_allclose(ours[mask], expected[mask], rtol=0, atol=ATOL)
-  capsys.readouterr()
+  peft = pytest.importorskip("peft")
   assert cli.main(["convert", "--to-peft", str(tmp_path / "run"),
-                   "--out", str(tmp_path / "adapter")]) == 2
-  assert "--to-hf" in capsys.readouterr().err and not (tmp_path / "adapter").exists()
+                   "--out", str(tmp_path / "adapter")]) == 0
+  base = transformers.AutoModelForTokenClassification.from_pretrained(
+      config.model.init_from, num_labels=len(TAGS))
+  with_adapter = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+  theirs = _hf_logits(with_adapter, encoded["input_ids"], encoded["attention_mask"])
+  np.testing.assert_allclose(theirs[mask], expected[mask], rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("family,kind", [("bert", "token"), ("bert", "sequence"),
+                                         ("roberta", "sequence")])
+def test_peft_applies_an_encoder_adapter_with_its_head_and_pooler(family, kind, tmp_path):
+  """LoRA on o_proj and mlp/down, whose HF names (attention.output.dense, output.dense) are
+  suffixes of one another, and on q: peft applies the adapter to the HF classifier and takes
+  the head (and a sequence head's pooler) from it, not from the base."""
+  peft = pytest.importorskip("peft")
+  import jax
+  from flax import nnx
+
+  from jaxlm.finetune.lora import LoRAConfig, apply_lora, export_peft_adapter
+  head, settings = HEADS[kind]
+  build_hf(family, head, tmp_path / "hf", **settings)
+  cfg, params = load_bert(tmp_path / "hf")
+  model = bert_from_params(cfg, params)
+  lora = LoRAConfig("attention/(q|o)_proj|mlp/down", rank=4, alpha=8.0)
+  apply_lora(model, lora.targets, lora.rank, lora.alpha, rngs=nnx.Rngs(1))
+  keys = iter(jax.random.split(jax.random.PRNGKey(2), 8))
+  attention = model.layers.attention
+  for module in (attention.q_proj, attention.o_proj, model.layers.mlp.down):
+    module.lora_b[...] = 0.05 * jax.random.normal(next(keys), module.lora_b.shape)
+  retrained = [model.score] + ([model.pooler] if kind == "sequence" else [])
+  for module in retrained:  # trained whole: the base's copies must not be what peft uses
+    module.kernel[...] = jax.random.normal(next(keys), module.kernel.shape)
+    module.bias[...] = jax.random.normal(next(keys), module.bias.shape)
+  export_peft_adapter(nnx.to_pure_dict(nnx.state(model)), cfg, family, tmp_path / "adapter",
+                      str(tmp_path / "hf"), lora=lora)
+  config = peft.PeftConfig.from_pretrained(tmp_path / "adapter")
+  assert config.task_type == {"token": "TOKEN_CLS", "sequence": "SEQ_CLS"}[kind]
+  assert config.modules_to_save == (["classifier", "pooler"]
+                                    if (family, kind) == ("bert", "sequence") else ["classifier"])
+  base = getattr(transformers, CLASS_PREFIX[family] + head).from_pretrained(tmp_path / "hf")
+  with_adapter = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+  adapted = [n for n, _ in with_adapter.named_modules() if n.endswith("lora_A")]
+  assert len(adapted) == 3 * cfg.num_layers, adapted  # q, attention.output, output only
+  batch = padded_batch(family)
+  np.testing.assert_allclose(_hf_logits(with_adapter, *batch), _our_logits(model, *batch),
+                             rtol=0, atol=ATOL)

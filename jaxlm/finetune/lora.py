@@ -153,7 +153,36 @@ def _check_rank(module: dict, lora: LoRAConfig) -> None:
 
 # -- exports -----------------------------------------------------------------------------
 
-PEFT_FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
+DECODER_FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
+ENCODER_FAMILIES = ("bert", "roberta")
+PEFT_FAMILIES = DECODER_FAMILIES + ENCODER_FAMILIES
+
+
+def _hf_table(cfg, family: str):
+  """The HF mapping table of cfg, encoders with the "bert." / "roberta." prefix of the
+  *For{Sequence,Token}Classification base that PEFT loads them onto."""
+  from jaxlm.convert.bert_weights import bert_table
+  from jaxlm.convert.llama_weights import gpt2_table, llama_table
+  if family not in PEFT_FAMILIES:
+    raise ValueError(f"PEFT export supports the {', '.join(PEFT_FAMILIES)} families, "
+                     f"not {family!r}.")
+  if family in ENCODER_FAMILIES:
+    return bert_table(cfg, family, f"{family}.")
+  gpt2 = family == "gpt2"
+  if gpt2 != (cfg.position_embedding == "learned"):
+    raise ValueError(f"The model config does not fit the {family!r} family "
+                     f"(position_embedding={cfg.position_embedding!r}).")
+  return gpt2_table(cfg) if gpt2 else llama_table(cfg)
+
+
+def _module_name(hf_module: str, family: str) -> str:
+  """The name target_modules gives an adapted HF module: its last part ("q_proj"); GPT-2's
+  last two ("attn.c_proj", as "c_proj" alone would hit both projections); an encoder's path
+  inside its layer ("attention.output.dense", "output.dense"), which export_peft_adapter
+  anchors in a regex since one is a suffix of the other."""
+  if family in ENCODER_FAMILIES:
+    return hf_module.split(".{i}.")[1]
+  return ".".join(hf_module.split(".")[-2 if family == "gpt2" else -1:])
 
 
 def peft_tensors(params: dict, cfg, family: str = "llama") -> tuple[dict, list[str]]:
@@ -171,15 +200,9 @@ def peft_tensors(params: dict, cfg, family: str = "llama") -> tuple[dict, list[s
   rows for an unadapted projection), so lora_B @ lora_A is each projection's B A side by
   side. c_attn's rank is then n * r: export_peft_adapter gives it a rank_pattern /
   alpha_pattern entry keeping the scale alpha / r."""
-  from jaxlm.convert.llama_weights import gpt2_table, hf_shape, llama_table
-  if family not in PEFT_FAMILIES:
-    raise ValueError(f"PEFT export supports the {', '.join(PEFT_FAMILIES)} families, "
-                     f"not {family!r}.")
+  from jaxlm.convert.llama_weights import hf_shape
+  table = _hf_table(cfg, family)
   gpt2 = family == "gpt2"
-  if gpt2 != (cfg.position_embedding == "learned"):
-    raise ValueError(f"The model config does not fit the {family!r} family "
-                     f"(position_embedding={cfg.position_embedding!r}).")
-  table = gpt2_table(cfg) if gpt2 else llama_table(cfg)
   # Module path -> (its table entry, its part of a fused HF tensor).
   by_module = {path[:-1]: (entry, part) for entry in table if entry.path[-1] == "kernel"
                for part, path in enumerate(entry.paths)}
@@ -198,8 +221,7 @@ def peft_tensors(params: dict, cfg, family: str = "llama") -> tuple[dict, list[s
 
   tensors, modules = {}, set()
   for entry, parts in adapted.items():
-    hf_module = entry.hf_name.removesuffix(".weight")
-    modules.add(".".join(hf_module.split(".")[-2 if gpt2 else -1:]))
+    modules.add(_module_name(entry.hf_name.removesuffix(".weight"), family))
     host = {part: tuple(np.asarray(jax.device_get(m[key]), np.float32)
                         for key in ("lora_a", "lora_b"))
             for part, m in parts.items()}
@@ -245,16 +267,32 @@ def _fused_peft(entry, layer: dict, widths: list[int], to_hf) -> tuple[np.ndarra
 PEFT_TASKS = {"sequence": "SEQ_CLS", "token": "TOKEN_CLS", "regression": "SEQ_CLS"}
 
 
-def _head_tensors(params: dict, cfg) -> dict:
-  """A classifier's head as PEFT saves a modules_to_save Linear: the whole weight
-  [num_labels, hidden] (and a token classifier's bias) under the module's HF name, laid out
-  by the HF mapping table."""
+def _head_entries(cfg, family: str) -> list:
+  """The HF table entries PEFT saves whole (modules_to_save) beside the adapters: a
+  classifier's head, and for an encoder's sequence head also the pooler it reads, which may
+  start fresh (from a *ForMaskedLM) and so cannot be taken from the base either."""
   from jaxlm.convert.llama_weights import output_entries
   if not cfg.num_labels:
-    return {}
+    return []
+  if family not in ENCODER_FAMILIES:
+    return output_entries(cfg)
+  heads = ("score",) if cfg.classifier == "token" else ("score", "pooler")
+  return [entry for entry in _hf_table(cfg, family) if entry.path[0] in heads]
+
+
+def _saved_modules(cfg, family: str) -> list[str] | None:
+  """modules_to_save: the HF modules of _head_entries ("score", "classifier", "pooler")."""
+  entries = _head_entries(cfg, family)
+  return sorted({entry.hf_name.removeprefix(f"{family}.").split(".")[0]
+                 for entry in entries}) or None
+
+
+def _head_tensors(params: dict, cfg, family: str) -> dict:
+  """The _head_entries as PEFT saves modules_to_save Linears: whole weights and biases
+  under their HF names, laid out by the HF mapping table."""
   return {"base_model.model." + entry.hf_name: np.ascontiguousarray(entry.to_hf(
               [np.asarray(jax.device_get(_at(params, entry.path)), np.float32)]))
-          for entry in output_entries(cfg)}
+          for entry in _head_entries(cfg, family)}
 
 
 def export_peft_adapter(params: dict, cfg, family: str, out_dir: str | Path,
@@ -265,15 +303,18 @@ def export_peft_adapter(params: dict, cfg, family: str, out_dir: str | Path,
   (cfg.num_labels > 0), which trains whole from a fresh start and so cannot come from the
   base: PEFT's task "SEQ_CLS" with modules_to_save ["score"], for the base loaded as its
   *ForSequenceClassification, or for a token classifier "TOKEN_CLS" with the head of its
-  *ForTokenClassification ("score", GPT-2's "classifier"), weight and bias. Other parameters
-  trained alongside the adapters (norms) are not part of a PEFT LoRA adapter here. GPT-2's
+  *ForTokenClassification ("score", GPT-2's "classifier"), weight and bias. A BERT / RoBERTa
+  encoder's adapters are for its classifier base ("bert." / "roberta." names), its head is
+  "classifier" and a sequence head also saves the pooler it reads (BERT's "pooler",
+  RoBERTa's "classifier.dense"); without a head (masked-LM) the task_type is left unset.
+  Other parameters trained alongside the adapters (norms) are not part of a PEFT LoRA
+  adapter here. GPT-2's
   fused c_attn adapter has rank n * r for n adapted of q/k/v (see peft_tensors), which
   rank_pattern / alpha_pattern record; every other module keeps r and alpha."""
   from safetensors.numpy import save_file
 
-  from jaxlm.convert.llama_weights import head_module
   tensors, modules = peft_tensors(params, cfg, family)
-  tensors.update(_head_tensors(params, cfg))
+  tensors.update(_head_tensors(params, cfg, family))
   for module in (m for _, m in _adapted(params)):
     _check_rank(module, lora)
   # A module whose PEFT rank differs from r (GPT-2's c_attn with n of q/k/v adapted has
@@ -287,14 +328,18 @@ def export_peft_adapter(params: dict, cfg, family: str, out_dir: str | Path,
   out.mkdir(parents=True, exist_ok=True)
   config = {
       "peft_type": "LORA",
-      "task_type": PEFT_TASKS[cfg.classifier] if cfg.num_labels else "CAUSAL_LM",
+      "task_type": (PEFT_TASKS[cfg.classifier] if cfg.num_labels else
+                    None if family in ENCODER_FAMILIES else "CAUSAL_LM"),
       "r": lora.rank,
-      "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "target_modules": modules,
+      "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
+      # PEFT full-matches a string; a list it matches as name suffixes.
+      "target_modules": (rf".*\.layer\.\d+\.({'|'.join(re.escape(m) for m in modules)})"
+                         if family in ENCODER_FAMILIES else modules),
       "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
       "bias": "none", "base_model_name_or_path": base_model_name_or_path,
       # GPT-2's Conv1D weights are (in, out); PEFT would set this itself, with a warning.
       "fan_in_fan_out": family == "gpt2", "use_rslora": False, "inference_mode": True,
-      "modules_to_save": [head_module(cfg)] if cfg.num_labels else None,
+      "modules_to_save": _saved_modules(cfg, family),
       "init_lora_weights": True,
   }
   (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
