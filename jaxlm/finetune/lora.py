@@ -308,9 +308,9 @@ def export_peft_adapter(params: dict, cfg, family: str, out_dir: str | Path,
   "classifier" and a sequence head also saves the pooler it reads (BERT's "pooler",
   RoBERTa's "classifier.dense"); without a head (masked-LM) the task_type is left unset.
   Other parameters trained alongside the adapters (norms) are not part of a PEFT LoRA
-  adapter here. GPT-2's
-  fused c_attn adapter has rank n * r for n adapted of q/k/v (see peft_tensors), which
-  rank_pattern / alpha_pattern record; every other module keeps r and alpha."""
+  adapter here. GPT-2's fused c_attn adapter has rank n * r for n adapted of q/k/v (see
+  peft_tensors), which rank_pattern / alpha_pattern record; every other module keeps r and
+  alpha."""
   from safetensors.numpy import save_file
 
   tensors, modules = peft_tensors(params, cfg, family)
