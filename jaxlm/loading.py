@@ -251,7 +251,7 @@ def save_peft_adapter(workdir: str | Path, out: str | Path, base: str | None = N
   adapter_model.safetensors) for `peft.PeftModel.from_pretrained` on its base model, which
   adapter_config.json names as `base` (default: the run's model.init_from). task: of a
   multi-task run, the head to export with the shared adapters."""
-  from jaxlm.finetune.lora import export_peft_adapter
+  from jaxlm.finetune.lora import export_peft_adapter, unexported_trained
   workdir = resolve_source(workdir)
   if not config_lib.is_workdir(workdir):
     raise FileNotFoundError(f"{workdir} is not a `jaxlm train` workdir.")
@@ -259,8 +259,14 @@ def save_peft_adapter(workdir: str | Path, out: str | Path, base: str | None = N
   if run.trainer.lora is None:
     raise ValueError(f"{workdir} was not trained with LoRA (finetune.lora_targets is empty); "
                      f"export it whole with --to-hf.")
+  family = model_family(run.model_cfg)
+  left_out = unexported_trained(run.trainer.trainable_mask, run.model_cfg, family)
+  if left_out:
+    raise ValueError(f"{workdir} trained {', '.join(left_out[:4])}"
+                     f"{' ...' if len(left_out) > 4 else ''} beside the adapters and head; a "
+                     f"PEFT LoRA adapter cannot carry them. Export the run merged with --to-hf.")
   with _atomic_directory(Path(out)) as tmp:
-    export_peft_adapter(params, run.model_cfg, model_family(run.model_cfg), tmp,
+    export_peft_adapter(params, run.model_cfg, family, tmp,
                         base or config.model.init_from, lora=run.trainer.lora)
   return Path(out).absolute()
 

@@ -409,7 +409,8 @@ def test_peft_applies_an_encoder_adapter_with_its_head_and_pooler(family, kind, 
   import jax
   from flax import nnx
 
-  from jaxlm.finetune.lora import LoRAConfig, apply_lora, export_peft_adapter
+  from jaxlm.finetune.lora import (LoRAConfig, apply_lora, export_peft_adapter,
+                                   unexported_trained)
   head, settings = HEADS[kind]
   build_hf(family, head, tmp_path / "hf", **settings)
   cfg, params = load_bert(tmp_path / "hf")
@@ -437,3 +438,10 @@ def test_peft_applies_an_encoder_adapter_with_its_head_and_pooler(family, kind, 
   batch = padded_batch(family)
   np.testing.assert_allclose(_hf_logits(with_adapter, *batch), _our_logits(model, *batch),
                              rtol=0, atol=ATOL)
+  # What trained beside the adapters must be in the adapter, or the export is refused.
+  trained = jax.tree.map(lambda _: False, nnx.to_pure_dict(nnx.state(model)))
+  trained["layers"]["attention"]["q_proj"].update(lora_a=True, lora_b=True)
+  trained["score"] = {"kernel": True, "bias": True}
+  assert unexported_trained(trained, cfg, family) == []
+  trained["layers"]["mlp_norm"]["scale"] = True
+  assert unexported_trained(trained, cfg, family) == ["layers/mlp_norm/scale"]

@@ -295,6 +295,15 @@ def _head_tensors(params: dict, cfg, family: str) -> dict:
           for entry in _head_entries(cfg, family)}
 
 
+def unexported_trained(trainable_mask: dict, cfg, family: str) -> list[str]:
+  """Parameters that trained (trainable_mask) but that a PEFT adapter does not carry: not
+  an adapter factor and not a _head_entries tensor (e.g. norms under finetune.trainable)."""
+  from jaxlm.finetune.trainable import leaves_with_paths, path_str
+  carried = {entry.path for entry in _head_entries(cfg, family)}
+  return [path_str(path) for path, trained in leaves_with_paths(trainable_mask)
+          if trained and path[-1] not in LORA_KEYS and path not in carried]
+
+
 def export_peft_adapter(params: dict, cfg, family: str, out_dir: str | Path,
                         base_model_name_or_path: str, *, lora: LoRAConfig,
                         dtype: str = "float32") -> Path:

@@ -23,10 +23,10 @@ def path_str(path) -> str:
   return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
-def _leaves_with_paths(tree: dict, prefix=()):
+def leaves_with_paths(tree: dict, prefix=()):
   for key, value in tree.items():
     if isinstance(value, dict):
-      yield from _leaves_with_paths(value, prefix + (key,))
+      yield from leaves_with_paths(value, prefix + (key,))
     else:
       yield prefix + (key,), value
 
@@ -34,7 +34,7 @@ def _leaves_with_paths(tree: dict, prefix=()):
 def select(tree: dict, keep: Callable[[tuple, object], bool]) -> dict:
   """The leaves (path, leaf) -> keep, nested as in `tree`; empty branches are dropped."""
   out: dict = {}
-  for path, leaf in _leaves_with_paths(tree):
+  for path, leaf in leaves_with_paths(tree):
     if keep(path, leaf):
       node = out
       for key in path[:-1]:
@@ -57,7 +57,7 @@ def combine(*trees: dict) -> dict:
 
 def partition(tree: dict, mask: dict) -> tuple[dict, dict]:
   """(leaves where mask is True, the others)."""
-  flags = dict(_leaves_with_paths(mask))
+  flags = dict(leaves_with_paths(mask))
   return (select(tree, lambda path, _: flags[path]),
           select(tree, lambda path, _: not flags[path]))
 
@@ -85,8 +85,8 @@ def trainable_mask(abstract_state: nnx.State, trainable: str | None = None,
       lambda path, v: v.replace(decide(path, v)), abstract_state,
       is_leaf=lambda x: isinstance(x, nnx.Variable))
   mask = nnx.to_pure_dict(mask)
-  if not any(flag for _, flag in _leaves_with_paths(mask)):
-    names = [path_str(p) for p, _ in _leaves_with_paths(mask)]
+  if not any(flag for _, flag in leaves_with_paths(mask)):
+    names = [path_str(p) for p, _ in leaves_with_paths(mask)]
     raise ValueError(f"Nothing left to train: trainable={trainable!r}, freeze={freeze!r} "
                      f"select no floating-point parameter. Parameters: {', '.join(names)}")
   return mask
