@@ -25,6 +25,7 @@ def get_config():
   config.data.labels = NER_TAGS
   config.data.word_separator = ""
   config.data.shaping = "pack"
+  config.data.seq_len = 128
   config.data.validation_fraction = 0.02  # about 900 sentences
   config.optim.learning_rate = 1e-3
   config.train.steps = 200
