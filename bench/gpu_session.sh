@@ -14,13 +14,17 @@
 # Parts: jaxlm:<remat policy> (none, full, dots, minimal), maxtext, torch. BENCH_ARGS adds
 # arguments to bench/train_throughput.py (a dry run on CPU: BENCH_ARGS="--preset tiny
 # --seq-len 64" bash bench/gpu_session.sh jaxlm:minimal).
-# Logs and one JSON line per part go to $OUT (or /tmp/jaxlm_bench); a table is printed last.
+# One JSON line per part goes to $OUT (or /tmp/jaxlm_bench); the logs, MaxText's metrics and
+# each jaxlm part's profiler trace (its summary is in the JSON line: device time per step by
+# kernel category, top kernels) go to $OUT/logs.tgz, refreshed after every part, so that the
+# device tool's eight returned files hold them all. A table is printed last.
 set -u
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(jaxlm:minimal jaxlm:dots maxtext)
 out=${OUT:-/tmp/jaxlm_bench}
 budget=${BUDGET_S:-540}
 anchor=.anchor
+logs=$(mktemp -d /tmp/jaxlm_bench_logs.XXXX)
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 start=$SECONDS
@@ -45,8 +49,14 @@ run_part() {  # name, timeout, command...
     return
   fi
   local t0=$SECONDS
-  timeout "$limit" "$@" > "$out/$name.json" 2> "$out/$name.log"
+  timeout "$limit" "$@" > "$out/$name.json" 2> "$logs/$name.log"
   echo "$name: rc $? in $((SECONDS - t0)) s"
+  # Traces (for TensorBoard's profile plugin) travel flat, when under the tool's 16 MiB.
+  for dir in "$logs"/profile_*/; do
+    trace=$(find "$dir" -name '*.xplane.pb' -size -12M 2>/dev/null | head -1)
+    [ -n "$trace" ] && cp "$trace" "${dir%/}.xplane.pb"
+  done
+  (cd "$logs" && find . -maxdepth 1 -type f -print0 | tar czf "$out/logs.tgz" --null -T -)
 }
 
 for part in "${parts[@]}"; do
@@ -54,11 +64,11 @@ for part in "${parts[@]}"; do
     jaxlm:*)
       remat=${part#jaxlm:}
       run_part "jaxlm_$remat" 170 python3 bench/train_throughput.py --remat "$remat" \
-        --steps 10 --warmup 2 ${BENCH_ARGS:-} ;;
+        --steps 10 --warmup 2 --profile "$logs/profile_$remat" ${BENCH_ARGS:-} ;;
     maxtext)
       # anchors_gpu.sh's last line runs the PyTorch anchor, which is its own part here.
       run_part maxtext_anchor 330 bash -c \
-        "sed '\$d' $anchor/anchors_gpu.sh | RESULTS_DIR=$out bash -s $anchor" ;;
+        "sed '\$d' $anchor/anchors_gpu.sh | RESULTS_DIR=$logs bash -s $anchor" ;;
     torch)
       run_part torch_anchor 210 python3 "$anchor/torch_llama_anchor.py" --compile ;;
     *) echo "unknown part $part (jaxlm:<remat>, maxtext, torch)"; exit 2 ;;
@@ -87,4 +97,10 @@ for name, r in rows:
   comp = f"{r['compile_s']:.1f}" if r.get("compile_s") else "-"
   mem = f"{r['peak_memory_bytes'] / 2**30:.1f}" if r.get("peak_memory_bytes") else "-"
   print(f"{name:<16}{tps:>10,.0f}{tflops:>9}{mfu:>7}{ratio:>11}{comp:>10}{mem:>9}")
+  if r.get("profile"):  # jaxlm's parts: where the device time went (bench/profile_summary.py)
+    p = r["profile"]
+    print(f"{'':<4}busy {p['busy_ms_per_step']:.1f} of {p['wall_ms_per_step']:.1f} ms/step; "
+          + ", ".join(f"{k} {c['ms_per_step']:.1f}" for k, c in p["categories"].items()))
+    for k in p["top"][:5]:
+      print(f"{'':<6}{k['ms_per_step']:7.2f} ms {k['calls_per_step']:5.0f}x {k['name'][:60]}")
 PY

@@ -8,10 +8,15 @@ run.global_batch(...) rows. Step 1 compiles (reported as compile_s, compile + on
 its result, so host work per step is included). Any config value can be set with
 --config.SECTION.KEY=VALUE; --mesh takes data/fsdp/tensor sizes (default: fsdp over all
 devices). MFU needs a known device kind or --config.train.peak_tflops_per_device=N.
+With --profile DIR, --profile-steps more steps run after the timed ones inside a JAX
+profiler trace written to DIR; the JSON line then carries "profile": device time per step by
+kernel category (matmul, attention, copy, ...) and the top kernels (bench/profile_summary.py),
+also printed as a table on stderr.
 
   python bench/train_throughput.py
   python bench/train_throughput.py --remat minimal --mesh fsdp=8 --config.optim.grad_clip_norm=0
   python bench/train_throughput.py --preset tiny --seq-len 64 --batch-size 8 --steps 3  # CPU
+  python bench/train_throughput.py --profile /tmp/trace   # + where the device time goes
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from jaxlm.plan import experiment_config
 from jaxlm.plan_cli import parse_layout
 from jaxlm.train.loop import Run
 from jaxlm.train.metrics import peak_flops_per_device
+from profile_summary import format_table, summarize
 
 # Lowering is the step every jit cache miss takes, whether or not a persistent compilation
 # cache then supplies the executable.
@@ -52,10 +58,13 @@ def parse_args(argv):
   parser.add_argument("--mesh", type=parse_layout, metavar="AXIS=N[,AXIS=N]",
                       help="e.g. fsdp=8 or fsdp=4,tensor=2 (default: fsdp over all devices)")
   parser.add_argument("--seed", type=int, default=0, help="synthetic tokens (default: 0)")
+  parser.add_argument("--profile", metavar="DIR",
+                      help="trace --profile-steps extra steps into DIR and summarise them")
+  parser.add_argument("--profile-steps", type=int, default=3, help="default: 3")
   overrides = [a for a in argv if a.startswith("--config.")]
   args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
-  if args.steps < 1 or args.warmup < 0:
-    parser.error("--steps must be at least 1 and --warmup at least 0")
+  if args.steps < 1 or args.warmup < 0 or args.profile_steps < 1:
+    parser.error("--steps and --profile-steps must be at least 1 and --warmup at least 0")
   return args, overrides
 
 
@@ -90,12 +99,13 @@ def peak_memory_bytes() -> int | None:
 
 def benchmark(args, overrides) -> dict:
   counter = LoweringCounter()
+  profiled = args.profile_steps if args.profile else 0
   config, applied = experiment_config(
       args.preset, args.mesh, seq_len=args.seq_len, batch_size=args.batch_size,
       optimizer=args.optimizer, remat=args.remat, param_dtype=args.param_dtype,
       compute_dtype=args.compute_dtype,
       # The schedule spans the run, so the learning rate stays sane on every step.
-      overrides=[f"--config.train.steps={1 + args.warmup + args.steps}", *overrides])
+      overrides=[f"--config.train.steps={1 + args.warmup + args.steps + profiled}", *overrides])
   run = Run.build(config)
   model_cfg = run.model_cfg
   rng = np.random.default_rng(args.seed)
@@ -126,6 +136,18 @@ def benchmark(args, overrides) -> dict:
     seconds, metrics = step(1 + args.warmup + i)
     times.append(seconds)
   recompiles = counter.count - lowerings_before
+  profile = None
+  if args.profile:
+    # After the timed steps, so tracing overhead stays out of the figures above.
+    first = 1 + args.warmup + args.steps
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = 0  # tracing every Python call would inflate the wall time
+    begin = time.perf_counter()
+    with jax.profiler.trace(args.profile, profiler_options=options):
+      for i in range(args.profile_steps):
+        step(first + i)
+    profile = summarize(args.profile, args.profile_steps, time.perf_counter() - begin)
+    print(format_table(profile), file=sys.stderr)
 
   step_s = statistics.median(times)
   tokens_per_step = args.batch_size * args.seq_len
@@ -151,7 +173,7 @@ def benchmark(args, overrides) -> dict:
       "device_kind": device.device_kind, "platform": device.platform,
       "device_count": jax.device_count(), "process_count": jax.process_count(),
       "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
-      "overrides": applied,
+      "overrides": applied, "profile": profile,
   }
 
 

@@ -3,17 +3,21 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "train_throughput.py"
 
 
-def test_benchmark_prints_one_json_line():
+def test_benchmark_prints_one_json_line(tmp_path):
   # Plumbing, not speed, is under test here: unoptimised XLA compiles it in half the time.
   env = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_backend_optimization_level=0")
   out = subprocess.run(
       [sys.executable, str(BENCH), "--preset", "tiny", "--seq-len", "64", "--batch-size", "8",
-       "--steps", "3", "--mesh", "fsdp=4,tensor=2", "--config.optim.learning_rate=1e-3"],
+       "--steps", "3", "--mesh", "fsdp=4,tensor=2", "--config.optim.learning_rate=1e-3",
+       "--profile", str(tmp_path / "trace"), "--profile-steps", "2"],
       env=env, capture_output=True, text=True, timeout=300)  # 8 devices from conftest
   assert out.returncode == 0, out.stderr
   lines = out.stdout.strip().splitlines()
@@ -32,6 +36,16 @@ def test_benchmark_prints_one_json_line():
   assert result["overrides"]["model.preset"] == "tiny"
   assert {"jax", "jaxlib", "flax"} <= result.keys()
   assert result["loss_first"] > 0 and result["loss_last"] > 0
+  # Two more steps, traced after the timed ones; on CPU the XLA ops stand in for kernels.
+  profile = result["profile"]
+  assert profile["source"] == "host XLA ops" and profile["steps"] == 2
+  assert Path(profile["trace"]).is_relative_to(tmp_path / "trace")
+  shares = [c["share"] for c in profile["categories"].values()]
+  assert sum(shares) == pytest.approx(1) and profile["devices"] == 8
+  assert "collective" in profile["categories"]  # fsdp and tensor axes gather and reduce
+  assert 0 < profile["busy_ms_per_step"] <= profile["wall_ms_per_step"]
+  assert profile["top"] and profile["top"][0]["ms_per_step"] > 0
+  assert out.stderr.startswith("profile (host XLA ops, 2 steps)")
 
 
 def test_benchmark_help():
@@ -40,20 +54,27 @@ def test_benchmark_help():
   assert "ref-1.1b" in out and "--config.SECTION.KEY=VALUE" in out and "--mesh" in out
 
 
-def test_gpu_session_skips_what_would_overrun_its_budget(tmp_path):
-  """bench/gpu_session.sh plumbing (no GPU here): the environment check passes, each part
-  past BUDGET_S is skipped and reported in the table, and an unknown part is refused."""
+def test_gpu_session_runs_parts_within_its_budget(tmp_path):
+  """bench/gpu_session.sh plumbing (no GPU here): a jaxlm part runs (on the tiny preset) and
+  brings its profile into the table and its log and trace into logs.tgz; parts that would
+  pass BUDGET_S are skipped and reported; an unknown part is refused."""
   root = BENCH.parent.parent
-  env = dict(os.environ, OUT=str(tmp_path), BUDGET_S="0",
+  env = dict(os.environ, OUT=str(tmp_path), BUDGET_S="200",
+             BENCH_ARGS="--preset tiny --seq-len 64 --batch-size 8 --steps 2",
              PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
   script = str(root / "bench" / "gpu_session.sh")
   out = subprocess.run(["bash", script, "jaxlm:minimal", "maxtext", "torch"], cwd=root, env=env,
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stdout + out.stderr
-  table = out.stdout[out.stdout.index("tokens/s"):]
-  for part in ("jaxlm_minimal", "maxtext_anchor", "torch_anchor"):
-    assert f"{part}" in table and "would pass BUDGET_S=0" in table
+  table = out.stdout[out.stdout.index("tokens/s"):].splitlines()
+  ran = json.loads((tmp_path / "jaxlm_minimal.json").read_text())
+  assert ran["tokens_per_s"] > 0 and ran["remat_policy"] == "minimal" and ran["profile"]
+  assert table[1].startswith("jaxlm_minimal") and table[2].lstrip().startswith("busy ")
+  for part in ("maxtext_anchor", "torch_anchor"):
+    assert any(row.startswith(part) and "would pass BUDGET_S=200" in row for row in table)
     assert json.loads((tmp_path / f"{part}.json").read_text())["skipped"]
+  with tarfile.open(tmp_path / "logs.tgz") as logs:
+    assert sorted(logs.getnames()) == ["./jaxlm_minimal.log", "./profile_minimal.xplane.pb"]
   bad = subprocess.run(["bash", script, "jax:minimal"], cwd=root, env=env, capture_output=True,
                        text=True, timeout=120)
   assert bad.returncode == 2 and "unknown part jax:minimal" in bad.stdout
