@@ -10,8 +10,10 @@
 # Then, through the device tool (carry .anchor):
 #   bash bench/gpu_session.sh                               # jaxlm remat minimal + dots, MaxText
 #   bash bench/gpu_session.sh jaxlm:none torch              # more variants, the PyTorch anchor
-#   XLA_FLAGS=... bash bench/gpu_session.sh jaxlm:minimal   # an XLA flag's effect
-# Parts: jaxlm:<remat policy> (none, full, dots, minimal), maxtext, torch. BENCH_ARGS adds
+#   bash bench/gpu_session.sh jaxlm:none jaxlm:none+xla_gpu_enable_triton_gemm=false
+#                                                           # an XLA flag's effect, same run
+# Parts: jaxlm:<remat policy>[+<XLA flag without -->...] (remat none, full, dots, minimal;
+# the flags join XLA_FLAGS for that part only), maxtext, torch. BENCH_ARGS adds
 # arguments to bench/train_throughput.py (a dry run on CPU: BENCH_ARGS="--preset tiny
 # --seq-len 64" bash bench/gpu_session.sh jaxlm:minimal).
 # One JSON line per part goes to $OUT (or /tmp/jaxlm_bench); the logs, MaxText's metrics and
@@ -62,16 +64,21 @@ run_part() {  # name, timeout, command...
 for part in "${parts[@]}"; do
   case $part in
     jaxlm:*)
-      remat=${part#jaxlm:}
-      run_part "jaxlm_$remat" 170 python3 bench/train_throughput.py --remat "$remat" \
-        --steps 10 --warmup 2 --profile "$logs/profile_$remat" ${BENCH_ARGS:-} ;;
+      variant=${part#jaxlm:}
+      remat=${variant%%+*}
+      flags=""
+      [[ $variant == *+* ]] && flags="--${variant#*+}" && flags=${flags//+/ --}
+      name=jaxlm_$(tr -c 'A-Za-z0-9_.\n' '-' <<< "${variant//+/_}")  # names the tool returns
+      XLA_FLAGS="${XLA_FLAGS:-} $flags" run_part "$name" 170 python3 bench/train_throughput.py \
+        --remat "$remat" --steps 10 --warmup 2 --profile "$logs/profile_${name#jaxlm_}" \
+        ${BENCH_ARGS:-} ;;
     maxtext)
       # anchors_gpu.sh's last line runs the PyTorch anchor, which is its own part here.
       run_part maxtext_anchor 330 bash -c \
         "sed '\$d' $anchor/anchors_gpu.sh | RESULTS_DIR=$logs bash -s $anchor" ;;
     torch)
       run_part torch_anchor 210 python3 "$anchor/torch_llama_anchor.py" --compile ;;
-    *) echo "unknown part $part (jaxlm:<remat>, maxtext, torch)"; exit 2 ;;
+    *) echo "unknown part $part (jaxlm:<remat>[+<XLA flag>...], maxtext, torch)"; exit 2 ;;
   esac
 done
 
@@ -96,6 +103,9 @@ for name, r in rows:
   ratio = f"{tps / maxtext:.3f}" if maxtext else "-"
   comp = f"{r['compile_s']:.1f}" if r.get("compile_s") else "-"
   mem = f"{r['peak_memory_bytes'] / 2**30:.1f}" if r.get("peak_memory_bytes") else "-"
+  if len(name) > 15:  # a variant with XLA flags: its name on a line of its own
+    print(name)
+    name = ""
   print(f"{name:<16}{tps:>10,.0f}{tflops:>9}{mfu:>7}{ratio:>11}{comp:>10}{mem:>9}")
   if r.get("profile"):  # jaxlm's parts: where the device time went (bench/profile_summary.py)
     p = r["profile"]

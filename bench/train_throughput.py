@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -173,6 +174,7 @@ def benchmark(args, overrides) -> dict:
       "device_kind": device.device_kind, "platform": device.platform,
       "device_count": jax.device_count(), "process_count": jax.process_count(),
       "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "overrides": applied, "profile": profile,
   }
 

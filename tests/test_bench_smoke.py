@@ -63,18 +63,23 @@ def test_gpu_session_runs_parts_within_its_budget(tmp_path):
              BENCH_ARGS="--preset tiny --seq-len 64 --batch-size 8 --steps 2",
              PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
   script = str(root / "bench" / "gpu_session.sh")
-  out = subprocess.run(["bash", script, "jaxlm:minimal", "maxtext", "torch"], cwd=root, env=env,
+  # A variant with an XLA flag of its own (one that does nothing on CPU).
+  variant = "jaxlm:minimal+xla_gpu_autotune_level=0"
+  out = subprocess.run(["bash", script, variant, "maxtext", "torch"], cwd=root, env=env,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stdout + out.stderr
   table = out.stdout[out.stdout.index("tokens/s"):].splitlines()
-  ran = json.loads((tmp_path / "jaxlm_minimal.json").read_text())
+  name = "jaxlm_minimal_xla_gpu_autotune_level-0"  # only characters the device tool returns
+  ran = json.loads((tmp_path / f"{name}.json").read_text())
   assert ran["tokens_per_s"] > 0 and ran["remat_policy"] == "minimal" and ran["profile"]
-  assert table[1].startswith("jaxlm_minimal") and table[2].lstrip().startswith("busy ")
+  assert ran["xla_flags"].endswith(" --xla_gpu_autotune_level=0")
+  assert table[1] == name and table[3].lstrip().startswith("busy ")
   for part in ("maxtext_anchor", "torch_anchor"):
     assert any(row.startswith(part) and "would pass BUDGET_S=200" in row for row in table)
     assert json.loads((tmp_path / f"{part}.json").read_text())["skipped"]
   with tarfile.open(tmp_path / "logs.tgz") as logs:
-    assert sorted(logs.getnames()) == ["./jaxlm_minimal.log", "./profile_minimal.xplane.pb"]
+    assert sorted(logs.getnames()) == [f"./{name}.log",
+                                       "./profile_minimal_xla_gpu_autotune_level-0.xplane.pb"]
   bad = subprocess.run(["bash", script, "jax:minimal"], cwd=root, env=env, capture_output=True,
                        text=True, timeout=120)
   assert bad.returncode == 2 and "unknown part jax:minimal" in bad.stdout
