@@ -25,6 +25,7 @@ def test_benchmark_prints_one_json_line(tmp_path):
   result = json.loads(lines[0])
   assert result["recompiles"] == 0
   assert result["tokens_per_s"] > 0 and result["step_time_s"] > 0
+  assert result["tokens_per_s_synced"] == pytest.approx(512 / result["step_time_s"])
   assert len(result["step_times_s"]) == 3 and result["compile_s"] > result["step_time_s"]
   assert result["tflops_per_device"] > 0
   assert result["mfu"] is None and result["peak_memory_bytes"] is None  # CPU: unknown
