@@ -42,6 +42,13 @@ def test_remat_policies_keep_gradients(policy):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_unknown_remat_policy_or_attention_is_refused_with_the_choices():
+  with pytest.raises(ValueError, match=r"remat_policy='dots_no_batch' \(choose one of none, "
+                                       r"full, dots, minimal\); attention_impl='flash' "
+                                       r"\(choose one of None, xla, cudnn\)"):
+    from_preset("tiny", remat_policy="dots_no_batch", attention_impl="flash")
+
+
 def test_attention_never_crosses_documents():
   model = _model()
   ids = _ids(batch=1)

@@ -12,6 +12,10 @@ from jaxlm.layers.rotary import apply_rotary, inverse_frequencies
 from jaxlm.layers.sharding import constrain
 
 
+# None: chosen per backend and dtype by resolve_attention_impl.
+ATTENTION_IMPLS = (None, "xla", "cudnn")
+
+
 def resolve_attention_impl(requested: str | None, dtype) -> str:
   """cuDNN flash attention where it applies (GPU, 16-bit inputs), XLA elsewhere."""
   if requested is not None:

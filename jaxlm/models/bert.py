@@ -17,11 +17,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.layers.attention import resolve_attention_impl, segment_mask
+from jaxlm.layers.attention import ATTENTION_IMPLS, resolve_attention_impl, segment_mask
 from jaxlm.layers.dropout import dropout
 from jaxlm.layers.linear import Einsum, Embedding
 from jaxlm.layers.norms import LayerNorm
-from jaxlm.layers.remat import remat
+from jaxlm.layers.remat import POLICIES as REMAT_POLICIES, remat
 from jaxlm.layers.sharding import constrain, param
 
 RESIDUAL = ("act_batch", "act_length", "act_embed")
@@ -76,6 +76,11 @@ class BertConfig:
     for field in ("hidden_act", "mlm_head_act"):
       if getattr(self, field) not in ACTIVATIONS:
         problems.append(f"{field}={getattr(self, field)!r} (supported: {', '.join(ACTIVATIONS)})")
+    for field, allowed in (("remat_policy", tuple(REMAT_POLICIES)),
+                           ("attention_impl", ATTENTION_IMPLS)):
+      if getattr(self, field) not in allowed:
+        problems.append(f"{field}={getattr(self, field)!r} (one of "
+                        f"{', '.join(map(str, allowed))})")
     if self.classifier not in CLASSIFIERS:
       problems.append(f"classifier={self.classifier!r} (one of {', '.join(CLASSIFIERS)})")
     elif self.num_labels and self.classifier != "token" and not self.pooler:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from jaxlm.layers.attention import ATTENTION_IMPLS
+from jaxlm.layers.remat import POLICIES as REMAT_POLICIES
 
 NORM_TYPES = ("rms", "layer")
 POSITION_EMBEDDINGS = ("rope", "learned")
@@ -51,7 +53,7 @@ class LlamaConfig:
   param_dtype: str = "float32"
   compute_dtype: str = "bfloat16"
   scan_layers: bool = True
-  # none | full | dots | dots_no_batch | qkv_proj (see layers/remat.py)
+  # none | full | dots | minimal: what each layer keeps for the backward pass (layers/remat.py)
   remat_policy: str = "full"
   # None: cuDNN flash attention on GPU, XLA elsewhere; or "xla" / "cudnn" explicitly.
   attention_impl: str | None = None
@@ -69,9 +71,11 @@ class LlamaConfig:
                       f"({self.num_heads}); set head_dim explicitly")
     for name, allowed in (("norm_type", NORM_TYPES), ("mlp_type", MLP_TYPES),
                           ("position_embedding", POSITION_EMBEDDINGS),
-                          ("classifier", CLASSIFIERS)):
+                          ("classifier", CLASSIFIERS), ("remat_policy", tuple(REMAT_POLICIES)),
+                          ("attention_impl", ATTENTION_IMPLS)):
       if getattr(self, name) not in allowed:
-        problems.append(f"{name}={getattr(self, name)!r} (choose one of {', '.join(allowed)})")
+        problems.append(f"{name}={getattr(self, name)!r} (choose one of "
+                        f"{', '.join(map(str, allowed))})")
     if self.head_dim is not None and self.head_dim % 2 and self.position_embedding == "rope":
       problems.append(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
     if self.num_labels < 0:
