@@ -1,8 +1,11 @@
 """The train loop end to end: resume, restore onto another mesh, refusing foreign
 checkpoints, accumulation, and that the loss really falls."""
+import collections
 import json
 import os
+import traceback
 
+import jax
 import numpy as np
 import pytest
 
@@ -28,6 +31,27 @@ def _final_params(config, workdir, mesh=None):
                                            run.trainer.abstract_state())
   checkpointer.close()
   return state, data_state
+
+
+def test_nothing_recompiles_after_the_first_step(tiny_config, tmp_path):
+  """Logging, evaluation and checkpoints between steps leave every jitted function of the
+  loop with one compile (a recompile would stall the steps it happens on). Orbax's own
+  slicing while it saves is left out: its code, compiled once per array shape."""
+  lowered = []
+
+  def on_event(event, duration, fun_name="", **kwargs):
+    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration" and not any(
+        "/orbax/" in frame.filename for frame in traceback.extract_stack()):
+      lowered.append(fun_name)
+
+  jax.monitoring.register_event_duration_secs_listener(on_event)
+  try:
+    train(tiny_config(train__log_every=2, train__eval_every=2, checkpoint__every=2), tmp_path)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_event)
+  counts = collections.Counter(lowered)
+  assert counts["jit(train_step)"] == counts["jit(eval_step)"] == 1
+  assert max(counts.values()) == 1, counts
 
 
 def test_resume_matches_uninterrupted_run(tiny_config, tmp_path):

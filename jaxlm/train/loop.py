@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import config as config_lib
@@ -509,7 +508,7 @@ def train(config, workdir: str | Path) -> dict:
                                             if k != "eval_perplexity"))
 
   last_logged: dict = {}
-  skipped = jnp.zeros((), jnp.int32)  # summed on device: no sync per step
+  skipped = None  # summed on device: no sync per step
   preemption = PreemptionWatch(config.train.log_every)
   pending = 0
   timer = time.perf_counter()
@@ -519,7 +518,8 @@ def train(config, workdir: str | Path) -> dict:
       state, metrics = trainer.train_step(state, run.global_batch(next(data)), teacher)
       done = step + 1
       pending += 1
-      skipped = skipped + metrics["skipped"]
+      # Started from the step's own count, so that every sum sees one sharding: one compile.
+      skipped = metrics["skipped"] if skipped is None else skipped + metrics["skipped"]
       if step == start:
         # The first step includes compilation: report it and start timing afterwards.
         jax.block_until_ready(metrics)
