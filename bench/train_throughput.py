@@ -12,7 +12,7 @@ tokens_per_s, TFLOP/s and MFU come from those. Any config value can be set with
 devices). MFU needs a known device kind or --config.train.peak_tflops_per_device=N.
 With --profile DIR, --profile-steps more steps run after the timed ones inside a JAX
 profiler trace written to DIR; the JSON line then carries "profile": device time per step by
-kernel category (matmul, attention, copy, ...) and the top kernels (bench/profile_summary.py),
+kernel category (matmul, attention, copy, ...) and the top kernels (jaxlm/profiling.py),
 also printed as a table on stderr.
 
   python bench/train_throughput.py
@@ -36,9 +36,9 @@ import numpy as np
 
 from jaxlm.plan import experiment_config
 from jaxlm.plan_cli import parse_layout
+from jaxlm.profiling import format_table, summarize, trace_options
 from jaxlm.train.loop import Run
 from jaxlm.train.metrics import peak_flops_per_device
-from profile_summary import format_table, summarize
 
 # Lowering is the step every jit cache miss takes, whether or not a persistent compilation
 # cache then supplies the executable.
@@ -151,10 +151,8 @@ def benchmark(args, overrides) -> dict:
   if args.profile:
     # After the timed steps, so tracing overhead stays out of the figures above.
     first += args.steps
-    options = jax.profiler.ProfileOptions()
-    options.python_tracer_level = 0  # tracing every Python call would inflate the wall time
     begin = time.perf_counter()
-    with jax.profiler.trace(args.profile, profiler_options=options):
+    with jax.profiler.trace(args.profile, profiler_options=trace_options()):
       for i in range(args.profile_steps):
         step(first + i)
     profile = summarize(args.profile, args.profile_steps, time.perf_counter() - begin)

@@ -137,6 +137,22 @@ eval`) and the same word-level scores as a classifier's.
   from jaxlm.plan_cli import add_plan_parser
   add_plan_parser(sub)
 
+  prof = sub.add_parser(
+      "profile", help="where traced steps spent their device time",
+      formatter_class=argparse.RawDescriptionHelpFormatter, description="""\
+Summarise a JAX profiler trace of STEPS steps: device time per step by kernel category
+(matmul, attention, collective, copy/transpose, reduction, other), the device's busy time
+against the wall time, and the top kernels. TRACE is an .xplane.pb file or a directory
+searched for the newest, e.g. the WORKDIR/profile that train.profile_at writes.
+
+  jaxlm profile runs/demo/profile --steps 3
+  jaxlm profile /tmp/trace --steps 3 --wall-s 0.6 --json""")
+  prof.add_argument("trace", help="an .xplane.pb file or a directory holding one")
+  prof.add_argument("--steps", type=int, required=True, help="steps the trace holds")
+  prof.add_argument("--wall-s", type=float, help="their wall time, for the busy share")
+  prof.add_argument("--top", type=int, default=15, help="kernels to list (default 15)")
+  prof.add_argument("--json", action="store_true", help="print the summary as JSON")
+
   conv = sub.add_parser(
       "convert", help="Hugging Face / GGUF <-> jaxlm model directories",
       formatter_class=argparse.RawDescriptionHelpFormatter, description="""\
@@ -307,6 +323,12 @@ def main(argv=None) -> int:
     elif args.command == "eval":
       from jaxlm.evaluate.run import run_eval
       run_eval(args, overrides)
+    elif args.command == "profile":
+      if overrides:
+        raise config_lib.ConfigError("profile takes no --config overrides.")
+      from jaxlm.profiling import format_table, summarize
+      summary = summarize(args.trace, args.steps, args.wall_s, args.top)
+      print(json.dumps(summary) if args.json else format_table(summary))
     elif args.command == "show-config":
       print(config_lib.load_config(args.config, overrides))
     elif args.command == "generate":

@@ -75,6 +75,10 @@ def base_config() -> ml_collections.ConfigDict:
       "eval_every": 100,  # 0 disables evaluation
       "eval_batches": 4,
       "peak_tflops_per_device": 0.0,  # 0: look up the device kind; used for MFU only
+      # Trace profile_steps steps from step profile_at (0: none) into WORKDIR/profile and
+      # print where their device time went (`jaxlm profile`; TensorBoard's profile plugin).
+      "profile_at": 0,
+      "profile_steps": 3,
       # stop: end the run naming the step and the last good checkpoint; skip: drop the
       # update of any step whose loss or gradients are not finite, and keep going
       "on_nonfinite": "stop",

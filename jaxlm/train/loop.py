@@ -21,6 +21,7 @@ from jaxlm.finetune.lora import LoRAConfig
 from jaxlm.models.factory import is_encoder, reusable_params, with_heads_of
 from jaxlm.parallel.mesh import build_mesh
 from jaxlm.parallel.rules import LogicalRules
+from jaxlm.profiling import StepProfiler, format_table
 from jaxlm.train.distill import check_mix
 from jaxlm.train.early_stopping import EarlyStopping
 from jaxlm.train.metrics import MetricsWriter, Progress, peak_flops_per_device
@@ -157,6 +158,12 @@ def check_layout(model_cfg, mesh, config) -> None:
   if config.train.on_nonfinite not in ("stop", "skip"):
     raise config_lib.ConfigError(
         f"train.on_nonfinite must be 'stop' or 'skip', not {config.train.on_nonfinite!r}.")
+  profile_at, profile_steps = config.train.profile_at, config.train.profile_steps
+  if profile_at < 0 or profile_at == 1 or profile_steps < 1:
+    raise config_lib.ConfigError(
+        f"train.profile_at = {profile_at}, train.profile_steps = {profile_steps}: profile_at "
+        f"is 0 (no trace) or a step after the first, which compiles (2 or later), and "
+        f"profile_steps is at least 1.")
   if model_cfg.position_embedding == "learned" and config.data.seq_len > model_cfg.max_seq_len:
     raise config_lib.ConfigError(
         f"data.seq_len = {config.data.seq_len} is longer than the model's learned position "
@@ -507,6 +514,12 @@ def train(config, workdir: str | Path) -> dict:
       progress.write("step 0: " + " ".join(f"{k} {v:.4f}" for k, v in baseline.items()
                                             if k != "eval_perplexity"))
 
+  profiler = None
+  if config.train.profile_at:
+    trace_dir = workdir / "profile"
+    if jax.process_count() > 1:  # each process traces its own devices
+      trace_dir = trace_dir / f"process_{jax.process_index()}"
+    profiler = StepProfiler(trace_dir, config.train.profile_at, config.train.profile_steps)
   last_logged: dict = {}
   skipped = None  # summed on device: no sync per step
   preemption = PreemptionWatch(config.train.log_every)
@@ -515,8 +528,14 @@ def train(config, workdir: str | Path) -> dict:
   timed_steps = 0
   try:
     for step in range(start, total):
+      if profiler:
+        profiler.before(step + 1, state)
       state, metrics = trainer.train_step(state, run.global_batch(next(data)), teacher)
       done = step + 1
+      if profiler and (summary := profiler.after(done, (state, metrics))) and is_main:
+        progress.write(f"{format_table(summary)}\n(trace in {profiler.directory}: TensorBoard's "
+                       f"profile plugin, or `jaxlm profile {profiler.directory} --steps "
+                       f"{config.train.profile_steps}`)")
       pending += 1
       # Started from the step's own count, so that every sum sees one sharding: one compile.
       skipped = metrics["skipped"] if skipped is None else skipped + metrics["skipped"]
@@ -591,6 +610,8 @@ def train(config, workdir: str | Path) -> dict:
       checkpointer.wait()
       stopper.write_best(workdir)
   finally:
+    if profiler:
+      profiler.close()
     loaded_data.close()
     preemption.close()
     progress.update(pending)

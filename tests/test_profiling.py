@@ -1,15 +1,16 @@
-"""bench/profile_summary.py: device time per step by kernel category, from real trace files
-(a GPU-shaped XSpace written through jax's own profiler bindings, and a CPU trace)."""
+"""jaxlm/profiling.py: device time per step by kernel category, from real trace files (a
+GPU-shaped XSpace written through jax's own profiler bindings, and CPU traces of real
+training steps), in `jaxlm profile` and in `jaxlm train` with train.profile_at."""
+import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from jax.profiler import ProfileData
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-sys.path.insert(0, str(BENCH))
-import profile_summary  # noqa: E402  (a script beside the benchmark, not a package)
+from jaxlm import profiling
+from jaxlm.config import ConfigError
+from jaxlm.train.loop import train
 
 # Two steps on one GPU, two streams. Times in picoseconds from each line's start (1000 ns).
 # The "XLA Ops" line repeats the kernels as HLO ops and must not count a second time.
@@ -79,7 +80,7 @@ def write_trace(tmp_path, text, name="host.xplane.pb"):
 
 def test_gpu_trace_by_category_per_step(tmp_path):
   write_trace(tmp_path, GPU_TRACE)
-  summary = profile_summary.summarize(tmp_path, steps=2, wall_s=0.000024)
+  summary = profiling.summarize(tmp_path, steps=2, wall_s=0.000024)
   assert summary["source"] == "gpu streams" and summary["devices"] == 1
   ms = {name: c["ms_per_step"] for name, c in summary["categories"].items()}
   assert ms == pytest.approx({"matmul": 0.004, "attention": 0.003, "collective": 0.001,
@@ -93,13 +94,13 @@ def test_gpu_trace_by_category_per_step(tmp_path):
   top = summary["top"][0]
   assert top["name"].startswith("nvjet") and top["hlo_op"] == "custom-call.3"
   assert top["calls_per_step"] == 1 and top["category"] == "matmul"
-  table = profile_summary.format_table(summary)
+  table = profiling.format_table(summary)
   assert "busy 0.01 of 0.01 wall (69%)" in table and "matmul 0.00 ms (46%)" in table
 
 
 def test_cpu_trace_counts_self_time_of_nested_ops(tmp_path):
   path = write_trace(tmp_path, CPU_TRACE)
-  summary = profile_summary.summarize(path, steps=1)
+  summary = profiling.summarize(path, steps=1)
   assert summary["source"] == "host XLA ops"
   kernels = {k["name"]: k["ms_per_step"] for k in summary["top"]}
   # The python event has no hlo_op; the loop keeps what its body did not take.
@@ -109,14 +110,35 @@ def test_cpu_trace_counts_self_time_of_nested_ops(tmp_path):
 
 
 def test_cli_names_a_missing_trace(tmp_path):
-  script = str(BENCH / "profile_summary.py")
-  out = subprocess.run([sys.executable, script, str(tmp_path), "--steps", "1"],
-                       capture_output=True, text=True, timeout=60)
+  jaxlm = [sys.executable, "-m", "jaxlm.cli", "profile"]
+  out = subprocess.run(jaxlm + [str(tmp_path), "--steps", "1"], capture_output=True, text=True,
+                       timeout=60)
   assert out.returncode == 2 and f"No *.xplane.pb under {tmp_path}" in out.stderr
   write_trace(tmp_path, GPU_TRACE)
-  out = subprocess.run([sys.executable, script, str(tmp_path), "--steps", "2", "--top", "2"],
+  out = subprocess.run(jaxlm + [str(tmp_path), "--steps", "2", "--top", "2"],
                        capture_output=True, text=True, timeout=60)
   assert out.returncode == 0, out.stderr
   lines = out.stdout.splitlines()  # the head, the categories, two kernels
   assert len(lines) == 4 and "nvjet" in lines[2] and "[custom-call.3]" in lines[2]
   assert "cudnn_generated" in lines[3]
+
+
+def test_training_traces_the_window_it_is_given(tiny_config, tmp_path, capsys):
+  train(tiny_config(train__profile_at=3, train__profile_steps=2), tmp_path)
+  summary = json.loads((tmp_path / "profile" / "summary.json").read_text())
+  assert summary["steps"] == 2 and summary["source"] == "host XLA ops"
+  assert summary["trace"].startswith(str(tmp_path / "profile" / "plugins" / "profile"))
+  assert 0 < summary["busy_ms_per_step"] <= summary["wall_ms_per_step"]
+  assert sum(c["share"] for c in summary["categories"].values()) == pytest.approx(1)
+  # Two steps of the same program: every op of the step ran a whole number of times per step.
+  assert all(k["calls_per_step"] * 2 == round(k["calls_per_step"] * 2) for k in summary["top"])
+  assert "profile (host XLA ops, 2 steps)" in capsys.readouterr().out
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]  # the run went on
+
+
+@pytest.mark.parametrize("at, steps", [(1, 3), (-2, 3), (3, 0)])
+def test_a_profile_window_that_cannot_work_is_refused(tiny_config, tmp_path, at, steps):
+  with pytest.raises(ConfigError, match="profile_at is 0 .* or a step after the first, which "
+                                        "compiles"):
+    train(tiny_config(train__profile_at=at, train__profile_steps=steps), tmp_path)

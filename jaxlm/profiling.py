@@ -5,18 +5,19 @@ reduction, other: elementwise fusions and the rest) from their kernel and HLO op
 reported per step next to the wall time, so the gap between the two (host stalls, launch
 gaps) shows too. On a GPU the kernels are read from the device's stream lines; on CPU (tests,
 dry runs) from the XLA ops the host threads ran, self time only, so a while loop does not
-count its body twice.
-
-  python bench/profile_summary.py TRACE_DIR --steps 3 [--wall-s 1.2] [--top 15]
+count its body twice. Used by `jaxlm train` (train.profile_at), bench/train_throughput.py
+(--profile) and `jaxlm profile TRACE_DIR --steps N`.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import sys
+import time
 from collections import defaultdict
 from pathlib import Path
+
+import jax
+from jax.profiler import ProfileData  # jax's own xplane reader: no TensorBoard plugin needed
 
 # First match wins; collectives before reductions, since all-reduce is both.
 CATEGORIES = (
@@ -28,6 +29,14 @@ CATEGORIES = (
     ("reduction", re.compile(r"reduce")),
 )
 OTHER = "other"
+
+
+def trace_options():
+  """Profiler options for timing: no Python tracer, which would slow every Python call and
+  so inflate the wall time the device's busy time is set against."""
+  options = jax.profiler.ProfileOptions()
+  options.python_tracer_level = 0
+  return options
 
 
 def category(*names: str) -> str:
@@ -97,12 +106,13 @@ def summarize(trace: str | Path, steps: int, wall_s: float | None = None, top: i
   """Device time per step by category and by kernel, from the trace file (or the newest one
   under a directory) of `steps` steps that took wall_s seconds. Per device: the mean over
   the devices of the trace."""
-  from jax.profiler import ProfileData  # jax's own xplane reader; no TensorBoard plugin needed
-
+  if steps < 1:
+    raise ValueError(f"steps must be at least 1 (the steps the trace holds), not {steps}")
   path = Path(trace)
   path = newest_trace(path) if path.is_dir() else path
   if not path.is_file():
-    raise FileNotFoundError(f"No trace at {path}")
+    raise FileNotFoundError(f"No trace at {path}: give an .xplane.pb file or a directory "
+                            f"that holds one.")
   source, devices, lines = _kernel_lines(ProfileData.from_file(str(path)))
   per_kernel = defaultdict(lambda: [0.0, 0, ""])  # name -> [self ns, calls, hlo op]
   intervals = defaultdict(list)  # device -> [(start, end)]
@@ -153,23 +163,35 @@ def format_table(summary: dict) -> str:
   return "\n".join(rows)
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("trace", help="an .xplane.pb file, or a directory to search for the newest")
-  parser.add_argument("--steps", type=int, required=True, help="steps the trace holds")
-  parser.add_argument("--wall-s", type=float, help="their wall time, for the busy share")
-  parser.add_argument("--top", type=int, default=15, help="kernels to list (default: 15)")
-  parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-  args = parser.parse_args(argv)
-  try:
-    summary = summarize(args.trace, args.steps, args.wall_s, args.top)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"profile_summary: error: {e}", file=sys.stderr)
-    return 2
-  print(json.dumps(summary) if args.json else format_table(summary))
-  return 0
+class StepProfiler:
+  """Traces steps `first` .. first + count - 1 of a run (numbered from 1, as logged) into
+  `directory`, then summarises them there (summary.json). The window is synchronised at both
+  ends, so its wall time is the steps' own; steps outside it are untouched."""
 
+  def __init__(self, directory: str | Path, first: int, count: int):
+    self.directory, self.first, self.last = Path(directory), first, first + count - 1
+    self._begin = None
 
-if __name__ == "__main__":
-  sys.exit(main())
+  def before(self, step: int, state) -> None:
+    """Call before running step number `step`, with the state it starts from."""
+    if step == self.first:
+      jax.block_until_ready(state)
+      jax.profiler.start_trace(str(self.directory), profiler_options=trace_options())
+      self._begin = time.perf_counter()
+
+  def after(self, step: int, outputs) -> dict | None:
+    """Call after dispatching step number `step`; the summary once the window closes."""
+    if step != self.last or self._begin is None:
+      return None
+    jax.block_until_ready(outputs)
+    wall_s = time.perf_counter() - self._begin
+    self.close()
+    summary = summarize(self.directory, self.last - self.first + 1, wall_s)
+    (self.directory / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+  def close(self) -> None:
+    """Ends a trace still running (a run that stopped inside the window)."""
+    if self._begin is not None:
+      self._begin = None
+      jax.profiler.stop_trace()
