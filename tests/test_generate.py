@@ -72,7 +72,8 @@ def _greedy_by_full_forwards(model, prompts, steps):
 def test_cached_logits_equal_full_forward_at_every_step(changes):
   model = _model(**changes)
   fed = np.random.default_rng(0).integers(0, 256, (len(PROMPTS), 5)).astype(np.int32)
-  ids, positions = decode._left_pad(PROMPTS)
+  # Wider than the longest prompt, as generate pads: every row has padding to ignore.
+  ids, positions = decode._left_pad(PROMPTS, max(map(len, PROMPTS)) + 3)
   prompt_logits, step_logits = _prefill_then_decode(*nnx.split(model), ids, positions, fed)
   full = _full_logits(model, [p + f.tolist() for p, f in zip(PROMPTS, fed)])
   for i, prompt in enumerate(PROMPTS):
@@ -88,6 +89,25 @@ def test_greedy_equals_argmax_of_full_forwards():
   assert generate(model, PROMPTS, max_new_tokens=6) == expected
   # (graphdef, params) works the same; num_beams=1 is greedy, as in Hugging Face.
   assert generate(nnx.split(model), PROMPTS, max_new_tokens=6, num_beams=1) == expected
+
+
+def test_prompt_batches_of_other_lengths_reuse_the_compiled_steps():
+  """An evaluation generates batch after batch: prompts pad to a power-of-two width, so
+  lengths 2 to 12 share one prefill and one decode loop, and the answers are unchanged."""
+  model = _model()
+  graphdef, params = nnx.split(model)
+  batches = [[[5, 6, 7], [8, 9]], [list(range(1, 12)), [3] * 12]]
+  compiled = []
+  for prompts in batches:
+    assert generate((graphdef, params), prompts, max_new_tokens=4) == (
+        _greedy_by_full_forwards(model, prompts, 4))
+    compiled.append((decode._prefill._cache_size(), decode._sample_decode._cache_size()))
+  assert compiled[1] == compiled[0]
+  assert decode._padded_width(17, 4, model.cfg) == 32
+  # A learned position table caps the width where the cache would pass its end.
+  learned = model.cfg.replace(position_embedding="learned", max_seq_len=40)
+  assert decode._padded_width(17, 12, learned) == 29
+  assert decode._padded_width(30, 12, learned) == 30  # longer prompts are init_cache's to refuse
 
 
 def test_sampling_top_k_1_is_greedy_and_seeds_reproduce():
@@ -122,7 +142,7 @@ def test_top_p_keeps_exactly_the_nucleus():
 def test_one_beam_without_eos_is_greedy():
   model = _model()
   graphdef, params = nnx.split(model)
-  ids, positions = decode._left_pad(PROMPTS)
+  ids, positions = decode._left_pad(PROMPTS, max(map(len, PROMPTS)))
   logits, cache = decode._prefill(graphdef, params, ids, positions, slots=ids.shape[1] + 5,
                                   activation_resolver=None)
   tokens, lengths = decode._beam_decode(

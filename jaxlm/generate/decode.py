@@ -42,7 +42,8 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
   graphdef, params = model if isinstance(model, tuple) else nnx.split(model)
   if not prompt_ids or max_new_tokens == 0:
     return [[] for _ in prompt_ids]
-  ids, positions = _left_pad(prompt_ids)
+  ids, positions = _left_pad(prompt_ids, _padded_width(
+      max(len(p) for p in prompt_ids), max_new_tokens, nnx.merge(graphdef, params).cfg))
   eos_ids = tuple(int(e) for e in eos_ids)
   static = dict(graphdef=graphdef, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
                 activation_resolver=activation_resolver)
@@ -87,9 +88,18 @@ def _check(prompt_ids, max_new_tokens, temperature, top_k, top_p, num_beams) -> 
     raise ValueError("Invalid generation settings: " + "; ".join(problems))
 
 
-def _left_pad(prompt_ids) -> tuple[np.ndarray, np.ndarray]:
-  """int32 ids and positions [batch, longest prompt], padding on the left at position -1."""
-  width = max(len(p) for p in prompt_ids)
+def _padded_width(longest: int, max_new_tokens: int, cfg) -> int:
+  """The prompt width to pad to: the next power of two (at least 16), so that batches of
+  other lengths (an evaluation's) reuse the compiled prefill and decode loop instead of
+  compiling their own; never past a learned position table's end."""
+  width = max(16, 1 << (longest - 1).bit_length())
+  if cfg.position_embedding == "learned":
+    width = min(width, cfg.max_seq_len - max_new_tokens + 1)
+  return max(width, longest)
+
+
+def _left_pad(prompt_ids, width: int) -> tuple[np.ndarray, np.ndarray]:
+  """int32 ids and positions [batch, width], padding on the left at position -1."""
   ids = np.zeros((len(prompt_ids), width), np.int32)
   positions = np.full((len(prompt_ids), width), -1, np.int32)
   for row, prompt in enumerate(prompt_ids):
