@@ -13,8 +13,10 @@
 #   bash bench/gpu_session.sh jaxlm:none torch              # more variants, the PyTorch anchor
 #   bash bench/gpu_session.sh jaxlm:none jaxlm:none+xla_gpu_enable_triton_gemm=false
 #                                                           # an XLA flag's effect, same run
-# Parts: jaxlm:<remat policy>[+<XLA flag without -->...] (remat none, full, dots, minimal;
-# the flags join XLA_FLAGS for that part only), maxtext, torch. BENCH_ARGS adds
+#   bash bench/gpu_session.sh jaxlm:minimal+docs4           # 4 documents a row: masked
+# Parts: jaxlm:<remat policy>[+<XLA flag without -->...][+docs<N>] (remat none, full, dots,
+# minimal; the flags join XLA_FLAGS for that part only; docsN packs N documents into each
+# row, as real data is, so attention gets a document mask), maxtext, torch. BENCH_ARGS adds
 # arguments to bench/train_throughput.py (a dry run on CPU: BENCH_ARGS="--preset tiny
 # --seq-len 64" bash bench/gpu_session.sh jaxlm:minimal).
 # One JSON line per part goes to $OUT (or /tmp/jaxlm_bench); the logs, MaxText's metrics and
@@ -70,21 +72,29 @@ for part in "${parts[@]}"; do
     jaxlm:*)
       variant=${part#jaxlm:}
       remat=${variant%%+*}
-      flags=""
-      [[ $variant == *+* ]] && flags="--${variant#*+}" && flags=${flags//+/ --}
+      flags="" extra=""
+      IFS=+ read -ra options <<< "${variant#"$remat"}"
+      for option in "${options[@]}"; do
+        case $option in
+          "") ;;
+          docs[0-9]*) extra="--docs-per-row ${option#docs}" ;;
+          *) flags="$flags --$option" ;;
+        esac
+      done
       name=jaxlm_$(tr -c 'A-Za-z0-9_.\n' '-' <<< "${variant//+/_}")  # names the tool returns
       # XLA reads a non-empty XLA_FLAGS that does not start with -- as a file name, and dies.
       ( xla_flags=$(echo ${XLA_FLAGS:-} $flags)  # words, no stray spaces
         [ -n "$xla_flags" ] && export XLA_FLAGS="$xla_flags"
         run_part "$name" 170 100 python3 bench/train_throughput.py --remat "$remat" --steps 10 \
-          --warmup 2 --profile "$logs/profile_${name#jaxlm_}" ${BENCH_ARGS:-} ) ;;
+          --warmup 2 --profile "$logs/profile_${name#jaxlm_}" $extra ${BENCH_ARGS:-} ) ;;
     maxtext)
       # anchors_gpu.sh's last line runs the PyTorch anchor, which is its own part here.
       run_part maxtext_anchor 330 200 bash -c \
         "sed '\$d' $anchor/anchors_gpu.sh | RESULTS_DIR=$logs bash -s $anchor" ;;
     torch)
       run_part torch_anchor 210 150 python3 "$anchor/torch_llama_anchor.py" --compile ;;
-    *) echo "unknown part $part (jaxlm:<remat>[+<XLA flag>...], maxtext, torch)"; exit 2 ;;
+    *) echo "unknown part $part (jaxlm:<remat>[+<XLA flag>...][+docs<N>], maxtext, torch)"
+       exit 2 ;;
   esac
 done
 

@@ -10,6 +10,8 @@ are run as `jaxlm train` runs them, dispatched back to back with one wait at the
 tokens_per_s, TFLOP/s and MFU come from those. Any config value can be set with
 --config.SECTION.KEY=VALUE; --mesh takes data/fsdp/tensor sizes (default: fsdp over all
 devices). MFU needs a known device kind or --config.train.peak_tflops_per_device=N.
+The synthetic rows carry no document boundaries unless --docs-per-row N packs N documents
+into each row, with the segment ids (and so the attention mask) that real data gives.
 With --profile DIR, --profile-steps more steps run after the timed ones inside a JAX
 profiler trace written to DIR; the JSON line then carries "profile": device time per step by
 kernel category (matmul, attention, copy, ...) and the top kernels (jaxlm/profiling.py),
@@ -61,6 +63,9 @@ def parse_args(argv):
   parser.add_argument("--mesh", type=parse_layout, metavar="AXIS=N[,AXIS=N]",
                       help="e.g. fsdp=8 or fsdp=4,tensor=2 (default: fsdp over all devices)")
   parser.add_argument("--seed", type=int, default=0, help="synthetic tokens (default: 0)")
+  parser.add_argument("--docs-per-row", type=int, default=0, metavar="N",
+                      help="pack N documents into each row, with segment ids and the "
+                           "document mask real data gets (default: 0, none)")
   parser.add_argument("--profile", metavar="DIR",
                       help="trace --profile-steps extra steps into DIR and summarise them")
   parser.add_argument("--profile-steps", type=int, default=3, help="default: 3")
@@ -68,6 +73,8 @@ def parse_args(argv):
   args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
   if args.steps < 1 or args.warmup < 0 or args.profile_steps < 1:
     parser.error("--steps and --profile-steps must be at least 1 and --warmup at least 0")
+  if not 0 <= args.docs_per_row <= args.seq_len:
+    parser.error(f"--docs-per-row must be between 0 and --seq-len ({args.seq_len})")
   return args, overrides
 
 
@@ -84,12 +91,24 @@ class LoweringCounter:
       self.count += 1
 
 
-def synthetic_rows(rng, batch_size: int, seq_len: int, vocab_size: int) -> dict:
-  """This process's rows of a batch of uniform random tokens."""
+def synthetic_rows(rng, batch_size: int, seq_len: int, vocab_size: int,
+                   docs_per_row: int = 0) -> dict:
+  """This process's rows of a batch of uniform random tokens. With docs_per_row, each row
+  packs that many documents cut at random, with the segment ids and restarting positions
+  `jaxlm train`'s data gives (so attention gets the document mask it gets there)."""
   rows = batch_size // jax.process_count()
   ids = rng.integers(0, vocab_size, (rows, seq_len + 1), dtype=np.int32)
-  return {"input_ids": ids[:, :-1], "targets": ids[:, 1:],
-          "loss_mask": np.ones((rows, seq_len), np.int32)}
+  batch = {"input_ids": ids[:, :-1], "targets": ids[:, 1:],
+           "loss_mask": np.ones((rows, seq_len), np.int32)}
+  if docs_per_row:
+    cuts = np.stack([np.sort(rng.choice(np.arange(1, seq_len), docs_per_row - 1, replace=False))
+                     for _ in range(rows)])
+    index = np.arange(seq_len)
+    segment = (index[None, :, None] >= cuts[:, None, :]).sum(-1)  # 0 .. docs_per_row - 1
+    starts = np.concatenate([np.zeros((rows, 1), np.int64), cuts], axis=1)
+    batch["segment_ids"] = (segment + 1).astype(np.int32)
+    batch["positions"] = (index - np.take_along_axis(starts, segment, 1)).astype(np.int32)
+  return batch
 
 
 def peak_memory_bytes() -> int | None:
@@ -113,7 +132,8 @@ def benchmark(args, overrides) -> dict:
   model_cfg = run.model_cfg
   rng = np.random.default_rng(args.seed)
   # Two batches alternate: fresh tokens without generating them inside the timed loop.
-  rows = [synthetic_rows(rng, args.batch_size, args.seq_len, model_cfg.vocab_size)
+  rows = [synthetic_rows(rng, args.batch_size, args.seq_len, model_cfg.vocab_size,
+                         args.docs_per_row)
           for _ in range(2)]
 
   start = time.perf_counter()
@@ -178,6 +198,7 @@ def benchmark(args, overrides) -> dict:
       "tokens_per_step": tokens_per_step, "flops_per_token": flops_per_token,
       "num_params": model_cfg.num_params(),
       "seq_len": args.seq_len, "batch_size": args.batch_size, "steps": args.steps,
+      "docs_per_row": args.docs_per_row,
       "warmup": args.warmup, "mesh": {k: int(v) for k, v in run.mesh.shape.items()},
       "remat_policy": model_cfg.remat_policy, "param_dtype": model_cfg.param_dtype,
       "compute_dtype": model_cfg.compute_dtype,

@@ -7,6 +7,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "train_throughput.py"
@@ -50,6 +51,20 @@ def test_benchmark_prints_one_json_line(tmp_path):
   assert out.stderr.startswith("profile (host XLA ops, 2 steps)")
 
 
+def test_packed_synthetic_rows_look_like_packed_data():
+  sys.path.insert(0, str(BENCH.parent))
+  from train_throughput import synthetic_rows
+  rows = synthetic_rows(np.random.default_rng(0), batch_size=4, seq_len=32, vocab_size=100,
+                        docs_per_row=5)
+  segments, positions = rows["segment_ids"], rows["positions"]
+  for seg, pos in zip(segments, positions):
+    assert seg[0] == 1 and set(np.diff(seg)) <= {0, 1} and seg[-1] == 5  # 5 documents
+    starts = np.flatnonzero(np.diff(seg, prepend=0))
+    assert (pos[starts] == 0).all()  # positions restart at every document
+    assert (np.diff(pos)[np.diff(seg) == 0] == 1).all()  # and count up inside it
+  assert "segment_ids" not in synthetic_rows(np.random.default_rng(0), 4, 32, 100)
+
+
 def test_benchmark_help():
   out = subprocess.run([sys.executable, str(BENCH), "--help"], capture_output=True,
                        text=True, check=True).stdout
@@ -68,17 +83,19 @@ def test_gpu_session_runs_parts_within_its_budget(tmp_path):
              BENCH_ARGS="--preset tiny --seq-len 64 --batch-size 8 --steps 2",
              PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
   script = str(root / "bench" / "gpu_session.sh")
-  # The second variant has an XLA flag of its own (one that does nothing on CPU).
-  variants = ["jaxlm:minimal", "jaxlm:minimal+xla_gpu_autotune_level=0"]
+  # The second variant has an XLA flag of its own (one that does nothing on CPU) and packs
+  # two documents into each row.
+  variants = ["jaxlm:minimal", "jaxlm:minimal+xla_gpu_autotune_level=0+docs2"]
   out = subprocess.run(["bash", script, *variants, "maxtext", "torch"], cwd=root, env=env,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stdout + out.stderr
   table = out.stdout[out.stdout.index("tokens/s"):].splitlines()
-  names = ["jaxlm_minimal", "jaxlm_minimal_xla_gpu_autotune_level-0"]  # as the tool returns
-  for name, flags in zip(names, ("", "--xla_gpu_autotune_level=0")):
+  names = ["jaxlm_minimal", "jaxlm_minimal_xla_gpu_autotune_level-0_docs2"]  # as returned
+  for name, flags, docs in zip(names, ("", "--xla_gpu_autotune_level=0"), (0, 2)):
     ran = json.loads((tmp_path / f"{name}.json").read_text())
     assert ran["tokens_per_s"] > 0 and ran["remat_policy"] == "minimal" and ran["profile"]
     assert ran["xla_flags"].strip() == flags and ran["device_count"] == 1
+    assert ran["docs_per_row"] == docs
   assert table[1].startswith(names[0]) and table[2].lstrip().startswith("busy ")
   assert names[1] in table and table[table.index(names[1]) + 2].lstrip().startswith("busy ")
   for part in ("maxtext_anchor", "torch_anchor"):
