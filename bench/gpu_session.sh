@@ -16,7 +16,9 @@
 #   bash bench/gpu_session.sh jaxlm:minimal+docs4           # 4 documents a row: masked
 # Parts: jaxlm:<remat policy>[+<XLA flag without -->...][+docs<N>] (remat none, full, dots,
 # minimal; the flags join XLA_FLAGS for that part only; docsN packs N documents into each
-# row, as real data is, so attention gets a document mask), maxtext, torch. BENCH_ARGS adds
+# row, as real data is, so attention gets a document mask), maxtext, torch, attention
+# (bench/attention_check.py: cuDNN and XLA attention checked against float32 and timed,
+# ATTENTION_ARGS adds arguments). BENCH_ARGS adds
 # arguments to bench/train_throughput.py (a dry run on CPU: BENCH_ARGS="--preset tiny
 # --seq-len 64" bash bench/gpu_session.sh jaxlm:minimal).
 # One JSON line per part goes to $OUT (or /tmp/jaxlm_bench); the logs, MaxText's metrics and
@@ -93,7 +95,10 @@ for part in "${parts[@]}"; do
         "sed '\$d' $anchor/anchors_gpu.sh | RESULTS_DIR=$logs bash -s $anchor" ;;
     torch)
       run_part torch_anchor 210 150 python3 "$anchor/torch_llama_anchor.py" --compile ;;
-    *) echo "unknown part $part (jaxlm:<remat>[+<XLA flag>...][+docs<N>], maxtext, torch)"
+    attention)  # cuDNN and XLA attention against float32, with and without a document mask
+      run_part attention_check 150 60 python3 bench/attention_check.py ${ATTENTION_ARGS:-} ;;
+    *) echo "unknown part $part (jaxlm:<remat>[+<XLA flag>...][+docs<N>], maxtext, torch," \
+            "attention)"
        exit 2 ;;
   esac
 done
@@ -109,6 +114,13 @@ print(f"{'part':<16}{'tokens/s':>10}{'TFLOP/s':>9}{'MFU':>7}{'vs MaxText':>11}{'
       f"{'peak GiB':>9}")
 for name, r in rows:
   tps = r.get("tokens_per_s")
+  if "cases" in r:  # bench/attention_check.py
+    for c in r["cases"]:
+      what = c.get("error") or (f"max rel err {max(c['errors'].values()):.1e}, "
+                                f"{c['ms_forward_backward']:.2f} ms, {c['tflops']:.0f} TFLOP/s")
+      print(f"{name:<16} {c['implementation']} docs {c['docs_per_row']}: {what}"
+            f"{'' if c['ok'] else '  FAILED'}")
+    continue
   if tps is None:
     print(f"{name:<16} {r.get('skipped') or r.get('error') or r}")
     continue

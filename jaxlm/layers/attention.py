@@ -64,11 +64,8 @@ class Attention(nnx.Module):
       k = apply_rotary(k, positions, self.inv_freq)
     if cache is not None:
       return self._attend_cached(q, k, v, positions, cache)
-    mask = None if segment_ids is None else segment_mask(segment_ids)
-    window = None if self.sliding_window is None else (self.sliding_window - 1, 0)
-    out = jax.nn.dot_product_attention(
-        q, k, v, mask=mask, is_causal=True, local_window_size=window,
-        implementation=resolve_attention_impl(self.implementation, q.dtype))
+    out = causal_attention(q, k, v, segment_ids, sliding_window=self.sliding_window,
+                           implementation=self.implementation)
     out = constrain(out, ("act_batch", "act_length", "act_heads", None))
     return self.o_proj(out)
 
@@ -81,6 +78,19 @@ class Attention(nnx.Module):
                                        mask=mask, implementation="xla")
     out = constrain(out, ("act_batch", "act_length", "act_heads", None))
     return self.o_proj(out), kv
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                     segment_ids: jax.Array | None = None, *, sliding_window: int | None = None,
+                     implementation: str | None = None) -> jax.Array:
+  """Causal attention of q [batch, len, heads, head_dim] over k, v [batch, len, kv_heads,
+  head_dim], each token seeing only its own document (segment_ids, when given) and the last
+  sliding_window tokens; implementation as resolve_attention_impl."""
+  mask = None if segment_ids is None else segment_mask(segment_ids)
+  window = None if sliding_window is None else (sliding_window - 1, 0)
+  return jax.nn.dot_product_attention(
+      q, k, v, mask=mask, is_causal=True, local_window_size=window,
+      implementation=resolve_attention_impl(implementation, q.dtype))
 
 
 def _write(cached: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
