@@ -135,7 +135,9 @@ for name, r in rows:
     print(name)
     name = ""
   print(f"{name:<16}{tps:>10,.0f}{tflops:>9}{mfu:>7}{ratio:>11}{comp:>10}{mem:>9}")
-  if r.get("profile"):  # jaxlm's parts: where the device time went (jaxlm/profiling.py)
+  if (r.get("profile") or {}).get("error"):
+    print(f"{'':<4}profile failed: {r['profile']['error']}")
+  elif r.get("profile"):  # jaxlm's parts: where the device time went (jaxlm/profiling.py)
     p = r["profile"]
     print(f"{'':<4}busy {p['busy_ms_per_step']:.1f} of {p['wall_ms_per_step']:.1f} ms/step; "
           + ", ".join(f"{k} {c['ms_per_step']:.1f}" for k, c in p["categories"].items()))

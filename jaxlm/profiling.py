@@ -166,27 +166,41 @@ def format_table(summary: dict) -> str:
 class StepProfiler:
   """Traces steps `first` .. first + count - 1 of a run (numbered from 1, as logged) into
   `directory`, then summarises them there (summary.json). The window is synchronised at both
-  ends, so its wall time is the steps' own; steps outside it are untouched."""
+  ends, so its wall time is the steps' own; steps outside it are untouched. A profiler that
+  fails (no CUPTI, a trace it cannot read) ends in {"error": ...}, never in a stopped run."""
 
   def __init__(self, directory: str | Path, first: int, count: int):
     self.directory, self.first, self.last = Path(directory), first, first + count - 1
     self._begin = None
+    self._error = None
 
   def before(self, step: int, state) -> None:
     """Call before running step number `step`, with the state it starts from."""
-    if step == self.first:
-      jax.block_until_ready(state)
+    if step != self.first:
+      return
+    jax.block_until_ready(state)
+    try:
       jax.profiler.start_trace(str(self.directory), profiler_options=trace_options())
-      self._begin = time.perf_counter()
+    except Exception as e:  # the run matters more than its profile
+      self._error = f"could not start the trace: {type(e).__name__}: {e}"
+      return
+    self._begin = time.perf_counter()
 
   def after(self, step: int, outputs) -> dict | None:
-    """Call after dispatching step number `step`; the summary once the window closes."""
-    if step != self.last or self._begin is None:
+    """Call after dispatching step number `step`: once the window closes, its summary (or
+    {"error": why there is none}), else None."""
+    if step != self.last or (self._begin is None and self._error is None):
       return None
+    if self._error is not None:
+      return {"error": self._error}
     jax.block_until_ready(outputs)
     wall_s = time.perf_counter() - self._begin
-    self.close()
-    summary = summarize(self.directory, self.last - self.first + 1, wall_s)
+    try:
+      self.close()
+      summary = summarize(self.directory, self.last - self.first + 1, wall_s)
+    except Exception as e:
+      return {"error": f"could not summarise the trace in {self.directory}: "
+                       f"{type(e).__name__}: {e}"}
     (self.directory / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 

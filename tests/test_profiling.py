@@ -137,6 +137,20 @@ def test_training_traces_the_window_it_is_given(tiny_config, tmp_path, capsys):
   assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]  # the run went on
 
 
+def test_a_profiler_that_cannot_start_leaves_the_run_going(tiny_config, tmp_path, capsys,
+                                                          monkeypatch):
+  def no_profiler(*args, **kwargs):
+    raise RuntimeError("CUPTI is not available")
+
+  monkeypatch.setattr(profiling.jax.profiler, "start_trace", no_profiler)
+  train(tiny_config(train__profile_at=3, train__profile_steps=2), tmp_path)
+  assert ("profile failed, training goes on: could not start the trace: RuntimeError: CUPTI "
+          "is not available") in capsys.readouterr().out
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+  assert not (tmp_path / "profile" / "summary.json").exists()
+
+
 @pytest.mark.parametrize("at, steps", [(1, 3), (-2, 3), (3, 0)])
 def test_a_profile_window_that_cannot_work_is_refused(tiny_config, tmp_path, at, steps):
   with pytest.raises(ConfigError, match="profile_at is 0 .* or a step after the first, which "

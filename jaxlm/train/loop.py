@@ -533,7 +533,9 @@ def train(config, workdir: str | Path) -> dict:
       state, metrics = trainer.train_step(state, run.global_batch(next(data)), teacher)
       done = step + 1
       if profiler and (summary := profiler.after(done, (state, metrics))) and is_main:
-        progress.write(f"{format_table(summary)}\n(trace in {profiler.directory}: TensorBoard's "
+        progress.write(f"profile failed, training goes on: {summary['error']}"
+                       if "error" in summary else
+                       f"{format_table(summary)}\n(trace in {profiler.directory}: TensorBoard's "
                        f"profile plugin, or `jaxlm profile {profiler.directory} --steps "
                        f"{config.train.profile_steps}`)")
       pending += 1
