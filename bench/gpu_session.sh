@@ -9,8 +9,8 @@
 # Here, once (downloads MaxText's wheels and ml-collections, ~25 MB, into .anchor/):
 #   bash ../shared/bench/anchor_wheels.sh .anchor
 # Then, through the device tool (carry .anchor):
-#   bash bench/gpu_session.sh                               # jaxlm remat minimal + dots, MaxText
-#   bash bench/gpu_session.sh jaxlm:none torch              # more variants, the PyTorch anchor
+#   bash bench/gpu_session.sh                               # attention, jaxlm none + minimal, MaxText
+#   bash bench/gpu_session.sh jaxlm:dots torch              # more variants, the PyTorch anchor
 #   bash bench/gpu_session.sh jaxlm:none jaxlm:none+xla_gpu_enable_triton_gemm=false
 #                                                           # an XLA flag's effect, same run
 #   bash bench/gpu_session.sh jaxlm:minimal+docs4           # 4 documents a row: masked
@@ -27,7 +27,7 @@
 # device tool's eight returned files hold them all. A table is printed last.
 set -u
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(jaxlm:minimal jaxlm:dots maxtext)
+[ ${#parts[@]} -eq 0 ] && parts=(attention jaxlm:none jaxlm:minimal maxtext)
 out=${OUT:-/tmp/jaxlm_bench}
 budget=${BUDGET_S:-540}
 anchor=.anchor
