@@ -125,6 +125,32 @@ def test_param_count_formula_matches_the_arrays():
     assert sum(a.size for a in arrays) == model.cfg.num_params()
 
 
+@pytest.mark.parametrize("changes", [{}, {"tie_embeddings": True},
+                                     {**GPT2_OPTIONS, "num_kv_heads": 4}],
+                         ids=["gqa", "tied", "gpt2"])
+def test_mfu_flop_count_matches_the_compilers(changes):
+  """flops_per_token, MFU's numerator, against XLA's own count of a compiled forward +
+  backward. XLA's attention computes the masked half too, so that half is added to ours;
+  what is left over is elementwise work (norms, softmax, activations): under 2%. Layers
+  unrolled: XLA's cost analysis counts a scanned layer's loop body once."""
+  batch, seq = 4, 64
+  cfg = from_preset("tiny", **{"hidden_size": 256, "num_heads": 4, "num_kv_heads": 2,
+                               "mlp_dim": 768, "vocab_size": 1024, "scan_layers": False,
+                               "attention_impl": "xla", **changes})
+  graphdef, params = nnx.split(Llama(cfg, rngs=nnx.Rngs(0)))
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq)))
+
+  def loss(params):
+    logits = nnx.merge(graphdef, params)(ids)
+    return jnp.sum(jax.nn.log_softmax(logits)[..., 0])
+
+  cost = jax.jit(jax.grad(loss)).lower(params).compile().cost_analysis()
+  xla = (cost[0] if isinstance(cost, list) else cost)["flops"]
+  ours = cfg.flops_per_token(seq) * batch * seq
+  masked_half = 6 * cfg.num_layers * seq * cfg.num_heads * cfg.resolved_head_dim * batch * seq
+  assert 1.0 <= xla / (ours + masked_half) < 1.02
+
+
 def test_gpt2_preset_has_the_published_size():
   assert from_preset("gpt2").num_params() == 124_439_808
   # Lookups (token and position tables) do no matmul work; the tied output matrix does.
