@@ -117,10 +117,19 @@ class BertConfig:
     return self.num_layers * layer + heads + (v * d if self.mlm_head else 0)
 
   def flops_per_token(self, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x matmul params plus bidirectional attention (QK^T and AV,
-    not halved by a causal mask)."""
-    return 6 * self.num_params(include_embedding=False) + 12 * self.num_layers * seq_len * (
-        self.hidden_size)
+    """Training FLOPs per token: 6 x the parameters whose matmuls training runs, plus
+    bidirectional attention (QK^T and AV, not halved by a causal mask). Training runs the
+    layers and one head: the masked-LM head without a classifier, else the classifier (a
+    sequence classifier's through the pooler); the others sit idle."""
+    d, v = self.hidden_size, self.vocab_size
+    pooler = d * d + d if self.pooler else 0
+    mlm = d * d + 3 * d + v + v * d if self.mlm_head else 0  # with the tied projection
+    if not self.num_labels:
+      idle = pooler
+    else:
+      idle = mlm + (pooler if self.classifier == "token" else 0)
+    return 6 * (self.num_params(include_embedding=False) - idle) + 12 * self.num_layers * (
+        seq_len * d)
 
   def replace(self, **changes) -> "BertConfig":
     return dataclasses.replace(self, **changes)
