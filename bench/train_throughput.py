@@ -38,7 +38,7 @@ import numpy as np
 
 from jaxlm.plan import experiment_config
 from jaxlm.plan_cli import parse_layout
-from jaxlm.profiling import format_table, summarize, trace_options
+from jaxlm.profiling import StepProfiler, format_table
 from jaxlm.train.loop import Run
 from jaxlm.train.metrics import peak_flops_per_device
 
@@ -169,18 +169,16 @@ def benchmark(args, overrides) -> dict:
   recompiles = counter.count - lowerings_before
   profile = None
   if args.profile:
-    # After the timed steps, so tracing overhead stays out of the figures above.
+    # After the timed steps, so tracing overhead stays out of the figures above; the same
+    # window `jaxlm train` traces with train.profile_at, whose failures cost nothing else.
     first += args.steps
-    try:
-      begin = time.perf_counter()
-      with jax.profiler.trace(args.profile, profiler_options=trace_options()):
-        for i in range(args.profile_steps):
-          step(first + i)
-      profile = summarize(args.profile, args.profile_steps, time.perf_counter() - begin)
-      print(format_table(profile), file=sys.stderr)
-    except Exception as e:  # a profiler that fails here must not cost the figures above
-      profile = {"error": f"{type(e).__name__}: {e}"[:500]}
-      print(f"train_throughput: profile failed: {profile['error']}", file=sys.stderr)
+    profiler = StepProfiler(args.profile, 1, args.profile_steps)
+    for i in range(args.profile_steps):
+      profiler.before(1 + i, state)
+      _, metrics = step(first + i)
+      profile = profiler.after(1 + i, (state, metrics))
+    print(f"train_throughput: profile failed: {profile['error']}" if "error" in profile
+          else format_table(profile), file=sys.stderr)
 
   step_s = statistics.median(times)
   tokens_per_step = args.batch_size * args.seq_len
