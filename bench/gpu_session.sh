@@ -14,9 +14,11 @@
 #   bash bench/gpu_session.sh jaxlm:none jaxlm:none+xla_gpu_enable_triton_gemm=false
 #                                                           # an XLA flag's effect, same run
 #   bash bench/gpu_session.sh jaxlm:minimal+docs4           # 4 documents a row: masked
-# Parts: jaxlm:<remat policy>[+<XLA flag without -->...][+docs<N>] (remat none, full, dots,
-# minimal; the flags join XLA_FLAGS for that part only; docsN packs N documents into each
-# row, as real data is, so attention gets a document mask), maxtext, torch, attention
+#   bash bench/gpu_session.sh jaxlm:none+chunk512           # loss 512 positions at a time
+# Parts: jaxlm:<remat policy>[+<XLA flag without -->...][+docs<N>][+chunk<N>] (remat none,
+# full, dots, minimal; the flags join XLA_FLAGS for that part only; docsN packs N documents
+# into each row, as real data is, so attention gets a document mask; chunkN sets
+# train.loss_chunk_len), maxtext, torch, attention
 # (bench/attention_check.py: cuDNN and XLA attention checked against float32 and timed,
 # ATTENTION_ARGS adds arguments). BENCH_ARGS adds
 # arguments to bench/train_throughput.py (a dry run on CPU: BENCH_ARGS="--preset tiny
@@ -79,7 +81,8 @@ for part in "${parts[@]}"; do
       for option in "${options[@]}"; do
         case $option in
           "") ;;
-          docs[0-9]*) extra="--docs-per-row ${option#docs}" ;;
+          docs[0-9]*) extra="$extra --docs-per-row ${option#docs}" ;;
+          chunk[0-9]*) extra="$extra --config.train.loss_chunk_len=${option#chunk}" ;;
           *) flags="$flags --$option" ;;
         esac
       done
@@ -97,8 +100,8 @@ for part in "${parts[@]}"; do
       run_part torch_anchor 210 150 python3 "$anchor/torch_llama_anchor.py" --compile ;;
     attention)  # cuDNN and XLA attention against float32, with and without a document mask
       run_part attention_check 150 60 python3 bench/attention_check.py ${ATTENTION_ARGS:-} ;;
-    *) echo "unknown part $part (jaxlm:<remat>[+<XLA flag>...][+docs<N>], maxtext, torch," \
-            "attention)"
+    *) echo "unknown part $part (jaxlm:<remat>[+<XLA flag>...][+docs<N>][+chunk<N>], maxtext," \
+            "torch, attention)"
        exit 2 ;;
   esac
 done

@@ -71,6 +71,10 @@ def base_config() -> ml_collections.ConfigDict:
       "grad_accum_steps": 1,
       "label_smoothing": 0.0,
       "z_loss": 0.0,
+      # > 0: a decoder's logits and loss are computed this many positions at a time (a
+      # divisor of data.seq_len), so the [batch, seq, vocab] float32 logits never exist whole:
+      # less memory for large vocabularies, for one more output-projection matmul.
+      "loss_chunk_len": 0,
       "log_every": 10,
       "eval_every": 100,  # 0 disables evaluation
       "eval_batches": 4,

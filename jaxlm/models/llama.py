@@ -130,13 +130,14 @@ class Llama(nnx.Module):
     default to the slot numbers, a negative position marks padding that no token attends to,
     and segment ids are not taken."""
     if cache is None:
-      return self._logits(self.hidden_states(input_ids, positions, segment_ids,
+      return self.output_logits(self.hidden_states(input_ids, positions, segment_ids,
                                              dropout_rng=dropout_rng))
     x, cache = self.hidden_states(input_ids, positions, segment_ids, dropout_rng=dropout_rng,
                                   cache=cache)
-    return self._logits(x), cache
+    return self.output_logits(x), cache
 
-  def _logits(self, x: jax.Array) -> jax.Array:
+  def output_logits(self, x: jax.Array) -> jax.Array:
+    """float32 logits of final-normed hidden states [batch, seq, hidden] (`hidden_states`)."""
     if self.score is not None:
       logits = jnp.einsum("btd,dc->btc", x, self.score.kernel[...].astype(x.dtype),
                           preferred_element_type=jnp.float32)

@@ -153,6 +153,29 @@ def check_regression_loss(model_cfg, config) -> None:
         f"which {' and '.join(given)} do not apply; unset {'it' if len(given) == 1 else 'them'}.")
 
 
+def check_loss_chunk(model_cfg, config) -> None:
+  """train.loss_chunk_len splits a decoder's language-model loss along the sequence."""
+  chunk_len, seq_len = config.train.loss_chunk_len, config.data.seq_len
+  if not chunk_len:
+    return
+  if chunk_len < 0 or seq_len % chunk_len:
+    raise config_lib.ConfigError(
+        f"train.loss_chunk_len = {chunk_len} must divide data.seq_len = {seq_len} (e.g. "
+        f"{_largest_divisor_at_most(seq_len, 512)}), or be 0 for no chunking.")
+  applies_to = [why for why, given in (
+      ("an encoder", is_encoder(model_cfg)),
+      ("a classification or regression head", model_cfg.num_labels > 0),
+      ("distillation (distill.teacher)", bool(config.distill.teacher))) if given]
+  if applies_to:
+    raise config_lib.ConfigError(
+        f"train.loss_chunk_len chunks a decoder's language-model loss over its vocabulary; "
+        f"it does not apply to {applies_to[0]}: set train.loss_chunk_len = 0.")
+
+
+def _largest_divisor_at_most(n: int, limit: int) -> int:
+  return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
 def check_layout(model_cfg, mesh, config) -> None:
   """Catches layouts that cannot work before anything is compiled, with the fix."""
   if config.train.on_nonfinite not in ("stop", "skip"):
@@ -271,10 +294,12 @@ class Run:
     check_layout(model_cfg, mesh, config)
     check_labels(model_cfg, config)
     check_regression_loss(model_cfg, config)
+    check_loss_chunk(model_cfg, config)
     tx, schedule = make_optimizer(config.optim, config.train.steps)
     trainer = Trainer(
         model_cfg, tx, schedule, LogicalRules(mesh, config.mesh.rules),
-        loss_cfg=LossConfig(config.train.label_smoothing, config.train.z_loss),
+        loss_cfg=LossConfig(config.train.label_smoothing, config.train.z_loss,
+                            config.train.loss_chunk_len),
         grad_accum_steps=config.train.grad_accum_steps,
         skip_nonfinite=config.train.on_nonfinite == "skip", **finetune_options(config),
         **teacher_options(config, model_cfg), **mlm_options(config, model_cfg),

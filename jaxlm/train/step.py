@@ -36,9 +36,10 @@ from jaxlm.finetune.trainable import combine
 from jaxlm.layers.linear import lora_dropout
 from jaxlm.layers.sharding import activation_sharding, constrain
 from jaxlm.models.bert import pair_token_types
-from jaxlm.models.factory import batch_logits
+from jaxlm.models.factory import DECODER_INPUTS, batch_logits
+from jaxlm.models.llama import Llama
 from jaxlm.train.distill import distillation_sums
-from jaxlm.train.loss import cross_entropy
+from jaxlm.train.loss import chunked_cross_entropy, cross_entropy
 from jaxlm.train.mlm import MLM, corrupt_batch, eval_key
 
 
@@ -46,6 +47,9 @@ from jaxlm.train.mlm import MLM, corrupt_batch, eval_key
 class LossConfig:
   label_smoothing: float = 0.0
   z_loss: float = 0.0
+  # > 0: a language model's logits and cross-entropy are computed this many positions at a
+  # time (loss.chunked_cross_entropy); 0: the whole sequence at once.
+  chunk_len: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,8 +115,36 @@ def _logits(graphdef, params, batch, dropout_rng, lora_key=None):
     return batch_logits(model, batch, dropout_rng)
 
 
+def _lm_sums_by_chunks(graphdef, params, batch, loss_cfg: LossConfig, dropout_rng,
+                       lora_key=None):
+  """A decoder language model's cross-entropy sums, loss_cfg.chunk_len positions at a time."""
+  model = nnx.merge(graphdef, params)
+  if not isinstance(model, Llama) or model.score is not None:
+    raise ValueError("A chunked loss (train.loss_chunk_len) is for a decoder's language-model "
+                     "head; set train.loss_chunk_len = 0 for encoders and classifiers.")
+  _gather_output_head(model)
+  with lora_dropout(lora_key):
+    hidden = model.hidden_states(batch["input_ids"], *(batch.get(k) for k in DECODER_INPUTS),
+                                 dropout_rng=dropout_rng)
+    return chunked_cross_entropy(hidden, model.output_logits, batch["targets"],
+                                 batch["loss_mask"], chunk_len=loss_cfg.chunk_len,
+                                 label_smoothing=loss_cfg.label_smoothing,
+                                 z_loss=loss_cfg.z_loss)
+
+
+def _gather_output_head(model: Llama) -> None:
+  """Pins the output projection's weight, in the compute dtype, to the layout its matmul
+  reads (vocab over tensor, embed whole) before the chunk loop: FSDP then gathers it once,
+  not once per chunk."""
+  weight, names = ((model.embed.table, ("act_vocab", "act_embed")) if model.lm_head is None
+                   else (model.lm_head.kernel, ("act_embed", "act_vocab")))
+  weight.set_value(constrain(weight[...].astype(model.cfg.compute_dtype), names))
+
+
 def _forward_sums(graphdef, params, batch, loss_cfg: LossConfig, dropout_rng, lora_key=None,
                   distill: Distill | None = None, teacher=None, regression: bool = False):
+  if loss_cfg.chunk_len and distill is None and not regression:
+    return _lm_sums_by_chunks(graphdef, params, batch, loss_cfg, dropout_rng, lora_key)
   logits = _logits(graphdef, params, batch, dropout_rng, lora_key)
   if regression:
     return squared_error(logits, batch["targets"], batch["loss_mask"])
@@ -232,8 +264,10 @@ def apply_gradients(state, grads, loss, *, tx: optax.GradientTransformation, sch
 
 def eval_step(params, batch, *, graphdef, activation_resolver=None, num_labels: int = 0,
               token_predictions: bool = False, mlm: MLM | None = None,
-              regression: bool = False, pair_separator: int | None = None):
-  """Summed loss over the loss_mask tokens; for a classifier (num_labels > 0) also the
+              regression: bool = False, pair_separator: int | None = None,
+              loss_chunk_len: int = 0):
+  """Summed loss over the loss_mask tokens (a language model's loss_chunk_len positions at
+  a time when > 0, as in training); for a classifier (num_labels > 0) also the
   confusion matrix [true, predicted] of its predictions there, which sums over batches, and
   with token_predictions (a token classifier) the predicted class at every token, from which
   the host scores whole entities. For a regression head instead the prediction and the
@@ -243,6 +277,10 @@ def eval_step(params, batch, *, graphdef, activation_resolver=None, num_labels: 
     batch = with_pair_token_types(batch, pair_separator)
     if mlm is not None:
       batch = corrupt_batch(eval_key(mlm, batch["input_ids"]), batch, mlm)
+    if loss_chunk_len and not num_labels and mlm is None:
+      sums = _lm_sums_by_chunks(graphdef, params, batch, LossConfig(chunk_len=loss_chunk_len),
+                                None)
+      return {"nll_sum": sums["nll_sum"], "tokens": sums["tokens"]}
     logits = _logits(graphdef, params, batch, None)
     if regression:
       return {"predictions": logits[..., 0].astype(jnp.float32),

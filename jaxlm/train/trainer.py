@@ -93,7 +93,8 @@ class Trainer:
                                       num_labels=model_cfg.num_labels,
                                       token_predictions=self.token_classifier, mlm=mlm,
                                       regression=self.regression,
-                                      pair_separator=pair_separator)
+                                      pair_separator=pair_separator,
+                                      loss_chunk_len=loss_cfg.chunk_len)
     self._compiled_steps = {}
 
   def _build_model(self, seed) -> Llama:
