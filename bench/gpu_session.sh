@@ -15,14 +15,15 @@
 #                                                           # an XLA flag's effect, same run
 #   bash bench/gpu_session.sh jaxlm:minimal+docs4           # 4 documents a row: masked
 #   bash bench/gpu_session.sh jaxlm:none+chunk512           # loss 512 positions at a time
-# Parts: jaxlm:<remat policy>[+<XLA flag without -->...][+docs<N>][+chunk<N>] (remat none,
-# full, dots, minimal; the flags join XLA_FLAGS for that part only; docsN packs N documents
-# into each row, as real data is, so attention gets a document mask; chunkN sets
-# train.loss_chunk_len), maxtext, torch, attention
-# (bench/attention_check.py: cuDNN and XLA attention checked against float32 and timed,
-# ATTENTION_ARGS adds arguments). BENCH_ARGS adds
-# arguments to bench/train_throughput.py (a dry run on CPU: BENCH_ARGS="--preset tiny
-# --seq-len 64" bash bench/gpu_session.sh jaxlm:minimal).
+#   bash bench/gpu_session.sh jaxlm:minimal+docs4+pallas    # Pallas attention, document mask
+# Parts: jaxlm:<remat policy>[+<XLA flag without -->...][+docs<N>][+chunk<N>][+<attention>]
+# (remat none, full, dots, minimal; the flags join XLA_FLAGS for that part only; docsN packs
+# N documents into each row, as real data is, so attention gets a document mask; chunkN
+# sets train.loss_chunk_len; xla, cudnn or pallas sets model.attention_impl), maxtext,
+# torch, attention (bench/attention_check.py: XLA, cuDNN and Pallas attention checked
+# against float32 and timed, ATTENTION_ARGS adds arguments). BENCH_ARGS adds arguments to
+# bench/train_throughput.py (a dry run on CPU: BENCH_ARGS="--preset tiny --seq-len 64"
+# bash bench/gpu_session.sh jaxlm:minimal).
 # One JSON line per part goes to $OUT (or /tmp/jaxlm_bench); the logs, MaxText's metrics and
 # each jaxlm part's profiler trace (its summary is in the JSON line: device time per step by
 # kernel category, top kernels) go to $OUT/logs.tgz, refreshed after every part, so that the
@@ -83,6 +84,7 @@ for part in "${parts[@]}"; do
           "") ;;
           docs[0-9]*) extra="$extra --docs-per-row ${option#docs}" ;;
           chunk[0-9]*) extra="$extra --config.train.loss_chunk_len=${option#chunk}" ;;
+          xla|cudnn|pallas) extra="$extra --config.model.attention_impl=$option" ;;
           *) flags="$flags --$option" ;;
         esac
       done
@@ -98,10 +100,10 @@ for part in "${parts[@]}"; do
         "sed '\$d' $anchor/anchors_gpu.sh | RESULTS_DIR=$logs bash -s $anchor" ;;
     torch)
       run_part torch_anchor 210 150 python3 "$anchor/torch_llama_anchor.py" --compile ;;
-    attention)  # cuDNN and XLA attention against float32, with and without a document mask
+    attention)  # XLA, cuDNN and Pallas attention against float32, with and without a document mask
       run_part attention_check 150 60 python3 bench/attention_check.py ${ATTENTION_ARGS:-} ;;
-    *) echo "unknown part $part (jaxlm:<remat>[+<XLA flag>...][+docs<N>][+chunk<N>], maxtext," \
-            "torch, attention)"
+    *) echo "unknown part $part (jaxlm:<remat>[+<XLA flag>...][+docs<N>][+chunk<N>]" \
+            "[+xla|cudnn|pallas], maxtext, torch, attention)"
        exit 2 ;;
   esac
 done

@@ -108,20 +108,22 @@ def test_gpu_session_runs_parts_within_its_budget(tmp_path):
              PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
   script = str(root / "bench" / "gpu_session.sh")
   # The second variant has an XLA flag of its own (one that does nothing on CPU), packs
-  # two documents into each row and computes the loss 32 positions at a time.
-  variants = ["jaxlm:minimal", "jaxlm:minimal+xla_gpu_autotune_level=0+docs2+chunk32"]
+  # two documents into each row, computes the loss 32 positions at a time and runs the
+  # Pallas attention (interpreted here).
+  variants = ["jaxlm:minimal", "jaxlm:minimal+xla_gpu_autotune_level=0+docs2+chunk32+pallas"]
   out = subprocess.run(["bash", script, *variants, "maxtext", "torch"], cwd=root, env=env,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stdout + out.stderr
   table = out.stdout[out.stdout.index("tokens/s"):].splitlines()
-  names = ["jaxlm_minimal", "jaxlm_minimal_xla_gpu_autotune_level-0_docs2_chunk32"]  # as returned
-  for name, flags, docs, chunk in zip(names, ("", "--xla_gpu_autotune_level=0"), (0, 2),
-                                      (None, 32)):
+  names = ["jaxlm_minimal", "jaxlm_minimal_xla_gpu_autotune_level-0_docs2_chunk32_pallas"]
+  for name, flags, docs, chunk, impl in zip(names, ("", "--xla_gpu_autotune_level=0"),
+                                            (0, 2), (None, 32), (None, "pallas")):
     ran = json.loads((tmp_path / f"{name}.json").read_text())
     assert ran["tokens_per_s"] > 0 and ran["remat_policy"] == "minimal" and ran["profile"]
     assert ran["xla_flags"].strip() == flags and ran["device_count"] == 1
     assert ran["docs_per_row"] == docs
     assert ran["overrides"].get("train.loss_chunk_len") == chunk
+    assert ran["overrides"].get("model.attention_impl") == impl
   assert table[1].startswith(names[0]) and table[2].lstrip().startswith("busy ")
   assert names[1] in table and table[table.index(names[1]) + 2].lstrip().startswith("busy ")
   for part in ("maxtext_anchor", "torch_anchor"):

@@ -37,6 +37,25 @@ def constrain(x: jax.Array, names: LogicalAxes) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, resolver(tuple(names), x.shape))
 
 
+def per_shard(fn: Callable, in_names: Sequence[LogicalAxes], out_names: LogicalAxes):
+  """fn applied to each device's shard of its arguments (logical names per argument, and
+  for the one output) under the installed resolver's mesh; without a resolver, fn itself.
+  For kernels XLA cannot partition (a Pallas call), which would otherwise be given whole
+  arrays."""
+  resolver = _resolver.get()
+  if resolver is None:
+    return fn
+
+  def sharded(*args):
+    in_shardings = [resolver(tuple(names), arg.shape) for names, arg in zip(in_names, args)]
+    mesh = in_shardings[0].mesh
+    out_spec = resolver(tuple(out_names), args[0].shape).spec
+    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(s.spec for s in in_shardings),
+                         out_specs=out_spec, check_vma=False)(*args)
+
+  return sharded
+
+
 def param(value: jax.Array, names: LogicalAxes) -> nnx.Param:
   """A parameter annotated with logical axis names. Placement is decided later from the
   names (parallel/), so flax must not try to shard it eagerly here."""

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.layers.attention import ATTENTION_IMPLS, resolve_attention_impl, segment_mask
+from jaxlm.layers.attention import resolve_attention_impl, segment_mask
 from jaxlm.layers.dropout import dropout
 from jaxlm.layers.linear import Einsum, Embedding
 from jaxlm.layers.norms import LayerNorm
@@ -26,6 +26,9 @@ from jaxlm.layers.sharding import constrain, param
 
 RESIDUAL = ("act_batch", "act_length", "act_embed")
 CLASSIFIERS = ("sequence", "token", "regression")
+# The attention mask of an encoder may hide only padded keys (attention_mask), which the
+# Pallas kernel's segment ids cannot say: it keeps to jax.nn.dot_product_attention.
+ENCODER_ATTENTION_IMPLS = (None, "xla", "cudnn")
 ACTIVATIONS = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
@@ -77,7 +80,7 @@ class BertConfig:
       if getattr(self, field) not in ACTIVATIONS:
         problems.append(f"{field}={getattr(self, field)!r} (supported: {', '.join(ACTIVATIONS)})")
     for field, allowed in (("remat_policy", tuple(REMAT_POLICIES)),
-                           ("attention_impl", ATTENTION_IMPLS)):
+                           ("attention_impl", ENCODER_ATTENTION_IMPLS)):
       if getattr(self, field) not in allowed:
         problems.append(f"{field}={getattr(self, field)!r} (one of "
                         f"{', '.join(map(str, allowed))})")
