@@ -6,7 +6,8 @@ Exits 1 when a case fails (an error, a non-finite value, or a relative error ove
 
 The defaults are the reference config's attention (batch 8, 2048 tokens, 16 heads of 128)
 in bfloat16, with 0 and 4 documents a row, through XLA and, on a GPU, cuDNN flash attention
-and jax's Pallas (Triton) flash attention (elsewhere --impls pallas runs it interpreted):
+and jax's Pallas (Triton) flash attention; on a TPU, XLA and splash (elsewhere --impls
+pallas_gpu,splash runs the Pallas kernels interpreted):
 
   python bench/attention_check.py
   python bench/attention_check.py --batch 2 --seq-len 64 --heads 4 --head-dim 16   # CPU
@@ -37,7 +38,8 @@ def parse_args(argv):
   parser.add_argument("--head-dim", type=int, default=128)
   parser.add_argument("--docs", default="0,4",
                       help="documents per row to try, 0 = no mask (default: 0,4)")
-  parser.add_argument("--impls", help="default: xla,cudnn,pallas on a GPU, else xla")
+  parser.add_argument("--impls", help="default: xla,cudnn,pallas_gpu on a GPU, xla,splash on "
+                      "a TPU, else xla")
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--repeats", type=int, default=10, help="timed runs (default: 10)")
   parser.add_argument("--tol", type=float, help="largest relative error (default: 2e-2 in "
@@ -47,7 +49,8 @@ def parse_args(argv):
   args.kv_heads = args.kv_heads or args.heads
   args.docs = [int(d) for d in args.docs.split(",")]
   gpu = jax.default_backend() == "gpu"
-  args.impls = (args.impls or ("xla,cudnn,pallas" if gpu else "xla")).split(",")
+  default = {"gpu": "xla,cudnn,pallas_gpu", "tpu": "xla,splash"}.get(jax.default_backend(), "xla")
+  args.impls = (args.impls or default).split(",")
   if args.tol is None:
     args.tol = 1e-4 if jnp.dtype(args.dtype) == jnp.float32 else 2e-2
   return args

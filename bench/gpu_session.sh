@@ -15,11 +15,11 @@
 #                                                           # an XLA flag's effect, same run
 #   bash bench/gpu_session.sh jaxlm:minimal+docs4           # 4 documents a row: masked
 #   bash bench/gpu_session.sh jaxlm:none+chunk512           # loss 512 positions at a time
-#   bash bench/gpu_session.sh jaxlm:minimal+docs4+pallas    # Pallas attention, document mask
+#   bash bench/gpu_session.sh jaxlm:minimal+docs4+pallas_gpu # Pallas attention, document mask
 # Parts: jaxlm:<remat policy>[+<XLA flag without -->...][+docs<N>][+chunk<N>][+<attention>]
 # (remat none, full, dots, minimal; the flags join XLA_FLAGS for that part only; docsN packs
 # N documents into each row, as real data is, so attention gets a document mask; chunkN
-# sets train.loss_chunk_len; xla, cudnn or pallas sets model.attention_impl), maxtext,
+# sets train.loss_chunk_len; xla, cudnn, pallas_gpu or splash sets model.attention_impl), maxtext,
 # torch, attention (bench/attention_check.py: XLA, cuDNN and Pallas attention checked
 # against float32 and timed, ATTENTION_ARGS adds arguments). BENCH_ARGS adds arguments to
 # bench/train_throughput.py (a dry run on CPU: BENCH_ARGS="--preset tiny --seq-len 64"
@@ -84,7 +84,7 @@ for part in "${parts[@]}"; do
           "") ;;
           docs[0-9]*) extra="$extra --docs-per-row ${option#docs}" ;;
           chunk[0-9]*) extra="$extra --config.train.loss_chunk_len=${option#chunk}" ;;
-          xla|cudnn|pallas) extra="$extra --config.model.attention_impl=$option" ;;
+          xla|cudnn|pallas_gpu|splash) extra="$extra --config.model.attention_impl=$option" ;;
           *) flags="$flags --$option" ;;
         esac
       done
@@ -103,7 +103,7 @@ for part in "${parts[@]}"; do
     attention)  # XLA, cuDNN and Pallas attention against float32, with and without a document mask
       run_part attention_check 150 60 python3 bench/attention_check.py ${ATTENTION_ARGS:-} ;;
     *) echo "unknown part $part (jaxlm:<remat>[+<XLA flag>...][+docs<N>][+chunk<N>]" \
-            "[+xla|cudnn|pallas], maxtext, torch, attention)"
+            "[+xla|cudnn|pallas_gpu|splash], maxtext, torch, attention)"
        exit 2 ;;
   esac
 done

@@ -110,14 +110,14 @@ def test_gpu_session_runs_parts_within_its_budget(tmp_path):
   # The second variant has an XLA flag of its own (one that does nothing on CPU), packs
   # two documents into each row, computes the loss 32 positions at a time and runs the
   # Pallas attention (interpreted here).
-  variants = ["jaxlm:minimal", "jaxlm:minimal+xla_gpu_autotune_level=0+docs2+chunk32+pallas"]
+  variants = ["jaxlm:minimal", "jaxlm:minimal+xla_gpu_autotune_level=0+docs2+chunk32+pallas_gpu"]
   out = subprocess.run(["bash", script, *variants, "maxtext", "torch"], cwd=root, env=env,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stdout + out.stderr
   table = out.stdout[out.stdout.index("tokens/s"):].splitlines()
-  names = ["jaxlm_minimal", "jaxlm_minimal_xla_gpu_autotune_level-0_docs2_chunk32_pallas"]
+  names = ["jaxlm_minimal", "jaxlm_minimal_xla_gpu_autotune_level-0_docs2_chunk32_pallas_gpu"]
   for name, flags, docs, chunk, impl in zip(names, ("", "--xla_gpu_autotune_level=0"),
-                                            (0, 2), (None, 32), (None, "pallas")):
+                                            (0, 2), (None, 32), (None, "pallas_gpu")):
     ran = json.loads((tmp_path / f"{name}.json").read_text())
     assert ran["tokens_per_s"] > 0 and ran["remat_policy"] == "minimal" and ran["profile"]
     assert ran["xla_flags"].strip() == flags and ran["device_count"] == 1

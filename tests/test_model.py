@@ -47,7 +47,7 @@ def test_remat_policies_keep_gradients(policy):
 def test_unknown_remat_policy_or_attention_is_refused_with_the_choices():
   with pytest.raises(ValueError, match=r"remat_policy='dots_no_batch' \(choose one of none, "
                                        r"full, dots, minimal\); attention_impl='flash' "
-                                       r"\(choose one of None, xla, cudnn, pallas\)"):
+                                       r"\(choose one of None, xla, cudnn, pallas_gpu, splash\)"):
     from_preset("tiny", remat_policy="dots_no_batch", attention_impl="flash")
 
 

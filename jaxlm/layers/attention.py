@@ -1,7 +1,7 @@
 """Grouped-query self-attention with rotary embeddings (or none, with learned positions),
 causal, document and sliding-window masking, through `jax.nn.dot_product_attention` (cuDNN
-flash on GPU, XLA elsewhere) or jax's Pallas flash-attention kernel for GPUs, and an
-optional key/value cache for generation."""
+flash on GPU, XLA elsewhere) or one of jax's Pallas flash-attention kernels (GPU, TPU), and
+an optional key/value cache for generation."""
 from __future__ import annotations
 
 import jax
@@ -10,17 +10,13 @@ from flax import nnx
 
 from jaxlm.layers.linear import Einsum
 from jaxlm.layers.rotary import apply_rotary, inverse_frequencies
-from jaxlm.layers.sharding import constrain, per_shard
+from jaxlm.layers.flash_kernels import KERNELS, flash_attention
+from jaxlm.layers.sharding import constrain
 
 
-# None: chosen per backend and dtype by resolve_attention_impl. "pallas": jax's Pallas flash
-# attention for GPUs (Triton), which applies the document mask inside the kernel from the
-# segment ids, where cuDNN takes it as a dense [batch, 1, seq, seq] bias; off a GPU it runs
-# interpreted (slow: for tests).
-ATTENTION_IMPLS = (None, "xla", "cudnn", "pallas")
-# The Pallas kernel's tiles: forward, then the dk/dv and dq backward kernels (jax's defaults).
-PALLAS_BLOCKS = {"block_q": 128, "block_k": 128, "block_q_dkv": 32, "block_kv_dkv": 32,
-                 "block_q_dq": 32, "block_kv_dq": 32}
+# None: chosen per backend and dtype by resolve_attention_impl. The Pallas kernels
+# (flash_kernels.py) apply the document mask inside the kernel.
+ATTENTION_IMPLS = (None, "xla", "cudnn", *KERNELS)
 
 
 def resolve_attention_impl(requested: str | None, dtype) -> str:
@@ -94,47 +90,14 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   head_dim], each token seeing only its own document (segment_ids, when given) and the last
   sliding_window tokens; implementation as resolve_attention_impl."""
   implementation = resolve_attention_impl(implementation, q.dtype)
-  if implementation == "pallas":
-    if sliding_window is not None:
-      raise ValueError("attention_impl='pallas' has no sliding window; use 'cudnn' or 'xla' "
-                       "for a model with sliding_window.")
-    if segment_ids is None:
-      segment_ids = jnp.ones(q.shape[:2], jnp.int32)
-    return per_shard(_pallas_flash_attention,
-                     (("act_batch", None, "act_heads", None),
-                      ("act_batch", None, "act_kv_heads", None),
-                      ("act_batch", None, "act_kv_heads", None), ("act_batch", None)),
-                     ("act_batch", None, "act_heads", None))(q, k, v, segment_ids)
+  if implementation in KERNELS:
+    return flash_attention(q, k, v, segment_ids, sliding_window=sliding_window,
+                           implementation=implementation)
   mask = None if segment_ids is None else segment_mask(segment_ids)
   window = None if sliding_window is None else (sliding_window - 1, 0)
   return jax.nn.dot_product_attention(
       q, k, v, mask=mask, is_causal=True, local_window_size=window,
       implementation=implementation)
-
-
-def pallas_length_problem(length: int) -> str | None:
-  """Why the Pallas kernel cannot tile a sequence of this length, or None."""
-  blocks = sorted({min(size, length) for size in PALLAS_BLOCKS.values()})
-  if any(length % size for size in blocks):
-    return (f"attention_impl='pallas' tiles the sequence by {blocks}: use a sequence length "
-            f"that is a multiple of them, not {length}.")
-  return None
-
-
-def _pallas_flash_attention(q, k, v, segment_ids):
-  """One device's causal attention by jax's Pallas GPU kernel, key/value heads repeated for
-  its query heads (the kernel has no grouped-query form)."""
-  from jax.experimental.pallas.ops.gpu import attention as pallas_attention
-
-  length, groups = q.shape[1], q.shape[2] // k.shape[2]
-  if problem := pallas_length_problem(length):
-    raise ValueError(problem)
-  blocks = {name: min(size, length) for name, size in PALLAS_BLOCKS.items()}
-  return pallas_attention.mha(
-      q, jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2), segment_ids,
-      sm_scale=q.shape[-1] ** -0.5, causal=True,
-      block_sizes=pallas_attention.BlockSizes(**blocks),
-      interpret=jax.default_backend() != "gpu")
 
 
 def _write(cached: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:

@@ -76,9 +76,9 @@ class LlamaConfig:
       if getattr(self, name) not in allowed:
         problems.append(f"{name}={getattr(self, name)!r} (choose one of "
                         f"{', '.join(map(str, allowed))})")
-    if self.attention_impl == "pallas" and self.sliding_window is not None:
-      problems.append("attention_impl='pallas' has no sliding window: use 'cudnn' or 'xla' "
-                      f"with sliding_window={self.sliding_window}")
+    if self.attention_impl == "pallas_gpu" and self.sliding_window is not None:
+      problems.append("attention_impl='pallas_gpu' has no sliding window: use 'splash', "
+                      f"'cudnn' or 'xla' with sliding_window={self.sliding_window}")
     if self.head_dim is not None and self.head_dim % 2 and self.position_embedding == "rope":
       problems.append(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
     if self.num_labels < 0:

@@ -18,7 +18,7 @@ from jaxlm.data.loader import RowBatches
 from jaxlm.data.pipeline import build_train_data
 from jaxlm.data.text import load_tokenizer
 from jaxlm.finetune.lora import LoRAConfig
-from jaxlm.layers.attention import pallas_length_problem
+from jaxlm.layers.flash_kernels import KERNELS, config_problem as kernel_config_problem
 from jaxlm.models.factory import is_encoder, reusable_params, with_heads_of
 from jaxlm.parallel.mesh import build_mesh
 from jaxlm.parallel.rules import LogicalRules
@@ -188,8 +188,8 @@ def check_layout(model_cfg, mesh, config) -> None:
         f"train.profile_at = {profile_at}, train.profile_steps = {profile_steps}: profile_at "
         f"is 0 (no trace) or a step after the first, which compiles (2 or later), and "
         f"profile_steps is at least 1.")
-  if model_cfg.attention_impl == "pallas" and (
-      problem := pallas_length_problem(config.data.seq_len)):
+  if model_cfg.attention_impl in KERNELS and (problem := kernel_config_problem(
+      model_cfg.attention_impl, config.data.seq_len, sliding_window=None)):
     raise config_lib.ConfigError(f"{problem.removesuffix('.')} (data.seq_len).")
   if model_cfg.position_embedding == "learned" and config.data.seq_len > model_cfg.max_seq_len:
     raise config_lib.ConfigError(
