@@ -1,5 +1,7 @@
 """Model behaviour that parity with Hugging Face cannot show: layouts of the same weights,
 masking, rope scaling, dropout and remat."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -186,3 +188,45 @@ def test_gpt2_preset_has_the_published_size():
   # Lookups (token and position tables) do no matmul work; the tied output matrix does.
   gpt2 = from_preset("gpt2")
   assert gpt2.num_params(include_embedding=False) == 124_439_808 - 1024 * 768
+
+
+def _dots(jaxpr):
+  """(operand avals, output aval) of every dot_general in a jaxpr, nested calls included."""
+  from jax.extend.core import jaxprs_in_params
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      found.append(([v.aval for v in eqn.invars], eqn.outvars[0].aval))
+    for inner in jaxprs_in_params(eqn.params):
+      found += _dots(inner)
+  return found
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_logits_are_float32_but_their_backward_multiplies_in_bf16(tied):
+  """The output projection returns float32 logits for the loss, and its two backward matmuls
+  over the vocabulary take the cotangent rounded to bf16, as the other projections' do,
+  where autodiff would multiply in float32. In float32 the gradients are plain autodiff's."""
+  from jaxlm.layers.linear import float32_logits
+
+  vocab = 1000  # no other axis has this size
+
+  def loss(model, ids):
+    return jnp.mean(jax.nn.log_softmax(model(ids))[..., 0])
+
+  model = Llama(from_preset("tiny", compute_dtype="bfloat16", tie_embeddings=tied,
+                            vocab_size=vocab), rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  jaxpr = jax.make_jaxpr(jax.grad(lambda p: loss(nnx.merge(graphdef, p), _ids())))(params)
+  over_vocab = [(tuple(str(a.dtype) for a in operands), str(out.dtype))
+                for operands, out in _dots(jaxpr.jaxpr)
+                if any(vocab in a.shape for a in (*operands, out))]
+  assert over_vocab == [(("bfloat16", "bfloat16"), "float32")] * 3, over_vocab
+
+  rng = np.random.default_rng(0)
+  x, w = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in ((2, 8, 16), (16, 32)))
+  plain = lambda x, w: jnp.einsum("btd,dv->btv", x, w)
+  ours, reference = (jax.grad(lambda x, w, f=f: jnp.sum(jnp.sin(f(x, w))), (0, 1))(x, w)
+                     for f in (functools.partial(float32_logits, "btd,dv->btv"), plain))
+  for a, b in zip(ours, reference):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.layers.dropout import dropout
+from jaxlm.layers.linear import float32_logits
 from jaxlm.layers.sharding import param
 from jaxlm.train.loss import cross_entropy
 
@@ -74,8 +75,7 @@ class _Projection(nnx.Module):
 
   def __call__(self, x: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
     x = dropout(x.astype(self.compute_dtype), self.dropout_rate, dropout_rng)
-    y = jnp.einsum("...d,dc->...c", x, self.kernel[...].astype(self.compute_dtype),
-                   preferred_element_type=jnp.float32)
+    y = float32_logits("...d,dc->...c", x, self.kernel[...].astype(self.compute_dtype))
     return y + self.bias[...].astype(jnp.float32)
 
 

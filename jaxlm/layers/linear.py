@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,34 @@ from flax import nnx
 
 from jaxlm.layers.dropout import dropout
 from jaxlm.layers.sharding import LogicalAxes, param
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def float32_logits(equation: str, x: jax.Array, w: jax.Array) -> jax.Array:
+  """einsum(equation, x, w) accumulated and returned in float32, for a float32 loss. Its
+  backward multiplies in x's dtype: the float32 cotangent is rounded to it first, as every
+  other projection's cotangent is, where autodiff would promote the two backward matmuls
+  (over the whole vocabulary, for a language-model head) to float32."""
+  return jnp.einsum(equation, x, w, preferred_element_type=jnp.float32)
+
+
+def _float32_logits_forward(equation, x, w):
+  return float32_logits(equation, x, w), (x, w)
+
+
+def _float32_logits_backward(equation, residuals, cotangent):
+  x, w = residuals
+  x_axes, w_axes = equation.split("->")[0].split(",")
+  out_axes = equation.split("->")[1]
+  cotangent = cotangent.astype(x.dtype)
+  dx = jnp.einsum(f"{out_axes},{w_axes}->{x_axes}", cotangent, w,
+                  preferred_element_type=jnp.float32)
+  dw = jnp.einsum(f"{x_axes},{out_axes}->{w_axes}", x, cotangent,
+                  preferred_element_type=jnp.float32)
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+float32_logits.defvjp(_float32_logits_forward, _float32_logits_backward)
 
 
 class LoRAParam(nnx.Param):
@@ -102,5 +131,4 @@ class Embedding(nnx.Module):
 
   def attend(self, x: jax.Array) -> jax.Array:
     """Output projection with the embedding matrix (tied embeddings); logits in float32."""
-    return jnp.einsum("btd,vd->btv", x, self.table[...].astype(self.compute_dtype),
-                      preferred_element_type=jnp.float32)
+    return float32_logits("btd,vd->btv", x, self.table[...].astype(self.compute_dtype))

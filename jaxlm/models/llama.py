@@ -15,7 +15,7 @@ from flax import nnx
 
 from jaxlm.layers.attention import Attention
 from jaxlm.layers.dropout import dropout
-from jaxlm.layers.linear import Einsum, Embedding
+from jaxlm.layers.linear import Einsum, Embedding, float32_logits
 from jaxlm.layers.mlp import make_mlp
 from jaxlm.layers.norms import make_norm
 from jaxlm.layers.remat import remat
@@ -139,16 +139,14 @@ class Llama(nnx.Module):
   def output_logits(self, x: jax.Array) -> jax.Array:
     """float32 logits of final-normed hidden states [batch, seq, hidden] (`hidden_states`)."""
     if self.score is not None:
-      logits = jnp.einsum("btd,dc->btc", x, self.score.kernel[...].astype(x.dtype),
-                          preferred_element_type=jnp.float32)
+      logits = float32_logits("btd,dc->btc", x, self.score.kernel[...].astype(x.dtype))
       if self.score.bias is not None:
         logits = logits + self.score.bias[...].astype(jnp.float32)
       return constrain(logits, ("act_batch", "act_length", None))
     if self.lm_head is None:
       logits = self.embed.attend(x)
     else:
-      logits = jnp.einsum("btd,dv->btv", x, self.lm_head.kernel[...].astype(x.dtype),
-                          preferred_element_type=jnp.float32)
+      logits = float32_logits("btd,dv->btv", x, self.lm_head.kernel[...].astype(x.dtype))
     return constrain(logits, ("act_batch", "act_length", "act_vocab"))
 
   def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None,
