@@ -143,11 +143,17 @@ class Llama(nnx.Module):
       if self.score.bias is not None:
         logits = logits + self.score.bias[...].astype(jnp.float32)
       return constrain(logits, ("act_batch", "act_length", None))
-    if self.lm_head is None:
-      logits = self.embed.attend(x)
-    else:
-      logits = float32_logits("btd,dv->btv", x, self.lm_head.kernel[...].astype(x.dtype))
+    equation, weight = self.output_projection()
+    logits = float32_logits(equation, x, weight.astype(x.dtype))
     return constrain(logits, ("act_batch", "act_length", "act_vocab"))
+
+  def output_projection(self) -> tuple[str, jax.Array]:
+    """The language-model head as (einsum equation, weight in the compute dtype), whose
+    vocabulary axis is `v`: its logits are float32_logits(equation, hidden, weight)."""
+    dtype = jnp.dtype(self.cfg.compute_dtype)
+    if self.lm_head is None:  # tied to the embedding table
+      return "btd,vd->btv", self.embed.table[...].astype(dtype)
+    return "btd,dv->btv", self.lm_head.kernel[...].astype(dtype)
 
   def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None,
                     segment_ids: jax.Array | None = None, *,

@@ -39,7 +39,7 @@ from jaxlm.models.bert import pair_token_types
 from jaxlm.models.factory import DECODER_INPUTS, batch_logits
 from jaxlm.models.llama import Llama
 from jaxlm.train.distill import distillation_sums
-from jaxlm.train.loss import chunked_cross_entropy, cross_entropy
+from jaxlm.train.loss import SUM_KEYS, chunked_cross_entropy, cross_entropy
 from jaxlm.train.mlm import MLM, corrupt_batch, eval_key
 
 
@@ -60,7 +60,6 @@ class Distill:
   alpha: float = 0.5
 
 
-SUM_KEYS = ("loss_sum", "nll_sum", "z_loss_sum", "tokens")
 DISTILL_SUM_KEYS = SUM_KEYS + ("kl_sum", "hard_sum")
 REGRESSION_SUM_KEYS = ("loss_sum", "tokens")  # loss_sum: the summed squared error
 
@@ -122,23 +121,13 @@ def _lm_sums_by_chunks(graphdef, params, batch, loss_cfg: LossConfig, dropout_rn
   if not isinstance(model, Llama) or model.score is not None:
     raise ValueError("A chunked loss (train.loss_chunk_len) is for a decoder's language-model "
                      "head; set train.loss_chunk_len = 0 for encoders and classifiers.")
-  _gather_output_head(model)
   with lora_dropout(lora_key):
     hidden = model.hidden_states(batch["input_ids"], *(batch.get(k) for k in DECODER_INPUTS),
                                  dropout_rng=dropout_rng)
-    return chunked_cross_entropy(hidden, model.output_logits, batch["targets"],
-                                 batch["loss_mask"], chunk_len=loss_cfg.chunk_len,
-                                 label_smoothing=loss_cfg.label_smoothing,
-                                 z_loss=loss_cfg.z_loss)
-
-
-def _gather_output_head(model: Llama) -> None:
-  """Pins the output projection's weight, in the compute dtype, to the layout its matmul
-  reads (vocab over tensor, embed whole) before the chunk loop: FSDP then gathers it once,
-  not once per chunk."""
-  weight, names = ((model.embed.table, ("act_vocab", "act_embed")) if model.lm_head is None
-                   else (model.lm_head.kernel, ("act_embed", "act_vocab")))
-  weight.set_value(constrain(weight[...].astype(model.cfg.compute_dtype), names))
+  equation, weight = model.output_projection()
+  return chunked_cross_entropy(hidden, equation, weight, batch["targets"], batch["loss_mask"],
+                               chunk_len=loss_cfg.chunk_len,
+                               label_smoothing=loss_cfg.label_smoothing, z_loss=loss_cfg.z_loss)
 
 
 def _forward_sums(graphdef, params, batch, loss_cfg: LossConfig, dropout_rng, lora_key=None,
