@@ -36,6 +36,7 @@ import jax
 import jaxlib
 import numpy as np
 
+from jaxlm.layers.attention import resolve_attention_impl
 from jaxlm.plan import experiment_config
 from jaxlm.plan_cli import parse_layout
 from jaxlm.profiling import StepProfiler, format_table
@@ -202,7 +203,11 @@ def benchmark(args, overrides) -> dict:
       "seq_len": args.seq_len, "batch_size": args.batch_size, "steps": args.steps,
       "docs_per_row": args.docs_per_row,
       "warmup": args.warmup, "mesh": {k: int(v) for k, v in run.mesh.shape.items()},
-      "remat_policy": model_cfg.remat_policy, "param_dtype": model_cfg.param_dtype,
+      "remat_policy": model_cfg.remat_policy,
+      # As run on this device: None in the config picks per backend and dtype.
+      "attention_impl": resolve_attention_impl(model_cfg.attention_impl,
+                                               model_cfg.compute_dtype),
+      "loss_chunk_len": config.train.loss_chunk_len, "param_dtype": model_cfg.param_dtype,
       "compute_dtype": model_cfg.compute_dtype,
       "device_kind": device.device_kind, "platform": device.platform,
       "device_count": jax.device_count(), "process_count": jax.process_count(),

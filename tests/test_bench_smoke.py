@@ -124,6 +124,7 @@ def test_gpu_session_runs_parts_within_its_budget(tmp_path):
     assert ran["docs_per_row"] == docs
     assert ran["overrides"].get("train.loss_chunk_len") == chunk
     assert ran["overrides"].get("model.attention_impl") == impl
+    assert ran["attention_impl"] == (impl or "xla") and ran["loss_chunk_len"] == (chunk or 0)
   assert table[1].startswith(names[0]) and table[2].lstrip().startswith("busy ")
   assert names[1] in table and table[table.index(names[1]) + 2].lstrip().startswith("busy ")
   for part in ("maxtext_anchor", "torch_anchor"):
