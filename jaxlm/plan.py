@@ -15,6 +15,9 @@ import time
 import jax
 
 from jaxlm import config as config_lib
+from jaxlm.layers.attention import resolve_attention_impl
+from jaxlm.layers.flash_kernels import config_problem as kernel_config_problem
+from jaxlm.models.factory import encoder_preset
 from jaxlm.parallel.mesh import MESH_AXES
 from jaxlm.train.loop import Run
 
@@ -110,9 +113,8 @@ def compiled_memory(compiled) -> dict:
   the whole step. Not included: the runtime's own reserves (CUDA context, cuDNN and NCCL
   workspaces, allocator fragmentation), so leave a few GiB of headroom. XLA's own
   `peak_memory_in_bytes` is not used: on CPU it reports only the arguments. Compiled on CPU,
-  the result estimates an accelerator's: the CPU backend fuses differently, may widen bf16
-  work to f32, and runs attention through XLA (the full [seq, seq] scores) where GPUs use
-  cuDNN flash attention, so temporaries read high for long sequences.
+  the result estimates an accelerator's: the CPU backend fuses differently and may widen
+  bf16 work to f32 (see `plan` for attention).
   """
   stats = compiled.memory_analysis()
   out = {"argument_bytes": stats.argument_size_in_bytes,
@@ -129,7 +131,9 @@ def plan_run(run, *, hbm_gib: float, compile_step: bool = True) -> dict:
   """One row of a plan for a built Run (see plan for the fields)."""
   mesh = {axis: int(run.mesh.shape[axis]) for axis in MESH_AXES}
   row = {"layout": layout_label(mesh), "mesh": mesh, "devices": run.mesh.size,
-         "hbm_gib": hbm_gib, **state_bytes(run.trainer.abstract_state())}
+         "hbm_gib": hbm_gib, "attention_impl": resolve_attention_impl(
+             run.model_cfg.attention_impl, run.model_cfg.compute_dtype),
+         **state_bytes(run.trainer.abstract_state())}
   row["state_ratio"] = row["state_bytes"] * row["devices"] / row["state_total_bytes"]
   row["fits"] = None
   if compile_step:
@@ -145,7 +149,7 @@ def plan_run(run, *, hbm_gib: float, compile_step: bool = True) -> dict:
 def plan(preset: str, layouts: list[dict], *, seq_len: int, batch_size: int, hbm_gib: float,
          optimizer: str = "adamw", remat: str | None = None, param_dtype: str | None = None,
          compute_dtype: str | None = None, grad_accum: int = 1, overrides=None,
-         compile_step: bool = True) -> list[dict]:
+         compile_step: bool = True, flash_attention: bool = True) -> list[dict]:
   """Plans each layout (e.g. {"fsdp": 8}, {"fsdp": 4, "tensor": 2}; missing axes are 1) for
   the preset at seq_len x batch_size (global batch) and returns one row per layout. Each
   layout must use exactly the devices JAX has (one axis may be -1: fill).
@@ -158,7 +162,15 @@ def plan(preset: str, layouts: list[dict], *, seq_len: int, batch_size: int, hbm
   compile and is instant). A layout that cannot work
   gives a row with `error` (the message of Run.build, naming the fix) instead of failing
   the others; dtype and remat None keep the preset's.
+
+  flash_attention: unless overrides set model.attention_impl, a decoder's step is planned
+  with the splash flash-attention kernel (run interpreted on CPU) where the sequence length
+  tiles (a multiple of 128), so that temp counts the memory of attention as GPUs and TPUs
+  run it (flash kernels) and not XLA's whole [seq, seq] scores; each row says which
+  (`attention_impl`).
   """
+  if flash_attention and encoder_preset(preset) is None:
+    overrides = _with_flash_attention(overrides, seq_len)
   rows = []
   for layout in layouts:
     try:
@@ -173,6 +185,15 @@ def plan(preset: str, layouts: list[dict], *, seq_len: int, batch_size: int, hbm
       continue
     rows.append(plan_run(run, hbm_gib=hbm_gib, compile_step=compile_step))
   return rows
+
+
+def _with_flash_attention(overrides, seq_len: int):
+  if "model.attention_impl" in _override_keys(overrides or {}) or kernel_config_problem(
+      "splash", seq_len, sliding_window=None):
+    return overrides
+  if isinstance(overrides, dict) or not overrides:
+    return {**(overrides or {}), "model.attention_impl": "splash"}
+  return [*overrides, "--config.model.attention_impl=splash"]
 
 
 def _layout_devices(layout: dict) -> int | None:

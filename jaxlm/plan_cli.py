@@ -24,8 +24,11 @@ Devices: the layouts must use exactly the devices JAX sees. --devices N (default
 device count of the --mesh layouts) asks for N simulated CPU devices before JAX starts,
 which takes effect when JAX runs on CPU; on an accelerator host with fewer devices than
 the plan, set JAX_PLATFORMS=cpu to plan on simulated CPU devices. Compiled on CPU, the
-numbers estimate an accelerator's: XLA's CPU backend fuses differently and runs attention
-without flash kernels, so temp reads high for long sequences.
+numbers estimate an accelerator's: XLA's CPU backend fuses differently. Attention is
+planned with the splash flash-attention kernel (interpreted) when --seq-len is a multiple
+of 128, since accelerators run flash kernels, not XLA's whole [seq, seq] scores;
+--config.model.attention_impl=xla plans XLA's attention instead. The line under the table
+names the attention planned.
 --sweep adds the standard layouts for the device count: DP, FSDP, TP, FSDP x TP, DP x TP,
 DP x FSDP. Any config value can be set with --config.SECTION.KEY=VALUE.
 """
@@ -128,7 +131,13 @@ def run_plan(args, overrides=()) -> int:
   except ValueError as e:  # ConfigError included
     print(f"jaxlm plan: error: {e}", file=sys.stderr)
     return 2
-  print(json.dumps(rows) if args.json else format_table(rows))
+  if args.json:
+    print(json.dumps(rows))
+  else:
+    print(format_table(rows))
+    planned = sorted({row["attention_impl"] for row in rows if "attention_impl" in row})
+    if planned:
+      print(f"attention planned as: {', '.join(planned)}")
   # A layout the user named must work; in a sweep, some standard ones may not.
   asked_failed = any("error" in row for row in rows[:len(args.mesh)])
   return 2 if asked_failed or all("error" in row for row in rows) else 0

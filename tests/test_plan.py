@@ -62,6 +62,23 @@ def test_overrides_reach_the_model():
   assert four["param_bytes"] > 1.5 * two["param_bytes"]
 
 
+def test_attention_is_planned_as_accelerators_run_it():
+  """A decoder's attention is planned with the splash flash kernel where the length tiles:
+  without remat its temp then lacks XLA's saved [seq, seq] scores. An explicit
+  attention_impl wins; other lengths keep XLA's."""
+
+  def row(preset="tiny", seq_len=512, overrides=None, compile_step=True):
+    return plan(preset, [{"fsdp": 8}], seq_len=seq_len, batch_size=8, hbm_gib=1,
+                remat="none", overrides=overrides, compile_step=compile_step)[0]
+
+  flash, dense = row(), row(overrides=["--config.model.attention_impl=xla"])
+  assert (flash["attention_impl"], dense["attention_impl"]) == ("splash", "xla")
+  # One device's saved float32 scores: a row, 4 heads, 2 layers of [512, 512].
+  scores = 1 * 4 * 2 * 512 * 512 * 4
+  assert dense["temp_bytes"] - flash["temp_bytes"] > scores, (dense, flash)
+  assert row(seq_len=100, compile_step=False)["attention_impl"] == "xla"
+
+
 def test_standard_layouts_cover_dp_fsdp_tp_and_mixes():
   layouts = standard_layouts(8)
   assert {"data": 8} in layouts and {"fsdp": 8} in layouts and {"tensor": 8} in layouts
