@@ -18,7 +18,7 @@ from jaxlm import config as config_lib
 from jaxlm.layers.attention import resolve_attention_impl
 from jaxlm.layers.flash_kernels import config_problem as kernel_config_problem
 from jaxlm.models.factory import encoder_preset
-from jaxlm.parallel.mesh import MESH_AXES
+from jaxlm.parallel.mesh import MESH_AXES, resolve_mesh_shape
 from jaxlm.train.loop import Run
 
 GIB = 2**30
@@ -187,6 +187,82 @@ def plan(preset: str, layouts: list[dict], *, seq_len: int, batch_size: int, hbm
   return rows
 
 
+def max_batch(preset: str, layout: dict, *, seq_len: int, hbm_gib: float, limit: int = 4096,
+              grad_accum: int = 1, **options) -> dict:
+  """The largest global batch of seq_len-token rows whose compiled step fits hbm_gib per
+  device under layout, up to limit rows. Batches step by the rows the layout splits the
+  batch over (data x fsdp, times grad_accum); the search doubles from one such step while
+  the step fits, then bisects, on the assumption that memory grows with the batch. options:
+  as `plan` (optimizer, remat, dtypes, overrides, flash_attention).
+
+  Returns {"layout", "devices", "max_batch" (0: not even the smallest batch fits),
+  "rows_per_device", "tokens_per_step", "peak_bytes" (at max_batch), "capped" (the limit
+  still fit), "attention_impl", "probes": [[batch, peak bytes], ...], "compile_s" (all
+  probes)}, or a row with "error" when the layout cannot work."""
+  shape = resolve_mesh_shape(layout, jax.device_count())
+  unit = shape["data"] * shape["fsdp"] * grad_accum
+  probes, rows = [], {}
+
+  def fits(batch: int) -> bool:
+    row = plan(preset, [layout], seq_len=seq_len, batch_size=batch, hbm_gib=hbm_gib,
+               grad_accum=grad_accum, **options)[0]
+    if "error" in row:
+      raise _LayoutError(row)
+    rows[batch] = row
+    probes.append([batch, row["peak_bytes"]])
+    return row["fits"]
+
+  most = limit // unit  # in steps of unit rows
+  if most < 1:
+    raise ValueError(f"The batch limit {limit} is below the {unit} rows the layout splits "
+                     f"a batch over; raise it.")
+  try:
+    fit, no_fit, steps = 0, most + 1, 1  # the most steps known to fit, the fewest known not to
+    while steps <= most:
+      if not fits(steps * unit):
+        no_fit = steps
+        break
+      fit, steps = steps, steps * 2
+    while no_fit - fit > 1:
+      middle = (fit + no_fit) // 2
+      if fits(middle * unit):
+        fit = middle
+      else:
+        no_fit = middle
+  except _LayoutError as e:
+    return e.row
+  best, capped = fit * unit, fit == most
+  return {"layout": layout_label(shape), "mesh": shape, "devices": math.prod(shape.values()),
+          "hbm_gib": hbm_gib, "max_batch": best, "rows_per_device": best // unit * grad_accum,
+          "tokens_per_step": best * seq_len,
+          "peak_bytes": rows[best]["peak_bytes"] if best else None, "capped": capped,
+          "attention_impl": rows[unit]["attention_impl"],
+          "probes": probes, "compile_s": sum(row["compile_s"] for row in rows.values())}
+
+
+class _LayoutError(Exception):
+
+  def __init__(self, row: dict):
+    super().__init__(row["error"])
+    self.row = row
+
+
+def format_max_batch_table(rows: list[dict]) -> str:
+  """A fixed-width table of max_batch results; a layout that cannot work shows its error."""
+  header = ("devices", "layout", "max batch", "rows/device", "tokens/step", "peak GiB",
+            "probes", "compile s")
+  lines = []
+  for row in rows:
+    if "error" in row:
+      lines.append((str(row["devices"] or "?"), row["layout"], "error: " + row["error"]))
+      continue
+    batch = f"{row['max_batch']}{'+' if row['capped'] else ''}"
+    lines.append((str(row["devices"]), row["layout"], batch, str(row["rows_per_device"]),
+                  f"{row['tokens_per_step']:,}", _gib(row["peak_bytes"]),
+                  str(len(row["probes"])), f"{row['compile_s']:.1f}"))
+  return _render(header, lines)
+
+
 def _with_flash_attention(overrides, seq_len: int):
   if "model.attention_impl" in _override_keys(overrides or {}) or kernel_config_problem(
       "splash", seq_len, sliding_window=None):
@@ -225,6 +301,10 @@ def format_table(rows: list[dict]) -> str:
                   f"{row['state_ratio']:.3f}", _gib(row.get("temp_bytes")),
                   _gib(row.get("peak_bytes")), _fits(row),
                   "-" if compile_s is None else f"{compile_s:.1f}"))
+  return _render(header, lines)
+
+
+def _render(header: tuple, lines: list[tuple]) -> str:
   full = [line for line in lines if len(line) == len(header)]
   widths = [max(len(cell) for cell in column) for column in zip(header, *full)]
 

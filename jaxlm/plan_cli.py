@@ -31,6 +31,11 @@ of 128, since accelerators run flash kernels, not XLA's whole [seq, seq] scores;
 names the attention planned.
 --sweep adds the standard layouts for the device count: DP, FSDP, TP, FSDP x TP, DP x TP,
 DP x FSDP. Any config value can be set with --config.SECTION.KEY=VALUE.
+
+--max-batch finds, per layout, the largest global batch whose step fits --hbm-gib: batches
+step by the rows the layout splits a batch over (data x fsdp, times --grad-accum), doubling
+from one step while the step fits, then bisecting (a compile per try, so a few per layout).
+A "+" means --batch-limit itself fit.
 """
 
 
@@ -70,6 +75,11 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
                       help="train.grad_accum_steps (default: 1)")
   parser.add_argument("--no-compile", action="store_true",
                       help="only the sharded state sizes (fast): no temp, peak or fits")
+  parser.add_argument("--max-batch", action="store_true",
+                      help="instead of --batch-size: the largest global batch that fits "
+                           "--hbm-gib, per layout (several compiles each)")
+  parser.add_argument("--batch-limit", type=int, default=4096,
+                      help="--max-batch searches up to this many rows (default: 4096)")
   parser.add_argument("--json", action="store_true", help="print the rows as JSON")
   return parser
 
@@ -113,7 +123,8 @@ def arrange_devices(count: int | None) -> int:
 def run_plan(args, overrides=()) -> int:
   """overrides: --config.SECTION.KEY=VALUE strings, applied to every layout."""
   from jaxlm.config import ConfigError
-  from jaxlm.plan import format_table, plan, standard_layouts
+  from jaxlm.plan import (format_max_batch_table, format_table, max_batch, plan,
+                          standard_layouts)
 
   try:
     count = arrange_devices(args.devices or _mesh_device_count(args.mesh))
@@ -123,18 +134,24 @@ def run_plan(args, overrides=()) -> int:
                   if _normal(layout) not in map(_normal, layouts)]
     if not layouts:
       raise ConfigError("Nothing to plan: give one or more --mesh AXIS=N, or --sweep.")
-    rows = plan(args.preset, layouts, seq_len=args.seq_len, batch_size=args.batch_size,
-                hbm_gib=args.hbm_gib, optimizer=args.optimizer, remat=args.remat,
-                param_dtype=args.param_dtype, compute_dtype=args.compute_dtype,
-                grad_accum=args.grad_accum, overrides=list(overrides),
-                compile_step=not args.no_compile)
+    options = dict(hbm_gib=args.hbm_gib, optimizer=args.optimizer, remat=args.remat,
+                   param_dtype=args.param_dtype, compute_dtype=args.compute_dtype,
+                   grad_accum=args.grad_accum, overrides=list(overrides))
+    if args.max_batch:
+      if args.no_compile:
+        raise ConfigError("--max-batch compiles each step it tries; drop --no-compile.")
+      rows = [max_batch(args.preset, layout, seq_len=args.seq_len, limit=args.batch_limit,
+                        **options) for layout in layouts]
+    else:
+      rows = plan(args.preset, layouts, seq_len=args.seq_len, batch_size=args.batch_size,
+                  compile_step=not args.no_compile, **options)
   except ValueError as e:  # ConfigError included
     print(f"jaxlm plan: error: {e}", file=sys.stderr)
     return 2
   if args.json:
     print(json.dumps(rows))
   else:
-    print(format_table(rows))
+    print(format_max_batch_table(rows) if args.max_batch else format_table(rows))
     planned = sorted({row["attention_impl"] for row in rows if "attention_impl" in row})
     if planned:
       print(f"attention planned as: {', '.join(planned)}")

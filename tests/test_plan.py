@@ -10,7 +10,7 @@ import pytest
 
 from jaxlm import plan_cli
 from jaxlm.models.config import from_preset
-from jaxlm.plan import GIB, format_table, plan, standard_layouts
+from jaxlm.plan import GIB, format_table, max_batch, plan, standard_layouts
 
 LLAMA3_8B = dict(seq_len=2048, batch_size=8, hbm_gib=80)
 
@@ -79,6 +79,22 @@ def test_attention_is_planned_as_accelerators_run_it():
   assert row(seq_len=100, compile_step=False)["attention_impl"] == "xla"
 
 
+def test_max_batch_is_the_largest_batch_that_fits():
+  """Doubling then bisecting in steps of the rows the layout splits a batch over; a limit
+  that still fits is marked; a layout that cannot work says why."""
+  shape = dict(seq_len=32, overrides={"model.num_layers": 1})
+  hbm_gib = plan("tiny", [{"fsdp": 8}], batch_size=16, hbm_gib=1, **shape)[0]["peak_bytes"] / GIB
+  found = max_batch("tiny", {"fsdp": 8}, hbm_gib=hbm_gib, **shape)
+  assert (found["max_batch"], found["rows_per_device"], found["capped"]) == (16, 2, False)
+  assert [batch for batch, _ in found["probes"]] == [8, 16, 32, 24]
+  peaks = dict(found["probes"])
+  assert peaks[8] < peaks[16] <= hbm_gib * GIB < peaks[24] < peaks[32]
+  assert found["tokens_per_step"] == 16 * 32 and found["peak_bytes"] == peaks[16]
+  capped = max_batch("tiny", {"data": 2, "fsdp": 4}, hbm_gib=80, limit=8, **shape)
+  assert (capped["max_batch"], capped["capped"], len(capped["probes"])) == (8, True, 1)
+  assert "not divisible" in max_batch("tiny", {"tensor": 8}, hbm_gib=80, **shape)["error"]
+
+
 def test_standard_layouts_cover_dp_fsdp_tp_and_mixes():
   layouts = standard_layouts(8)
   assert {"data": 8} in layouts and {"fsdp": 8} in layouts and {"tensor": 8} in layouts
@@ -109,6 +125,11 @@ def test_plan_command(capsys):
                         "--json", "--config.model.num_layers=4"]) == 0
   rows = json.loads(capsys.readouterr().out)
   assert len(rows) == len(standard_layouts(8))
+  assert plan_cli.main(["--preset", "tiny", "--mesh", "fsdp=8", "--seq-len", "32",
+                        "--max-batch", "--batch-limit", "8", "--config.model.num_layers=1"]) == 0
+  table = capsys.readouterr().out.splitlines()
+  assert table[0].split()[2:4] == ["max", "batch"] and table[2].split()[2:4] == ["8+", "1"]
+  assert table[3] == "attention planned as: xla"
 
 
 def test_plan_command_refuses_a_device_count_jax_does_not_have(capsys):
