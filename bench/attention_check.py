@@ -125,7 +125,12 @@ def format_table(cases) -> str:
 def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   rng = np.random.default_rng(args.seed)
-  cases = [check(args, impl, docs, rng) for impl in args.impls for docs in args.docs]
+  cases = []
+  for impl in args.impls:
+    for docs in args.docs:
+      cases.append(check(args, impl, docs, rng))
+      # Each case as it ends: a run cut short by a timeout still tells what it measured.
+      print(f"attention_check: {json.dumps(cases[-1])}", file=sys.stderr, flush=True)
   ok = all(c["ok"] for c in cases)
   print(format_table(cases), file=sys.stderr)
   print(json.dumps({"cases": cases, "ok": ok, "tol": args.tol, "jax": jax.__version__,

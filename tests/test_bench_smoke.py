@@ -82,6 +82,10 @@ def test_attention_check_passes_xla_and_reports_what_fails():
     assert set(case["errors"]) == {"out", "dq", "dk", "dv"} and case["finite"]
     assert 1e-4 < max(case["errors"].values()) < 1e-2  # bf16 rounding, not float32 (0)
     assert case["ms_forward_backward"] > 0 and case["kv"] == [2, 64, 2, 16]
+  # Each case also went to stderr as it ended, for a run that a timeout cuts short.
+  progress = [json.loads(line.removeprefix("attention_check: "))
+              for line in out.stderr.splitlines() if line.startswith("attention_check: ")]
+  assert progress == result["cases"]
   out = subprocess.run([sys.executable, script, *small, "--impls", "cudnn", "--docs", "0"],
                        env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 1
