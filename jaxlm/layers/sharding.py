@@ -38,10 +38,10 @@ def constrain(x: jax.Array, names: LogicalAxes) -> jax.Array:
 
 
 def per_shard(fn: Callable, in_names: Sequence[LogicalAxes], out_names: LogicalAxes):
-  """fn applied to each device's shard of its arguments (logical names per argument, and
-  for the one output) under the installed resolver's mesh; without a resolver, fn itself.
-  For kernels XLA cannot partition (a Pallas call), which would otherwise be given whole
-  arrays."""
+  """fn applied to each device's shard of its arguments under the installed resolver's mesh
+  (in_names: logical names per argument; out_names: of fn's one output, which has the first
+  argument's shape); without a resolver, fn itself. For kernels XLA cannot partition (a
+  Pallas call), which would otherwise be handed whole arrays."""
   resolver = _resolver.get()
   if resolver is None:
     return fn
