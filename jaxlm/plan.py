@@ -251,16 +251,13 @@ def format_max_batch_table(rows: list[dict]) -> str:
   """A fixed-width table of max_batch results; a layout that cannot work shows its error."""
   header = ("devices", "layout", "max batch", "rows/device", "tokens/step", "peak GiB",
             "probes", "compile s")
-  lines = []
-  for row in rows:
-    if "error" in row:
-      lines.append((str(row["devices"] or "?"), row["layout"], "error: " + row["error"]))
-      continue
+
+  def cells(row):
     batch = f"{row['max_batch']}{'+' if row['capped'] else ''}"
-    lines.append((str(row["devices"]), row["layout"], batch, str(row["rows_per_device"]),
-                  f"{row['tokens_per_step']:,}", _gib(row["peak_bytes"]),
-                  str(len(row["probes"])), f"{row['compile_s']:.1f}"))
-  return _render(header, lines)
+    return (batch, str(row["rows_per_device"]), f"{row['tokens_per_step']:,}",
+            _gib(row["peak_bytes"]), str(len(row["probes"])), f"{row['compile_s']:.1f}")
+
+  return _table(header, rows, cells)
 
 
 def _with_flash_attention(overrides, seq_len: int):
@@ -291,20 +288,21 @@ def format_table(rows: list[dict]) -> str:
   """A fixed-width table of plan rows; a layout that cannot work shows its error."""
   header = ("devices", "layout", "params+opt GiB/dev", "x ideal", "temp GiB", "peak GiB",
             "fits", "compile s")
-  lines = []
-  for row in rows:
-    if "error" in row:
-      lines.append((str(row["devices"] or "?"), row["layout"], "error: " + row["error"]))
-      continue
+
+  def cells(row):
     compile_s = row.get("compile_s")
-    lines.append((str(row["devices"]), row["layout"], _gib(row["state_bytes"]),
-                  f"{row['state_ratio']:.3f}", _gib(row.get("temp_bytes")),
-                  _gib(row.get("peak_bytes")), _fits(row),
-                  "-" if compile_s is None else f"{compile_s:.1f}"))
-  return _render(header, lines)
+    return (_gib(row["state_bytes"]), f"{row['state_ratio']:.3f}", _gib(row.get("temp_bytes")),
+            _gib(row.get("peak_bytes")), _fits(row),
+            "-" if compile_s is None else f"{compile_s:.1f}")
+
+  return _table(header, rows, cells)
 
 
-def _render(header: tuple, lines: list[tuple]) -> str:
+def _table(header: tuple, rows: list[dict], cells) -> str:
+  """Fixed-width columns: devices, layout, then cells(row); an error row runs on past them."""
+  lines = [(str(row["devices"] or "?"), row["layout"], "error: " + row["error"])
+           if "error" in row else (str(row["devices"]), row["layout"], *cells(row))
+           for row in rows]
   full = [line for line in lines if len(line) == len(header)]
   widths = [max(len(cell) for cell in column) for column in zip(header, *full)]
 
