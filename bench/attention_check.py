@@ -48,7 +48,6 @@ def parse_args(argv):
   args = parser.parse_args(argv)
   args.kv_heads = args.kv_heads or args.heads
   args.docs = [int(d) for d in args.docs.split(",")]
-  gpu = jax.default_backend() == "gpu"
   default = {"gpu": "xla,cudnn,pallas_gpu", "tpu": "xla,splash"}.get(jax.default_backend(), "xla")
   args.impls = (args.impls or default).split(",")
   if args.tol is None:

@@ -45,10 +45,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
 
 def config_problem(implementation: str, length: int, sliding_window: int | None) -> str | None:
   """Why the kernel cannot run a sequence of this length (or this window), or None."""
+  if problem := window_problem(implementation, sliding_window):
+    return problem
   if implementation == "pallas_gpu":
-    if sliding_window is not None:
-      return ("attention_impl='pallas_gpu' has no sliding window: use 'splash', 'cudnn' or "
-              f"'xla' with sliding_window={sliding_window}.")
     blocks = sorted({min(size, length) for size in GPU_BLOCKS.values()})
     if any(length % size for size in blocks):
       return (f"attention_impl='pallas_gpu' tiles the sequence by {blocks}: use a sequence "
@@ -56,6 +55,14 @@ def config_problem(implementation: str, length: int, sliding_window: int | None)
   if implementation == "splash" and _splash_block(length) is None:
     return (f"attention_impl='splash' tiles the sequence by {SPLASH_BLOCKS[-1]}: use a "
             f"sequence length that is a multiple of it, not {length}.")
+  return None
+
+
+def window_problem(implementation: str | None, sliding_window: int | None) -> str | None:
+  """Why the implementation cannot apply this sliding window, or None."""
+  if implementation == "pallas_gpu" and sliding_window is not None:
+    return ("attention_impl='pallas_gpu' has no sliding window: use 'splash', 'cudnn' or "
+            f"'xla' with sliding_window={sliding_window}.")
   return None
 
 

@@ -5,6 +5,7 @@ import dataclasses
 from typing import Any
 
 from jaxlm.layers.attention import ATTENTION_IMPLS
+from jaxlm.layers.flash_kernels import window_problem
 from jaxlm.layers.remat import POLICIES as REMAT_POLICIES
 
 NORM_TYPES = ("rms", "layer")
@@ -76,9 +77,8 @@ class LlamaConfig:
       if getattr(self, name) not in allowed:
         problems.append(f"{name}={getattr(self, name)!r} (choose one of "
                         f"{', '.join(map(str, allowed))})")
-    if self.attention_impl == "pallas_gpu" and self.sliding_window is not None:
-      problems.append("attention_impl='pallas_gpu' has no sliding window: use 'splash', "
-                      f"'cudnn' or 'xla' with sliding_window={self.sliding_window}")
+    if problem := window_problem(self.attention_impl, self.sliding_window):
+      problems.append(problem.removesuffix("."))
     if self.head_dim is not None and self.head_dim % 2 and self.position_embedding == "rope":
       problems.append(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
     if self.num_labels < 0:
