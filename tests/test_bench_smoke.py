@@ -10,17 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import one_device_env
+
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "train_throughput.py"
 
 
 def test_benchmark_prints_one_json_line(tmp_path):
-  # Plumbing, not speed, is under test here: unoptimised XLA compiles it in half the time.
-  env = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_backend_optimization_level=0")
   out = subprocess.run(
       [sys.executable, str(BENCH), "--preset", "tiny", "--seq-len", "64", "--batch-size", "8",
        "--steps", "3", "--mesh", "fsdp=4,tensor=2", "--config.optim.learning_rate=1e-3",
        "--profile", str(tmp_path / "trace"), "--profile-steps", "2"],
-      env=env, capture_output=True, text=True, timeout=300)  # 8 devices from conftest
+      capture_output=True, text=True, timeout=300)  # 8 devices from conftest
   assert out.returncode == 0, out.stderr
   lines = out.stdout.strip().splitlines()
   assert len(lines) == 1
@@ -72,7 +72,7 @@ def test_attention_check_passes_xla_and_reports_what_fails():
   script = str(BENCH.parent / "attention_check.py")
   small = ["--batch", "2", "--seq-len", "64", "--heads", "4", "--kv-heads", "2",
            "--head-dim", "16", "--docs", "0,3", "--repeats", "2"]
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device
+  env = one_device_env()  # one device
   out = subprocess.run([sys.executable, script, *small], env=env, capture_output=True,
                        text=True, timeout=300)
   assert out.returncode == 0, out.stderr
@@ -105,8 +105,8 @@ def test_gpu_session_runs_parts_within_its_budget(tmp_path):
   BUDGET_S leaves less than their minimum are skipped and reported; an unknown part is
   refused."""
   root = BENCH.parent.parent
-  # No XLA_FLAGS, as on the GPU host: one device here.
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  # One device, as on the GPU host; conftest's unoptimised CPU backend kept.
+  env = one_device_env()
   env.update(OUT=str(tmp_path), BUDGET_S="150",
              BENCH_ARGS="--preset tiny --seq-len 64 --batch-size 8 --steps 2",
              PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
@@ -120,11 +120,12 @@ def test_gpu_session_runs_parts_within_its_budget(tmp_path):
   assert out.returncode == 0, out.stdout + out.stderr
   table = out.stdout[out.stdout.index("tokens/s"):].splitlines()
   names = ["jaxlm_minimal", "jaxlm_minimal_xla_gpu_autotune_level-0_docs2_chunk32_pallas_gpu"]
-  for name, flags, docs, chunk, impl in zip(names, ("", "--xla_gpu_autotune_level=0"),
+  base_flags = env["XLA_FLAGS"]
+  for name, flags, docs, chunk, impl in zip(names, ("", " --xla_gpu_autotune_level=0"),
                                             (0, 2), (None, 32), (None, "pallas_gpu")):
     ran = json.loads((tmp_path / f"{name}.json").read_text())
     assert ran["tokens_per_s"] > 0 and ran["remat_policy"] == "minimal" and ran["profile"]
-    assert ran["xla_flags"].strip() == flags and ran["device_count"] == 1
+    assert ran["xla_flags"] == base_flags + flags and ran["device_count"] == 1
     assert ran["docs_per_row"] == docs
     assert ran["overrides"].get("train.loss_chunk_len") == chunk
     assert ran["overrides"].get("model.attention_impl") == impl

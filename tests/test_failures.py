@@ -1,6 +1,5 @@
 """Preemption signals and non-finite losses."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,10 +11,11 @@ import pytest
 
 from jaxlm.train.loop import NonFiniteLossError, train
 from jaxlm.train.preemption import PREEMPTED_EXIT_CODE
+from conftest import one_device_env
 
 
 def _cli(workdir, steps, cache):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = one_device_env()
   return [sys.executable, "-m", "jaxlm.cli", "train", "--workdir", str(workdir),
           "--config.model.preset=tiny", "--config.model.vocab_size=4096",
           "--config.data.seq_len=32", "--config.data.batch_size=8",

@@ -3,12 +3,13 @@ checkpoint that survived, the restarted run logs exactly (bit for bit, CPU fp32)
 a run that was never interrupted. No signal handler runs on SIGKILL, so this is the crash /
 node-loss path, not the SIGTERM one (tests/test_failures.py)."""
 import json
-import os
 import re
 import signal
 import subprocess
 import sys
 import time
+
+from conftest import one_device_env
 
 STEPS = 12
 KILL_AT = 5  # kill once this step is logged; which step it really is varies run to run
@@ -16,8 +17,8 @@ EXACT = ("loss", "grad_norm", "param_norm", "learning_rate", "tokens_seen")
 
 
 def _train(workdir, cache, log):
-  """Starts `jaxlm train` in a fresh process: one CPU device (no inherited XLA_FLAGS)."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  """Starts `jaxlm train` in a fresh process: one CPU device (conftest.one_device_env)."""
+  env = one_device_env()
   cmd = [sys.executable, "-m", "jaxlm.cli", "train", "--workdir", str(workdir),
          "--config.model.preset=tiny", "--config.model.vocab_size=4096",
          "--config.model.compute_dtype=float32", "--config.data.seq_len=32",

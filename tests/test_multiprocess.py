@@ -2,7 +2,6 @@
 FSDP across processes, checkpoint, stop and resume: the losses equal one process with 8
 devices running the same config straight through."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxlm.train.loop import train
+from conftest import one_device_env
 
 ROOT = Path(__file__).resolve().parent.parent
 OVERRIDES = {"model.preset": "tiny", "model.vocab_size": 4096,
@@ -20,7 +20,7 @@ OVERRIDES = {"model.preset": "tiny", "model.vocab_size": 4096,
 
 
 def _two_processes(workdir, steps, cache):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = one_device_env()
   env["WORKLOG_DIR"] = str(workdir.parent)
   args = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
   cmd = [str(ROOT / "launch" / "local.sh"), "2", sys.executable, "-m", "jaxlm.cli", "train",
