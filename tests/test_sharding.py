@@ -1,5 +1,7 @@
 """Data, FSDP and tensor parallelism are layouts of one computation: a sharded step must
 equal the single-device step, and the arrays must really be laid out as the rules say."""
+import re
+
 import jax
 import numpy as np
 import optax
@@ -79,6 +81,24 @@ def test_sharded_step_equals_single_device(layout, single_device_result):
   ref_params, ref_metrics = single_device_result
   np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
   np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-5)
+  assert_trees_close(state["params"], ref_params, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", [dict(data=2, fsdp=4), dict(data=2, fsdp=2, tensor=2)],
+                         ids=["dp2_fsdp4", "dp2_fsdp2_tp2"])
+def test_data_and_fsdp_never_gather_the_whole_batch(layout, single_device_result):
+  """With a data axis beside fsdp, no device gathers the activations of the whole batch
+  (XLA's partitioner did, replicating the embedding's cotangent to scatter it into the
+  table's layout), and the step still equals the single-device one."""
+  trainer = _trainer(build_mesh(layout), SGD)
+  batch = random_batch(8, 16, CFG.vocab_size)
+  hlo = trainer.lower_train_step({k: (8, 16) for k in batch}).compile().as_text()
+  whole_batch = [line for line in hlo.splitlines()
+                 if re.search(r"= \w+\[8,16,\d+\]\S* all-gather", line)]
+  assert not whole_batch, whole_batch
+  state, metrics = trainer.train_step(trainer.init_state(0), batch)
+  ref_params, ref_metrics = single_device_result
+  np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
   assert_trees_close(state["params"], ref_params, rtol=1e-5, atol=1e-6)
 
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.layers.dropout import dropout
-from jaxlm.layers.sharding import LogicalAxes, param
+from jaxlm.layers.sharding import LogicalAxes, constrain, param
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -127,7 +127,15 @@ class Embedding(nnx.Module):
                                                     param_dtype), ("vocab", "embed"))
 
   def __call__(self, ids: jax.Array) -> jax.Array:
-    return jnp.take(self.table[...].astype(self.compute_dtype), ids, axis=0)
+    rows = jnp.take(self.table[...].astype(self.compute_dtype), ids, axis=0)
+    # Each device looks up its slice of the embedding dimension, as the table is laid out,
+    # for its share of the batch over the mesh axes that slice leaves free; the caller's
+    # constraint then moves the rows into the activations' layout. The gradient takes the
+    # same way back: without this, on a data x fsdp mesh XLA's partitioner finds no way
+    # to scatter the cotangent into the table's layout but to replicate the whole batch's
+    # activations on every device. ("embed" comes first so that it claims its mesh axes.)
+    by_slice = constrain(jnp.moveaxis(rows, -1, 0), ("embed", "act_batch", "act_length"))
+    return jnp.moveaxis(by_slice, 0, -1)
 
   def attend(self, x: jax.Array) -> jax.Array:
     """Output projection with the embedding matrix (tied embeddings); logits in float32."""
