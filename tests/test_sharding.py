@@ -1,6 +1,9 @@
 """Data, FSDP and tensor parallelism are layouts of one computation: a sharded step must
 equal the single-device step, and the arrays must really be laid out as the rules say."""
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -100,6 +103,45 @@ def test_data_and_fsdp_never_gather_the_whole_batch(layout, single_device_result
   ref_params, ref_metrics = single_device_result
   np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
   assert_trees_close(state["params"], ref_params, rtol=1e-5, atol=1e-6)
+
+
+# Compiled in a fresh process without the compilation cache (a cached executable would not
+# be partitioned again, so XLA would have nothing to say), one model and layout per line.
+_COMPILE_EACH = """
+import sys, optax
+from jaxlm.models import from_preset
+from jaxlm.models.bert import PRESETS
+from jaxlm.parallel.mesh import build_mesh
+from jaxlm.parallel.rules import LogicalRules
+from jaxlm.train.trainer import Trainer
+tiny = from_preset("tiny", compute_dtype="float32")
+models = {"llama": tiny, "learned_positions": tiny.replace(position_embedding="learned",
+          max_seq_len=16), "bert_classifier": PRESETS["bert-tiny"].replace(num_labels=3)}
+for line in sys.stdin:
+  model, layout = line.split()
+  mesh = build_mesh({k: int(v) for k, v in (kv.split("=") for kv in layout.split(","))})
+  trainer = Trainer(models[model], optax.sgd(0.1), optax.constant_schedule(0.1),
+                    LogicalRules(mesh))
+  trainer.lower_train_step({k: (8, 16) for k in ("input_ids", "targets", "loss_mask")}
+                           ).compile()
+  print("compiled", model, layout, flush=True)
+"""
+
+
+def test_xla_never_replicates_a_tensor_to_reshard_it():
+  """On data x fsdp (x tensor) meshes XLA's partitioner finds a way for every tensor of the
+  step: it warns "Involuntary full rematerialization" when it has to replicate one (it did,
+  for the cotangents of every embedding table: word, learned positions, token types)."""
+  cases = [("llama", "data=2,fsdp=4"), ("llama", "data=4,fsdp=2"),
+           ("llama", "data=2,fsdp=2,tensor=2"), ("learned_positions", "data=2,fsdp=2,tensor=2"),
+           ("bert_classifier", "data=2,fsdp=2,tensor=2")]
+  env = dict(os.environ, JAX_ENABLE_COMPILATION_CACHE="false")
+  out = subprocess.run([sys.executable, "-c", _COMPILE_EACH], env=env, text=True, timeout=300,
+                       input="".join(f"{model} {layout}\n" for model, layout in cases),
+                       capture_output=True)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.splitlines() == [f"compiled {model} {layout}" for model, layout in cases]
+  assert "Involuntary full rematerialization" not in out.stderr, out.stderr[-3000:]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

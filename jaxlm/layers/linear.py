@@ -118,6 +118,21 @@ class Einsum(nnx.Module):
     return self.lora_scale * y
 
 
+def lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
+  """The rows of an embedding table [rows, embed] at ids [batch, seq].
+
+  Each device looks up its slice of the embedding dimension, as the table is laid out, for
+  its share of the batch over the mesh axes that slice leaves free; the caller's constraint
+  then moves the rows into the activations' layout. The gradient takes the same way back:
+  without this, on a data x fsdp mesh XLA's partitioner finds no way to scatter the
+  cotangent into the table's layout but to replicate the whole batch's activations on every
+  device. ("embed" comes first so that it claims its mesh axes before the batch does.)
+  """
+  rows = jnp.take(table, ids, axis=0)
+  by_slice = constrain(jnp.moveaxis(rows, -1, 0), ("embed", "act_batch", "act_length"))
+  return jnp.moveaxis(by_slice, 0, -1)
+
+
 class Embedding(nnx.Module):
 
   def __init__(self, vocab_size: int, dim: int, *, rngs: nnx.Rngs, param_dtype,
@@ -127,15 +142,7 @@ class Embedding(nnx.Module):
                                                     param_dtype), ("vocab", "embed"))
 
   def __call__(self, ids: jax.Array) -> jax.Array:
-    rows = jnp.take(self.table[...].astype(self.compute_dtype), ids, axis=0)
-    # Each device looks up its slice of the embedding dimension, as the table is laid out,
-    # for its share of the batch over the mesh axes that slice leaves free; the caller's
-    # constraint then moves the rows into the activations' layout. The gradient takes the
-    # same way back: without this, on a data x fsdp mesh XLA's partitioner finds no way
-    # to scatter the cotangent into the table's layout but to replicate the whole batch's
-    # activations on every device. ("embed" comes first so that it claims its mesh axes.)
-    by_slice = constrain(jnp.moveaxis(rows, -1, 0), ("embed", "act_batch", "act_length"))
-    return jnp.moveaxis(by_slice, 0, -1)
+    return lookup(self.table[...].astype(self.compute_dtype), ids)
 
   def attend(self, x: jax.Array) -> jax.Array:
     """Output projection with the embedding matrix (tied embeddings); logits in float32."""

@@ -19,7 +19,7 @@ from flax import nnx
 
 from jaxlm.layers.attention import resolve_attention_impl, segment_mask
 from jaxlm.layers.dropout import dropout
-from jaxlm.layers.linear import Einsum, Embedding
+from jaxlm.layers.linear import Einsum, Embedding, lookup
 from jaxlm.layers.norms import LayerNorm
 from jaxlm.layers.remat import POLICIES as REMAT_POLICIES, remat
 from jaxlm.layers.sharding import constrain, param
@@ -201,8 +201,8 @@ class Embeddings(nnx.Module):
 
   def __call__(self, input_ids, positions, token_type_ids):
     x = (self.word(input_ids)
-         + jnp.take(self.position[...].astype(self.compute_dtype), positions, axis=0)
-         + jnp.take(self.token_type[...].astype(self.compute_dtype), token_type_ids, axis=0))
+         + lookup(self.position[...].astype(self.compute_dtype), positions)
+         + lookup(self.token_type[...].astype(self.compute_dtype), token_type_ids))
     return self.norm(x)
 
 

@@ -15,7 +15,7 @@ from flax import nnx
 
 from jaxlm.layers.attention import Attention
 from jaxlm.layers.dropout import dropout
-from jaxlm.layers.linear import Einsum, Embedding, float32_logits
+from jaxlm.layers.linear import Einsum, Embedding, float32_logits, lookup
 from jaxlm.layers.mlp import make_mlp
 from jaxlm.layers.norms import make_norm
 from jaxlm.layers.remat import remat
@@ -64,7 +64,7 @@ class LearnedPositions(nnx.Module):
   def __call__(self, positions: jax.Array) -> jax.Array:
     # Padding in a cache has position -1: any row will do, no token attends to it.
     rows = jnp.clip(positions, 0, self.table.shape[0] - 1)
-    return jnp.take(self.table[...].astype(self.compute_dtype), rows, axis=0)
+    return lookup(self.table[...].astype(self.compute_dtype), rows)
 
 
 class DecoderLayer(nnx.Module):
