@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import one_device_env
+from tests.conftest import one_device_env
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "train_throughput.py"
 
@@ -48,7 +48,7 @@ def test_benchmark_prints_one_json_line(tmp_path):
   assert "collective" in profile["categories"]  # fsdp and tensor axes gather and reduce
   assert 0 < profile["busy_ms_per_step"] <= profile["wall_ms_per_step"]
   assert profile["top"] and profile["top"][0]["ms_per_step"] > 0
-  assert out.stderr.startswith("profile (host XLA ops, 2 steps)")
+  assert "profile (host XLA ops, 2 steps)" in out.stderr
 
 
 def test_packed_synthetic_rows_look_like_packed_data():

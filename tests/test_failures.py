@@ -11,7 +11,7 @@ import pytest
 
 from jaxlm.train.loop import NonFiniteLossError, train
 from jaxlm.train.preemption import PREEMPTED_EXIT_CODE
-from conftest import one_device_env
+from tests.conftest import one_device_env
 
 
 def _cli(workdir, steps, cache):

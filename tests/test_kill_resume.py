@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from conftest import one_device_env
+from tests.conftest import one_device_env
 
 STEPS = 12
 KILL_AT = 5  # kill once this step is logged; which step it really is varies run to run

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxlm.train.loop import train
-from conftest import one_device_env
+from tests.conftest import one_device_env
 
 ROOT = Path(__file__).resolve().parent.parent
 OVERRIDES = {"model.preset": "tiny", "model.vocab_size": 4096,
