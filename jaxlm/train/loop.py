@@ -531,31 +531,32 @@ def train(config, workdir: str | Path) -> dict:
                    f"{dict(run.mesh.shape)} | {jax.device_count()} x "
                    f"{jax.devices()[0].device_kind} | {tokens_per_step:,} tokens/step")
 
-  if val_data is not None and start == 0:
-    # The starting point, so that a fine-tune's gain is visible from its first eval.
-    baseline = run.evaluate(trainer.model_params(state), val_data, config.train.eval_batches)
-    if stopper and stopper.metric not in baseline:
-      raise config_lib.ConfigError(
-          f"train.early_stopping.metric = {stopper.metric!r} is not an evaluation metric; "
-          f"choose one of {', '.join(sorted(baseline))}.")
-    writer.write(0, baseline)
-    if is_main:
-      progress.write("step 0: " + " ".join(f"{k} {v:.4f}" for k, v in baseline.items()
-                                            if k != "eval_perplexity"))
-
-  profiler = None
-  if config.train.profile_at:
-    trace_dir = workdir / "profile"
-    if jax.process_count() > 1:  # each process traces its own devices
-      trace_dir = trace_dir / f"process_{jax.process_index()}"
-    profiler = StepProfiler(trace_dir, config.train.profile_at, config.train.profile_steps)
-  last_logged: dict = {}
-  skipped = None  # summed on device: no sync per step
-  preemption = PreemptionWatch(config.train.log_every)
+  # Everything opened from here on is closed in the finally, whatever raises first.
+  profiler = preemption = None
   pending = 0
-  timer = time.perf_counter()
-  timed_steps = 0
   try:
+    if val_data is not None and start == 0:
+      # The starting point, so that a fine-tune's gain is visible from its first eval.
+      baseline = run.evaluate(trainer.model_params(state), val_data, config.train.eval_batches)
+      if stopper and stopper.metric not in baseline:
+        raise config_lib.ConfigError(
+            f"train.early_stopping.metric = {stopper.metric!r} is not an evaluation metric; "
+            f"choose one of {', '.join(sorted(baseline))}.")
+      writer.write(0, baseline)
+      if is_main:
+        progress.write("step 0: " + " ".join(f"{k} {v:.4f}" for k, v in baseline.items()
+                                              if k != "eval_perplexity"))
+
+    if config.train.profile_at:
+      trace_dir = workdir / "profile"
+      if jax.process_count() > 1:  # each process traces its own devices
+        trace_dir = trace_dir / f"process_{jax.process_index()}"
+      profiler = StepProfiler(trace_dir, config.train.profile_at, config.train.profile_steps)
+    last_logged: dict = {}
+    skipped = None  # summed on device: no sync per step
+    preemption = PreemptionWatch(config.train.log_every)
+    timer = time.perf_counter()
+    timed_steps = 0
     for step in range(start, total):
       if profiler:
         profiler.before(step + 1, state)
@@ -644,7 +645,8 @@ def train(config, workdir: str | Path) -> dict:
     if profiler:
       profiler.close()
     loaded_data.close()
-    preemption.close()
+    if preemption:
+      preemption.close()
     progress.update(pending)
     progress.close()
     writer.close()
