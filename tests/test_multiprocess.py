@@ -48,3 +48,27 @@ def test_two_processes_equal_one_and_resume_exactly(tiny_config, token_cache, tm
   a, b = _losses(single), _losses(multi)
   assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
   np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-5)
+
+
+# Each process prints, per data row of the mesh, the processes its fsdp x tensor devices
+# belong to.
+_MESH_ROWS = """
+from jaxlm.parallel import distributed
+from jaxlm.parallel.mesh import build_mesh
+distributed.configure_cpu_devices(4)
+distributed.initialize()
+mesh = build_mesh(dict(data=2, fsdp=2, tensor=2))
+print([sorted({d.process_index for d in row.flat}) for row in mesh.devices])
+"""
+
+
+def test_fsdp_and_tensor_stay_inside_a_process_and_data_spans_them(tmp_path):
+  """Hybrid sharding: with mesh.data = the number of hosts, each host holds one data replica,
+  so FSDP's per-layer gathers and tensor parallelism never leave it (on GPUs: NVLink), and
+  only the gradient reduction over data crosses hosts."""
+  env = dict(one_device_env(), WORKLOG_DIR=str(tmp_path))
+  out = subprocess.run([str(ROOT / "launch" / "local.sh"), "2", sys.executable, "-c", _MESH_ROWS],
+                       env=env, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.strip().splitlines()[-1] == "[[0], [1]]"
+  assert (tmp_path / "process_1.log").read_text().strip().splitlines()[-1] == "[[0], [1]]"
