@@ -125,6 +125,7 @@ def test_gpu_session_runs_parts_within_its_budget(tmp_path):
                                             (0, 2), (None, 32), (None, "pallas_gpu")):
     ran = json.loads((tmp_path / f"{name}.json").read_text())
     assert ran["tokens_per_s"] > 0 and ran["remat_policy"] == "minimal" and ran["profile"]
+    assert ran["recompiles"] == 0  # Pallas (second variant) loaded before the first trace
     assert ran["xla_flags"] == base_flags + flags and ran["device_count"] == 1
     assert ran["docs_per_row"] == docs
     assert ran["overrides"].get("train.loss_chunk_len") == chunk

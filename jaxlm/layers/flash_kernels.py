@@ -43,6 +43,39 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
   return per_shard(kernel, _IN_NAMES, _IN_NAMES[0])(q, k, v, segment_ids)
 
 
+@functools.cache
+def load(implementation: str | None) -> None:
+  """Traces and lowers the kernel, forward and backward, on a small input: for the model to
+  call when it is built. Pallas imports modules as it first traces and lowers a kernel, and
+  some register jax config values that belong to every jit's tracing context (jax 0.11:
+  pallas_fuser_disable_nested_fuse), so a train step whose first trace did that would be
+  traced and compiled again on its second call."""
+  if implementation not in KERNELS:
+    return
+  qkv = jax.ShapeDtypeStruct((1, 128, 1, 128), jnp.bfloat16)
+  segment_ids = jax.ShapeDtypeStruct((1, 128), jnp.int32)
+
+  def total(q, k, v, segment_ids):
+    out = flash_attention(q, k, v, segment_ids, sliding_window=None,
+                          implementation=implementation)
+    return jnp.sum(out.astype(jnp.float32))
+
+  jax.jit(jax.grad(total, argnums=(0, 1, 2))).lower(qkv, qkv, qkv, segment_ids)
+
+
+@functools.cache
+def _gpu_module():
+  from jax.experimental.pallas.ops.gpu import attention
+  return attention
+
+
+@functools.cache
+def _splash_modules():
+  from jax.experimental.pallas.ops.tpu.splash_attention import (
+      splash_attention_kernel, splash_attention_mask)
+  return splash_attention_kernel, splash_attention_mask
+
+
 def config_problem(implementation: str, length: int, sliding_window: int | None) -> str | None:
   """Why the kernel cannot run a sequence of this length (or this window), or None."""
   if problem := window_problem(implementation, sliding_window):
@@ -67,8 +100,7 @@ def window_problem(implementation: str | None, sliding_window: int | None) -> st
 
 
 def _gpu_attention(q, k, v, segment_ids):
-  from jax.experimental.pallas.ops.gpu import attention as gpu_attention
-
+  gpu_attention = _gpu_module()
   length, groups = q.shape[1], q.shape[2] // k.shape[2]
   blocks = {name: min(size, length) for name, size in GPU_BLOCKS.items()}
   return gpu_attention.mha(
@@ -85,9 +117,7 @@ def _splash_block(length: int) -> int | None:
 def _splash_kernel(length: int, groups: int, sliding_window: int | None, interpret: bool):
   """The kernel for one key/value head and its query heads; building it lays out the mask's
   tiles on the host, so it is built once per shape."""
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
-
+  splash, masks = _splash_modules()
   shape = (length, length)
   mask = (masks.CausalMask(shape) if sliding_window is None
           else masks.LocalMask(shape, window_size=(sliding_window - 1, 0), offset=0))
@@ -102,8 +132,7 @@ def _splash_kernel(length: int, groups: int, sliding_window: int | None, interpr
 
 
 def _splash_attention(q, k, v, segment_ids, *, sliding_window):
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
-
+  splash, _ = _splash_modules()
   batch, length, heads, head_dim = q.shape
   kv_heads = k.shape[2]
   groups = heads // kv_heads
