@@ -10,8 +10,7 @@ from flax import nnx
 
 from jaxlm.layers.linear import Einsum
 from jaxlm.layers.rotary import apply_rotary, inverse_frequencies
-from jaxlm.layers import flash_kernels
-from jaxlm.layers.flash_kernels import KERNELS, flash_attention
+from jaxlm.layers.flash_kernels import KERNELS, flash_attention, load_kernel
 from jaxlm.layers.sharding import constrain
 
 
@@ -54,7 +53,7 @@ class Attention(nnx.Module):
                      if cfg.position_embedding == "rope" else None)
     self.sliding_window = cfg.sliding_window
     self.implementation = cfg.attention_impl
-    flash_kernels.load(cfg.attention_impl)
+    load_kernel(cfg.attention_impl)
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
                cache: dict | None = None):

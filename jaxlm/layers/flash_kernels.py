@@ -44,7 +44,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
 
 
 @functools.cache
-def load(implementation: str | None) -> None:
+def load_kernel(implementation: str | None) -> None:
   """Traces and lowers the kernel, forward and backward, on a small input: for the model to
   call when it is built. Pallas imports modules as it first traces and lowers a kernel, and
   some register jax config values that belong to every jit's tracing context (jax 0.11:
@@ -63,13 +63,11 @@ def load(implementation: str | None) -> None:
   jax.jit(jax.grad(total, argnums=(0, 1, 2))).lower(qkv, qkv, qkv, segment_ids)
 
 
-@functools.cache
 def _gpu_module():
   from jax.experimental.pallas.ops.gpu import attention
   return attention
 
 
-@functools.cache
 def _splash_modules():
   from jax.experimental.pallas.ops.tpu.splash_attention import (
       splash_attention_kernel, splash_attention_mask)
