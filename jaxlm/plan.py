@@ -18,6 +18,8 @@ from jaxlm import config as config_lib
 from jaxlm.layers.attention import resolve_attention_impl
 from jaxlm.layers.flash_kernels import config_problem as kernel_config_problem
 from jaxlm.models.factory import encoder_preset
+from jaxlm.parallel.collectives import (collectives, compile_with_partitioned_hlo,
+                                        sent_bytes_by_axes)
 from jaxlm.parallel.mesh import MESH_AXES, resolve_mesh_shape
 from jaxlm.train.loop import Run
 
@@ -139,11 +141,35 @@ def plan_run(run, *, hbm_gib: float, compile_step: bool = True) -> dict:
   if compile_step:
     shape = (run.config.data.batch_size, run.config.data.seq_len)
     start = time.perf_counter()
-    compiled = run.trainer.lower_train_step({k: shape for k in BATCH_KEYS}).compile()
+    compiled, partitioned = compile_with_partitioned_hlo(
+        run.trainer.lower_train_step({k: shape for k in BATCH_KEYS}))
     row["compile_s"] = time.perf_counter() - start
     row.update(compiled_memory(compiled))
     row["fits"] = row["peak_bytes"] <= hbm_gib * GIB
+    row.update(traffic(run, partitioned))
   return row
+
+
+def traffic(run, partitioned_hlo: str | None) -> dict:
+  """What a device sends per step (jaxlm.parallel.collectives): sent_bytes in all and
+  sent_by_axes {mesh axes a collective spans: bytes}, with the model's FLOPs per device per
+  step (flops_per_device) and their ratio (flops_per_sent_byte: communication can hide
+  behind compute where it exceeds the hardware's FLOP/s over its link bytes/s); or
+  traffic_error where the program could not be read."""
+  mesh = {axis: int(run.mesh.shape[axis]) for axis in run.mesh.axis_names}
+  if partitioned_hlo is None and run.mesh.size > 1:
+    return {"traffic_error": "the step came from JAX's persistent compilation cache, so "
+                             "XLA did not compile it here to show its collectives; plan "
+                             "without JAX_COMPILATION_CACHE_DIR set"}
+  try:
+    by_axes = sent_bytes_by_axes(collectives(partitioned_hlo, mesh)) if partitioned_hlo else {}
+  except ValueError as e:  # a form of HLO this reader does not know: memory still counts
+    return {"traffic_error": str(e)}
+  tokens = run.config.data.batch_size * run.config.data.seq_len
+  flops = run.model_cfg.flops_per_token(run.config.data.seq_len) * tokens / run.mesh.size
+  sent = sum(by_axes.values())
+  return {"sent_bytes": sent, "sent_by_axes": by_axes, "flops_per_device": flops,
+          "flops_per_sent_byte": flops / sent if sent else None}
 
 
 def plan(preset: str, layouts: list[dict], *, seq_len: int, batch_size: int, hbm_gib: float,
@@ -158,8 +184,8 @@ def plan(preset: str, layouts: list[dict], *, seq_len: int, batch_size: int, hbm
   (the whole train state), state_total_bytes (unsharded), state_ratio (state_bytes over
   state_total_bytes / devices: 1.0 is perfect sharding, devices is full replication) and,
   when compiled, argument/output/alias/temp/code/peak bytes (see compiled_memory),
-  compile_s and fits (peak <= hbm_gib; None with compile_step=False, which skips the
-  compile and is instant). A layout that cannot work
+  compile_s, fits (peak <= hbm_gib; None with compile_step=False, which skips the
+  compile and is instant) and the step's communication (see traffic). A layout that cannot work
   gives a row with `error` (the message of Run.build, naming the fix) instead of failing
   the others; dtype and remat None keep the preset's.
 
@@ -287,15 +313,27 @@ def _fits(row: dict) -> str:
 def format_table(rows: list[dict]) -> str:
   """A fixed-width table of plan rows; a layout that cannot work shows its error."""
   header = ("devices", "layout", "params+opt GiB/dev", "x ideal", "temp GiB", "peak GiB",
-            "fits", "compile s")
+            "fits", "sent GiB/step", "over axes", "FLOP/B", "compile s")
 
   def cells(row):
     compile_s = row.get("compile_s")
     return (_gib(row["state_bytes"]), f"{row['state_ratio']:.3f}", _gib(row.get("temp_bytes")),
-            _gib(row.get("peak_bytes")), _fits(row),
+            _gib(row.get("peak_bytes")), _fits(row), *_traffic_cells(row),
             "-" if compile_s is None else f"{compile_s:.1f}")
 
   return _table(header, rows, cells)
+
+
+def _traffic_cells(row: dict) -> tuple[str, str, str]:
+  if "traffic_error" in row:
+    return "?", "unread", "-"
+  if "sent_bytes" not in row:
+    return "-", "-", "-"
+  by_axes = " ".join(f"{axes} {value / GIB:.2f}" for axes, value in sorted(
+      row["sent_by_axes"].items(), key=lambda item: -item[1]) if value >= 0.005 * GIB)
+  ratio = row["flops_per_sent_byte"]
+  return (_gib(row["sent_bytes"]), by_axes or "-",
+          "-" if ratio is None else f"{ratio:,.0f}")
 
 
 def _table(header: tuple, rows: list[dict], cells) -> str:

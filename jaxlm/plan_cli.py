@@ -1,5 +1,5 @@
-"""`jaxlm plan`: per-device memory of a model under mesh layouts, from an ahead-of-time
-compile of the real train step. Also runs alone: `python -m jaxlm.plan_cli --help`."""
+"""`jaxlm plan`: per-device memory and communication of a model under mesh layouts, from an
+ahead-of-time compile of the real train step. Also runs alone: `python -m jaxlm.plan_cli --help`."""
 from __future__ import annotations
 
 import argparse
@@ -8,8 +8,9 @@ import math
 import sys
 
 PLAN_HELP = """\
-Plan per-device memory for a preset under one or more mesh layouts, without allocating
-anything: each layout's train step is lowered on abstract shapes and compiled ahead of time.
+Plan per-device memory and communication for a preset under one or more mesh layouts,
+without allocating anything: each layout's train step is lowered on abstract shapes and
+compiled ahead of time.
 
   jaxlm plan --preset llama3-8b --mesh fsdp=8 --mesh fsdp=4,tensor=2
   jaxlm plan --preset llama3-8b --sweep --devices 8 --seq-len 2048 --batch-size 8 --hbm-gib 80
@@ -19,6 +20,14 @@ state, step, rng); x ideal divides it by (unsharded state / devices): 1.0 is per
 sharding, the device count is full replication. temp GiB is XLA's scratch for the step
 (activations, gradients, gathered weights); peak GiB = arguments + outputs - donated
 (aliased) bytes + temp + code; fits compares peak with --hbm-gib.
+
+Communication: sent GiB/step is what one device sends per step through the collectives XLA's
+SPMD partitioner put in the step (ring algorithms: an all-gather or reduce-scatter sends
+(n-1)/n of the array, an all-reduce twice that), "over axes" splits it by the mesh axes the
+collectives run along (e.g. data: between nodes when mesh.data is the node count), and
+FLOP/B is the model's FLOPs per device per step over those bytes: communication can hide
+behind compute where it exceeds the hardware's FLOP/s over its link's bytes/s (an H100 at
+989 TFLOP/s over 450 GB/s of NVLink: about 2,200).
 
 Devices: the layouts must use exactly the devices JAX sees. --devices N (default: the
 device count of the --mesh layouts) asks for N simulated CPU devices before JAX starts,
@@ -54,7 +63,8 @@ def parse_layout(text: str) -> dict[str, int]:
 
 def add_plan_parser(subparsers) -> argparse.ArgumentParser:
   parser = subparsers.add_parser(
-      "plan", help="per-device memory of a model under mesh layouts, without hardware",
+      "plan", help="per-device memory and communication of a model under mesh layouts, "
+                   "without hardware",
       description=PLAN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--preset", required=True, help="model preset, e.g. llama3-8b")
   parser.add_argument("--mesh", action="append", type=parse_layout, default=[],

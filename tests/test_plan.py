@@ -44,6 +44,18 @@ def test_compiled_8b_fsdp_step_donates_its_state(compiled_8b_fsdp):
   assert row["state_bytes"] < row["peak_bytes"] < 80 * GIB and row["fits"] is True
 
 
+def test_compiled_8b_fsdp_step_gathers_weights_and_scatters_gradients(compiled_8b_fsdp):
+  """Over fsdp=8 the layers' weights are gathered at least once (bf16: 2 bytes a parameter,
+  7/8 of them from the other devices) and their gradients reduce-scattered; nothing else
+  moves as much."""
+  row, params = compiled_8b_fsdp, from_preset("llama3-8b").num_params()
+  assert set(row["sent_by_axes"]) == {"fsdp"}
+  assert 2 * 7 / 8 * 2 * params < row["sent_bytes"] < 3 * 7 / 8 * 4 * params
+  tokens = 8 * 2048
+  assert row["flops_per_device"] == from_preset("llama3-8b").flops_per_token(2048) * tokens / 8
+  assert row["flops_per_sent_byte"] == row["flops_per_device"] / row["sent_bytes"]
+
+
 def test_layouts_that_cannot_work_say_why():
   rows = plan("tiny", [{"tensor": 8}, {"fsdp": 4}, {"fdsp": 8}, {"data": 8}], seq_len=64,
               batch_size=4, hbm_gib=1, compile_step=False)
@@ -108,9 +120,12 @@ def test_table_shows_sizes_fit_and_errors(compiled_8b_fsdp):
                compile_step=False)
   table = format_table([compiled_8b_fsdp, *error]).splitlines()
   assert table[0].split() == ["devices", "layout", "params+opt", "GiB/dev", "x", "ideal",
-                              "temp", "GiB", "peak", "GiB", "fits", "compile", "s"]
+                              "temp", "GiB", "peak", "GiB", "fits", "sent", "GiB/step", "over",
+                              "axes", "FLOP/B", "compile", "s"]
   cells = table[2].split()
   assert cells[:4] == ["8", "fsdp=8", "11.22", "1.000"] and "yes" in cells
+  sent = f"{compiled_8b_fsdp['sent_bytes'] / GIB:.2f}"
+  assert cells[-5:-1] == [sent, "fsdp", sent, f"{compiled_8b_fsdp['flops_per_sent_byte']:,.0f}"]
   assert table[3].split()[:3] == ["8", "fsdp=8", "error:"]
   assert "not divisible by the data-parallel size data x fsdp = 8" in table[3]
 

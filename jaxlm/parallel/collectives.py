@@ -1,0 +1,288 @@
+"""What a compiled step sends between devices: its collectives, read from XLA's program right
+after SPMD partitioning, and the bytes each device sends per step along each mesh axis.
+
+Why that point in the compile: the partitioner is the same for every backend, and it is
+where the collectives of a layout come from. Later passes are the backend's own: the CPU
+backend (which plans run on) widens bf16 to f32 and would double the bytes of every
+gathered weight, while a GPU merges collectives and turns an all-reduce whose result each
+device slices into a reduce-scatter. That last step is applied here by reading the slice.
+
+Bytes sent per device are those of the bandwidth-optimal (ring) algorithms, for a group of
+n devices: an all-gather or reduce-scatter moves (n - 1)/n of the whole array, an all-reduce
+twice that, an all-to-all (n - 1)/n of each device's array, a collective-permute all of it.
+Collectives inside a loop (the scan over layers) count once per iteration.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import math
+import os
+import re
+import tempfile
+from collections import defaultdict
+
+import numpy as np
+
+KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+          "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
+          "s4": 0.5, "u4": 0.5}
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+  """One collective of the step. bytes: the array it works on, per device (an all-gather's
+  result, a reduce-scatter's input); group: devices per replica group; axes: the mesh axes
+  a group spans; count: times it runs per step."""
+  name: str
+  kind: str
+  bytes: float
+  group: int
+  axes: tuple[str, ...]
+  count: int
+
+  @property
+  def sent_bytes(self) -> float:
+    """Bytes one device sends per step under the ring algorithms (module docstring)."""
+    n = self.group
+    if n <= 1:
+      return 0.0
+    share = {"all-gather": (n - 1) / n, "reduce-scatter": (n - 1) / n,
+             "all-reduce": 2 * (n - 1) / n, "all-to-all": (n - 1) / n,
+             "collective-permute": 1.0}[self.kind]
+    return share * self.bytes * self.count
+
+
+def compile_with_partitioned_hlo(lowered):
+  """(compiled executable, its HLO text right after SPMD partitioning), read from XLA's dump
+  as it compiles; None when nothing was partitioned (one device) or nothing compiled (JAX's
+  persistent compilation cache served the executable)."""
+  with tempfile.TemporaryDirectory(prefix="jaxlm-hlo-") as directory:
+    compiled = lowered.compile(compiler_options={
+        "xla_dump_to": directory, "xla_dump_hlo_pass_re": "spmd-partitioning",
+        "xla_dump_hlo_as_text": True})
+    files = sorted(glob.glob(os.path.join(directory, "*after_spmd-partitioning*.txt")))
+    if not files:
+      return compiled, None
+    with open(files[-1]) as f:
+      return compiled, f.read()
+
+
+def collectives(hlo: str, mesh_shape: dict[str, int]) -> list[Collective]:
+  """The collectives of a partitioned HLO module (text) compiled over a mesh of mesh_shape
+  ({axis: size}, in the mesh's axis order: device i of the program is the mesh's i-th device
+  in row-major order)."""
+  module, entry = _parse(hlo)
+  counts = _execution_counts(module, entry)
+  users = defaultdict(list)
+  for computation in module.values():
+    for inst in computation:
+      for operand in inst.operands:
+        users[operand].append(inst)
+  found = []
+  for computation_name, computation in module.items():
+    count = counts.get(computation_name, 0)
+    for inst in computation:
+      if inst.opcode not in KINDS or count == 0:
+        continue
+      groups = _groups(inst, mesh_shape)
+      kind, group, size = inst.opcode, len(groups[0]), _shape_bytes(inst.shape)
+      if kind == "reduce-scatter":
+        size *= group  # its result is one device's share
+      elif kind == "all-reduce" and _sliced_by_every_user(inst, users[inst.name], group):
+        kind = "reduce-scatter"
+      found.append(Collective(name=inst.name, kind=kind, bytes=size, group=group,
+                              axes=_axes_spanned(groups, mesh_shape), count=count))
+  return found
+
+
+def sent_bytes_by_axes(found: list[Collective]) -> dict[str, float]:
+  """{"fsdp": bytes, "data+fsdp": bytes, ...}: bytes one device sends per step, by the mesh
+  axes its collectives' groups span (collectives within one device left out)."""
+  totals = defaultdict(float)
+  for collective in found:
+    if collective.sent_bytes:
+      totals["+".join(collective.axes)] += collective.sent_bytes
+  return dict(sorted(totals.items()))
+
+
+# --- reading HLO text -------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Instruction:
+  name: str
+  shape: str
+  opcode: str
+  operands: list[str]
+  operand_text: str
+  attributes: str
+
+
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_CALLEES = re.compile(r"\b(body|condition|to_apply|calls|true_computation|false_computation)="
+                      r"%([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+
+
+def _parse(hlo: str) -> tuple[dict[str, list[_Instruction]], str]:
+  """({computation name: instructions}, the entry computation's name)."""
+  module: dict[str, list[_Instruction]] = {}
+  current, entry = None, None
+  for line in hlo.splitlines():
+    if current is None:
+      if (match := _HEADER.match(line)) and not line.startswith(("HloModule", " ")):
+        current = module[match.group(1)] = []
+        if line.startswith("ENTRY"):
+          entry = match.group(1)
+      continue
+    if line.startswith("}"):
+      current = None
+      continue
+    if inst := _parse_instruction(line):
+      current.append(inst)
+  return module, entry
+
+
+def _parse_instruction(line: str) -> _Instruction | None:
+  line = re.sub(r"/\*.*?\*/", "", line).strip()
+  line = line.removeprefix("ROOT ").strip()
+  if not line.startswith("%") or " = " not in line:
+    return None
+  name, rest = line[1:].split(" = ", 1)
+  shape, rest = _take_shape(rest)
+  opcode, _, rest = rest.strip().partition("(")
+  operands_text, attributes = _split_balanced(rest)
+  operands = re.findall(r"%([\w.\-]+)", operands_text)
+  return _Instruction(name, shape, opcode.strip(), operands, operands_text, attributes)
+
+
+def _take_shape(text: str) -> tuple[str, str]:
+  if text.startswith("("):
+    inside, rest = _split_balanced(text[1:])
+    return "(" + inside + ")", rest
+  shape, _, rest = text.partition(" ")
+  return shape, rest
+
+
+def _split_balanced(text: str) -> tuple[str, str]:
+  """text after an opening parenthesis -> (what is inside, what follows the closing one)."""
+  depth = 1
+  for i, char in enumerate(text):
+    depth += {"(": 1, ")": -1}.get(char, 0)
+    if depth == 0:
+      return text[:i], text[i + 1:]
+  return text, ""
+
+
+def _shape_bytes(shape: str) -> float:
+  total = 0.0
+  for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", shape):
+    if dtype not in _BYTES:
+      raise ValueError(f"Unknown element type {dtype!r} in HLO shape {shape!r}.")
+    total += _BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+  return total
+
+
+def _execution_counts(module, entry: str) -> dict[str, int]:
+  """Times each computation runs per call of the entry: loop bodies times their trip count
+  (jax's loops count up from 0 below a constant), everything else as often as its caller."""
+  counts: dict[str, int] = defaultdict(int)
+
+  def visit(name: str, times: int):
+    counts[name] += times
+    for inst in module.get(name, []):
+      callees = _CALLEES.findall(inst.attributes)
+      trips = _trip_count(module, dict(callees).get("condition")) if inst.opcode == "while" else 1
+      for role, callee in callees:
+        if inst.opcode in KINDS or role == "to_apply" and inst.opcode != "call":
+          continue  # a reduction's combiner, not a computation that runs on its own
+        visit(callee, times * (trips if role == "body" else 1))
+      for branches in _BRANCHES.findall(inst.attributes):
+        for callee in re.findall(r"%([\w.\-]+)", branches):
+          visit(callee, times)
+
+  visit(entry, 1)
+  return counts
+
+
+def _trip_count(module, condition: str | None) -> int:
+  """The constant a jax loop's counter is compared below in its condition; 1 if unknown."""
+  instructions = {inst.name: inst for inst in module.get(condition, [])}
+  for inst in instructions.values():
+    if inst.opcode == "compare" and "direction=LT" in inst.attributes:
+      for operand in inst.operands:
+        bound = instructions.get(operand)
+        if bound is not None and bound.opcode == "constant":
+          return int(bound.operand_text)
+  return 1
+
+
+def _sliced_by_every_user(inst: _Instruction, users: list[_Instruction], group: int) -> bool:
+  """An all-reduce each device slices its 1/group share of: the partitioner's form of a
+  reduce-scatter, which GPU and TPU compilers turn into one."""
+  if group <= 1 or not users:
+    return False
+  size = _shape_bytes(inst.shape)
+  return all(user.opcode == "dynamic-slice" and _shape_bytes(user.shape) * group == size
+             for user in users)
+
+
+# --- replica groups ----------------------------------------------------------------------
+
+def _groups(inst: _Instruction, mesh_shape: dict[str, int]) -> list[list[int]]:
+  """The replica groups of a collective as lists of device ids (partition ids)."""
+  devices = math.prod(mesh_shape.values())
+  attributes = inst.attributes
+  if inst.opcode == "collective-permute":
+    pairs = re.search(r"source_target_pairs=\{(.*?)\}\}", attributes)
+    return ([[int(a), int(b)] for a, b in re.findall(r"\{(\d+),(\d+)", pairs.group(1) + "}")]
+            if pairs else [[0]])
+  if match := re.search(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\((\[[\d,]+\]"
+                        r"(?:T\([\d,]+\))?)\))? \{([^}]*)\}", attributes):
+    return _mesh_groups(match.group(1), match.group(2), match.group(3), devices)
+  if match := re.search(r"replica_groups=(\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?)",
+                        attributes):
+    shape, _, rest = match.group(1).partition("<=")
+    groups = _iota(rest).reshape([int(d) for d in shape.strip("[]").split(",")])
+    return groups.reshape(groups.shape[0], -1).tolist()
+  if match := re.search(r"replica_groups=\{(.*?)\}(?:,|$)", attributes + ","):
+    groups = [[int(d) for d in group.split(",") if d]
+              for group in re.findall(r"\{([\d,]*)\}", match.group(1) + "}")]
+    groups = [group for group in groups if group]
+    return groups or [list(range(devices))]
+  raise ValueError(f"Cannot read the replica groups of {inst.opcode} %{inst.name}: "
+                   f"{attributes[:200]}")
+
+
+def _iota(text: str) -> np.ndarray:
+  """"[4,2]T(1,0)" -> arange(8).reshape(4, 2).transpose(1, 0), flattened."""
+  dims = [int(d) for d in re.match(r"\[([\d,]+)\]", text).group(1).split(",")]
+  ids = np.arange(math.prod(dims)).reshape(dims)
+  if perm := re.search(r"T\(([\d,]+)\)", text):
+    ids = ids.transpose([int(p) for p in perm.group(1).split(",")])
+  return ids.reshape(-1)
+
+
+def _mesh_groups(axes_text: str, device_ids: str | None, grouped: str, devices: int):
+  """XLA's mesh form: the devices (device_ids, an iota such as [2,4]T(1,0); default 0..n-1)
+  laid out as a mesh of named axes; each group varies along the grouped axes."""
+  names = re.findall(r"'([^']+)'=(\d+)", axes_text)
+  sizes = [int(size) for _, size in names]
+  ids = _iota(device_ids) if device_ids else np.arange(devices)
+  ids = ids.reshape(sizes)
+  varying = [i for i, (name, _) in enumerate(names) if f"'{name}'" in grouped]
+  fixed = [i for i in range(len(names)) if i not in varying]
+  group = math.prod(sizes[i] for i in varying)
+  return ids.transpose(fixed + varying).reshape(-1, group).tolist()
+
+
+def _axes_spanned(groups: list[list[int]], mesh_shape: dict[str, int]) -> tuple[str, ...]:
+  """The mesh axes along which the devices of some group differ."""
+  coordinates = np.array(np.unravel_index(np.arange(math.prod(mesh_shape.values())),
+                                          list(mesh_shape.values()))).T
+  varying = set()
+  for group in groups:
+    spread = coordinates[group].max(axis=0) != coordinates[group].min(axis=0)
+    varying.update(np.flatnonzero(spread).tolist())
+  return tuple(name for i, name in enumerate(mesh_shape) if i in varying)

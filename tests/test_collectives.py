@@ -1,0 +1,125 @@
+"""Reading a partitioned program's collectives: replica-group forms, loop counts, the
+partitioner's reduce-scatter, and the bytes that real compiled steps send along each mesh
+axis (8 simulated devices from conftest)."""
+import pytest
+
+from jaxlm.models.config import from_preset
+from jaxlm.parallel.collectives import collectives, sent_bytes_by_axes
+from jaxlm.plan import plan
+
+# A module in the form XLA prints after SPMD partitioning, over a data=2 x fsdp=4 mesh
+# (device d sits at data d // 4, fsdp d % 4): an all-gather in a loop of 3, a
+# collective-permute in a loop of 5 inside it, and at the top an all-reduce that each device
+# slices (a reduce-scatter), a tuple all-reduce and a reduction within single devices.
+MODULE = """\
+HloModule jit_step, entry_computation_layout={()->()}
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %sum = f32[] add(%a, %b)
+}
+
+%inner_cond (p: (s32[], f32[64])) -> pred[] {
+  %p = (s32[], f32[64]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(5)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%inner_body (p: (s32[], f32[64])) -> (s32[], f32[64]) {
+  %p = (s32[], f32[64]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[64]{0} get-tuple-element(%p), index=1
+  %permuted = f32[64]{0} collective-permute(%x), channel_id=3, source_target_pairs={{0,0},{4,2},{2,1}}
+  ROOT %t = (s32[], f32[64]{0}) tuple(%i, %permuted)
+}
+
+%outer_cond (p: (s32[], bf16[64,64])) -> pred[] {
+  %p = (s32[], bf16[64,64]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(3)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%outer_body (p: (s32[], bf16[64,64])) -> (s32[], bf16[64,64]) {
+  %p = (s32[], bf16[64,64]{1,0}) parameter(0)
+  %w = bf16[64,64]{1,0} get-tuple-element(%p), index=1
+  %gathered = bf16[256,64]{1,0} all-gather(%w), channel_id=1, replica_groups=[2,4]<=[8], dimensions={0}, use_global_device_ids=true, metadata={op_name="dot"}
+  %init = (s32[], f32[64]{0}) parameter(1)
+  %inner = (s32[], f32[64]{0}) while(%init), condition=%inner_cond, body=%inner_body
+  ROOT %t = (s32[], bf16[64,64]{1,0}) tuple(%i, %w)
+}
+
+ENTRY %main.1 (g: bf16[256,64], a: f32[8], b: f32[], c: f32[16]) -> bf16[128,64] {
+  %g = bf16[256,64]{1,0} parameter(0)
+  %a = f32[8]{0} parameter(1)
+  %b = f32[] parameter(2)
+  %c = f32[16]{0} parameter(3)
+  %summed = bf16[256,64]{1,0} all-reduce(%g), channel_id=2, replica_groups=mesh['axis_0'=2,'axis_1'=4], device_ids=([4,2]T(1,0)) {'axis_0'}, use_global_device_ids=true, to_apply=%add
+  %off = s32[] partition-id()
+  %zero = s32[] constant(0)
+  %share = bf16[128,64]{1,0} dynamic-slice(%summed, %off, %zero), dynamic_slice_sizes={128,64}
+  %sums = (f32[8]{0}, f32[]) all-reduce(%a, /*index=1*/%b), channel_id=4, replica_groups={{0,4},{1,5},{2,6},{3,7}}, use_global_device_ids=true, to_apply=%add
+  %local = f32[16]{0} all-reduce(%c), channel_id=5, replica_groups={{0},{1},{2},{3},{4},{5},{6},{7}}, to_apply=%add
+  %init = (s32[], bf16[64,64]{1,0}) parameter(4)
+  %loop = (s32[], bf16[64,64]{1,0}) while(%init), condition=%outer_cond, body=%outer_body
+  ROOT %out = bf16[128,64]{1,0} copy(%share)
+}
+"""
+MESH = {"data": 2, "fsdp": 4}
+
+
+def test_collectives_are_read_with_their_groups_axes_and_loop_counts():
+  found = {c.name: c for c in collectives(MODULE, MESH)}
+  assert set(found) == {"gathered", "permuted", "summed", "sums", "local"}
+  gathered, permuted = found["gathered"], found["permuted"]
+  # [2,4]<=[8]: rows of 4 consecutive devices, i.e. along fsdp; runs in the loop of 3.
+  assert (gathered.kind, gathered.group, gathered.axes, gathered.count) == (
+      "all-gather", 4, ("fsdp",), 3)
+  assert gathered.bytes == 256 * 64 * 2 and gathered.sent_bytes == 3 / 4 * 256 * 64 * 2 * 3
+  # Nested loops multiply; device 4 -> 2 crosses both axes.
+  assert (permuted.count, permuted.axes, permuted.sent_bytes) == (15, ("data", "fsdp"), 64 * 4 * 15)
+  # The transposed device order pairs 0 with 1 (fsdp), not 0 with 4 (data); every user
+  # slices half: the partitioner's reduce-scatter.
+  summed = found["summed"]
+  assert (summed.kind, summed.group, summed.axes) == ("reduce-scatter", 2, ("fsdp",))
+  assert summed.sent_bytes == 1 / 2 * 256 * 64 * 2
+  sums = found["sums"]
+  assert (sums.kind, sums.axes, sums.bytes, sums.sent_bytes) == (
+      "all-reduce", ("data",), 8 * 4 + 4, 2 * 1 / 2 * 36)
+  assert (found["local"].group, found["local"].sent_bytes) == (1, 0.0)
+  assert sent_bytes_by_axes(list(found.values())) == {
+      "data": 36.0, "data+fsdp": 64 * 4 * 15.0, "fsdp": 3 / 4 * 256 * 64 * 2 * 3 + 16384}
+
+
+def test_an_unknown_replica_group_form_names_the_collective():
+  text = MODULE.replace("replica_groups=[2,4]<=[8]", "replica_groups=somehow")
+  with pytest.raises(ValueError, match=r"all-gather %gathered: .*somehow"):
+    collectives(text, MESH)
+
+
+def _demo(layout, batch_size=8):
+  (row,) = plan("demo", [layout], seq_len=128, batch_size=batch_size, hbm_gib=80)
+  assert "traffic_error" not in row, row["traffic_error"]
+  return row
+
+
+def test_data_parallel_sends_its_gradients_once_over_data():
+  """data=8: one all-reduce of the gradients, ring cost 2 x 7/8 of them, in the compute
+  dtype (bf16) or float32 per parameter."""
+  row = _demo({"data": 8})
+  params = from_preset("demo").num_params()
+  assert set(row["sent_by_axes"]) == {"data"}
+  assert 2 * 7 / 8 * 2 * params <= row["sent_bytes"] <= 2 * 7 / 8 * 4 * params * 1.01
+
+
+def test_tensor_traffic_grows_with_the_batch_and_fsdp_traffic_does_not():
+  """fsdp moves weights, tensor parallelism moves activations: doubling the batch doubles
+  the bytes sent over tensor and leaves those over fsdp as they were."""
+  small, large = _demo({"fsdp": 4, "tensor": 2}), _demo({"fsdp": 4, "tensor": 2}, 16)
+  assert set(small["sent_by_axes"]) >= {"fsdp", "tensor"}
+  tensor = large["sent_by_axes"]["tensor"] / small["sent_by_axes"]["tensor"]
+  fsdp = large["sent_by_axes"]["fsdp"] / small["sent_by_axes"]["fsdp"]
+  assert 1.9 < tensor < 2.1 and 0.99 < fsdp < 1.05, (small, large)
+  assert large["flops_per_sent_byte"] > small["flops_per_sent_byte"]
