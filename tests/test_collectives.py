@@ -4,13 +4,17 @@ axis (8 simulated devices from conftest)."""
 import pytest
 
 from jaxlm.models.config import from_preset
-from jaxlm.parallel.collectives import collectives, sent_bytes_by_axes
-from jaxlm.plan import plan
+from jaxlm.parallel.collectives import (collectives, compile_with_partitioned_hlo,
+                                        sent_bytes_by_axes)
+from jaxlm.plan import BATCH_KEYS, experiment_config, plan
+from jaxlm.train.loop import Run
 
 # A module in the form XLA prints after SPMD partitioning, over a data=2 x fsdp=4 mesh
 # (device d sits at data d // 4, fsdp d % 4): an all-gather in a loop of 3, a
 # collective-permute in a loop of 5 inside it, and at the top an all-reduce that each device
-# slices (a reduce-scatter), a tuple all-reduce and a reduction within single devices.
+# slices (a reduce-scatter), a tuple all-reduce, a reduction within single devices, and
+# three all-reduces summed (as tensor parallelism sums q, k and v's input gradients) plus a
+# fourth added in that is also used elsewhere.
 MODULE = """\
 HloModule jit_step, entry_computation_layout={()->()}
 
@@ -62,6 +66,15 @@ ENTRY %main.1 (g: bf16[256,64], a: f32[8], b: f32[], c: f32[16]) -> bf16[128,64]
   %share = bf16[128,64]{1,0} dynamic-slice(%summed, %off, %zero), dynamic_slice_sizes={128,64}
   %sums = (f32[8]{0}, f32[]) all-reduce(%a, /*index=1*/%b), channel_id=4, replica_groups={{0,4},{1,5},{2,6},{3,7}}, use_global_device_ids=true, to_apply=%add
   %local = f32[16]{0} all-reduce(%c), channel_id=5, replica_groups={{0},{1},{2},{3},{4},{5},{6},{7}}, to_apply=%add
+  %d1 = bf16[32]{0} parameter(5)
+  %dq = bf16[32]{0} all-reduce(%d1), channel_id=6, replica_groups=[2,4]<=[8], use_global_device_ids=true, to_apply=%add
+  %dk = bf16[32]{0} all-reduce(%d1), channel_id=7, replica_groups=[2,4]<=[8], use_global_device_ids=true, to_apply=%add
+  %dv = bf16[32]{0} all-reduce(%d1), channel_id=8, replica_groups=[2,4]<=[8], use_global_device_ids=true, to_apply=%add
+  %dqk = bf16[32]{0} add(%dq, %dk)
+  %dx = bf16[32]{0} add(%dqk, %dv)
+  %dw = bf16[32]{0} all-reduce(%d1), channel_id=9, replica_groups=[2,4]<=[8], use_global_device_ids=true, to_apply=%add
+  %dxw = bf16[32]{0} add(%dx, %dw)
+  %kept = bf16[32]{0} copy(%dw)
   %init = (s32[], bf16[64,64]{1,0}) parameter(4)
   %loop = (s32[], bf16[64,64]{1,0}) while(%init), condition=%outer_cond, body=%outer_body
   ROOT %out = bf16[128,64]{1,0} copy(%share)
@@ -72,7 +85,10 @@ MESH = {"data": 2, "fsdp": 4}
 
 def test_collectives_are_read_with_their_groups_axes_and_loop_counts():
   found = {c.name: c for c in collectives(MODULE, MESH)}
-  assert set(found) == {"gathered", "permuted", "summed", "sums", "local"}
+  # add(all-reduce, all-reduce) is one all-reduce of the sum on GPUs and TPUs; dw has
+  # another user, so it is reduced on its own.
+  assert set(found) == {"gathered", "permuted", "summed", "sums", "local", "dq", "dw"}
+  assert found["dq"].sent_bytes == found["dw"].sent_bytes == 2 * 3 / 4 * 32 * 2
   gathered, permuted = found["gathered"], found["permuted"]
   # [2,4]<=[8]: rows of 4 consecutive devices, i.e. along fsdp; runs in the loop of 3.
   assert (gathered.kind, gathered.group, gathered.axes, gathered.count) == (
@@ -90,7 +106,7 @@ def test_collectives_are_read_with_their_groups_axes_and_loop_counts():
       "all-reduce", ("data",), 8 * 4 + 4, 2 * 1 / 2 * 36)
   assert (found["local"].group, found["local"].sent_bytes) == (1, 0.0)
   assert sent_bytes_by_axes(list(found.values())) == {
-      "data": 36.0, "data+fsdp": 64 * 4 * 15.0, "fsdp": 3 / 4 * 256 * 64 * 2 * 3 + 16384}
+      "data": 36.0, "data+fsdp": 64 * 4 * 15.0, "fsdp": 3 / 4 * 256 * 64 * 2 * 3 + 16384 + 192}
 
 
 def test_an_unknown_replica_group_form_names_the_collective():
@@ -123,3 +139,20 @@ def test_tensor_traffic_grows_with_the_batch_and_fsdp_traffic_does_not():
   fsdp = large["sent_by_axes"]["fsdp"] / small["sent_by_axes"]["fsdp"]
   assert 1.9 < tensor < 2.1 and 0.99 < fsdp < 1.05, (small, large)
   assert large["flops_per_sent_byte"] > small["flops_per_sent_byte"]
+
+
+@pytest.mark.parametrize("remat, per_layer", [("none", 4), ("full", 5)])
+def test_tensor_parallelism_reduces_activations_as_megatron_does(remat, per_layer):
+  """Per layer: the attention and MLP outputs forward, the input gradients of each block
+  backward (q, k and v's summed into one), and with full remat the recomputed attention
+  output again; nothing else activation-sized crosses tensor inside the layers."""
+  config, _ = experiment_config("demo", {"fsdp": 4, "tensor": 2}, seq_len=128, batch_size=8,
+                                remat=remat)
+  run = Run.build(config)
+  _, hlo = compile_with_partitioned_hlo(
+      run.trainer.lower_train_step({key: (8, 128) for key in BATCH_KEYS}))
+  layers, hidden = from_preset("demo").num_layers, from_preset("demo").hidden_size
+  activation = 8 // 4 * 128 * hidden * 2  # a device's rows of [batch, seq, hidden], bf16
+  found = collectives(hlo, {"data": 1, "fsdp": 4, "tensor": 2})
+  in_layers = [c for c in found if c.axes == ("tensor",) and c.count == layers]
+  assert [(c.kind, c.bytes) for c in in_layers] == [("all-reduce", activation)] * per_layer

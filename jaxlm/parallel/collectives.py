@@ -5,7 +5,8 @@ Why that point in the compile: the partitioner is the same for every backend, an
 where the collectives of a layout come from. Later passes are the backend's own: the CPU
 backend (which plans run on) widens bf16 to f32 and would double the bytes of every
 gathered weight, while a GPU merges collectives and turns an all-reduce whose result each
-device slices into a reduce-scatter. That last step is applied here by reading the slice.
+device slices into a reduce-scatter, and sums of all-reduces into one all-reduce of the sum.
+Those two steps are applied here, as GPU and TPU compilers apply them.
 
 Bytes sent per device are those of the bandwidth-optimal (ring) algorithms, for a group of
 n devices: an all-gather or reduce-scatter moves (n - 1)/n of the whole array, an all-reduce
@@ -83,8 +84,9 @@ def collectives(hlo: str, mesh_shape: dict[str, int]) -> list[Collective]:
   found = []
   for computation_name, computation in module.items():
     count = counts.get(computation_name, 0)
+    folded = _folded_all_reduces(computation, users, mesh_shape)
     for inst in computation:
-      if inst.opcode not in KINDS or count == 0:
+      if inst.opcode not in KINDS or count == 0 or inst.name in folded:
         continue
       groups = _groups(inst, mesh_shape)
       kind, group, size = inst.opcode, len(groups[0]), _shape_bytes(inst.shape)
@@ -216,6 +218,30 @@ def _trip_count(module, condition: str | None) -> int:
         if bound is not None and bound.opcode == "constant":
           return int(bound.operand_text)
   return 1
+
+
+def _folded_all_reduces(computation: list[_Instruction], users, mesh_shape) -> set[str]:
+  """The all-reduces that GPU and TPU compilers fold into another (all-reduce
+  reassociation): add(all-reduce(x), all-reduce(y)) over the same groups, each used only by
+  the add, becomes all-reduce(add(x, y)); chains of such adds fold into one. Tensor
+  parallelism's backward sums q, k and v's (or gate and up's) partial input gradients so."""
+  kept_for: dict[str, _Instruction] = {}  # an add (or all-reduce) -> the all-reduce it keeps
+  for inst in computation:
+    if inst.opcode == "all-reduce":
+      kept_for[inst.name] = inst
+  folded = set()
+  for inst in computation:
+    if inst.opcode != "add" or len(inst.operands) != 2:
+      continue
+    sums = [kept_for.get(operand) for operand in inst.operands]
+    if any(total is None for total in sums) or any(
+        [user.name for user in users[operand]] != [inst.name] for operand in inst.operands):
+      continue
+    first, second = sums
+    if first is not second and _groups(first, mesh_shape) == _groups(second, mesh_shape):
+      folded.add(second.name)
+      kept_for[inst.name] = first
+  return folded
 
 
 def _sliced_by_every_user(inst: _Instruction, users: list[_Instruction], group: int) -> bool:
