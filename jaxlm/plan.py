@@ -10,6 +10,7 @@ XLA_FLAGS=--xla_force_host_platform_device_count=N; `jaxlm plan --devices N` doe
 from __future__ import annotations
 
 import math
+import re
 import time
 
 import jax
@@ -129,7 +130,7 @@ def compiled_memory(compiled) -> dict:
   return out
 
 
-def plan_run(run, *, hbm_gib: float, compile_step: bool = True) -> dict:
+def plan_run(run, *, hbm_gib: float, compile_step: bool = True, top_collectives: int = 0) -> dict:
   """One row of a plan for a built Run (see plan for the fields)."""
   mesh = {axis: int(run.mesh.shape[axis]) for axis in MESH_AXES}
   row = {"layout": layout_label(mesh), "mesh": mesh, "devices": run.mesh.size,
@@ -146,36 +147,45 @@ def plan_run(run, *, hbm_gib: float, compile_step: bool = True) -> dict:
     row["compile_s"] = time.perf_counter() - start
     row.update(compiled_memory(compiled))
     row["fits"] = row["peak_bytes"] <= hbm_gib * GIB
-    row.update(traffic(run, partitioned))
+    row.update(traffic(run, partitioned, top_collectives))
   return row
 
 
-def traffic(run, partitioned_hlo: str | None) -> dict:
+def traffic(run, partitioned_hlo: str | None, top: int = 0) -> dict:
   """What a device sends per step (jaxlm.parallel.collectives): sent_bytes in all and
   sent_by_axes {mesh axes a collective spans: bytes}, with the model's FLOPs per device per
   step (flops_per_device) and their ratio (flops_per_sent_byte: communication can hide
-  behind compute where it exceeds the hardware's FLOP/s over its link bytes/s); or
-  traffic_error where the program could not be read."""
+  behind compute where it exceeds the hardware's FLOP/s over its link bytes/s), and with
+  top > 0 the `top` collectives that send the most (top_collectives: kind, shape, axes,
+  count, sent_bytes and the jax op they serve); or traffic_error where the program could
+  not be read."""
   mesh = {axis: int(run.mesh.shape[axis]) for axis in run.mesh.axis_names}
   if partitioned_hlo is None and run.mesh.size > 1:
     return {"traffic_error": "the step came from JAX's persistent compilation cache, so "
                              "XLA did not compile it here to show its collectives; plan "
                              "without JAX_COMPILATION_CACHE_DIR set"}
   try:
-    by_axes = sent_bytes_by_axes(collectives(partitioned_hlo, mesh)) if partitioned_hlo else {}
+    found = collectives(partitioned_hlo, mesh) if partitioned_hlo else []
   except ValueError as e:  # a form of HLO this reader does not know: memory still counts
     return {"traffic_error": str(e)}
+  by_axes = sent_bytes_by_axes(found)
   tokens = run.config.data.batch_size * run.config.data.seq_len
   flops = run.model_cfg.flops_per_token(run.config.data.seq_len) * tokens / run.mesh.size
   sent = sum(by_axes.values())
+  largest = sorted((c for c in found if c.sent_bytes), key=lambda c: -c.sent_bytes)[:top]
   return {"sent_bytes": sent, "sent_by_axes": by_axes, "flops_per_device": flops,
-          "flops_per_sent_byte": flops / sent if sent else None}
+          "flops_per_sent_byte": flops / sent if sent else None,
+          **({"top_collectives": [
+              {"kind": c.kind, "shape": re.sub(r"\{[\d,]*\}", "", c.shape),
+               "axes": "+".join(c.axes), "count": c.count, "sent_bytes": c.sent_bytes,
+               "op": c.op} for c in largest]} if top else {})}
 
 
 def plan(preset: str, layouts: list[dict], *, seq_len: int, batch_size: int, hbm_gib: float,
          optimizer: str = "adamw", remat: str | None = None, param_dtype: str | None = None,
          compute_dtype: str | None = None, grad_accum: int = 1, overrides=None,
-         compile_step: bool = True, flash_attention: bool = True) -> list[dict]:
+         compile_step: bool = True, flash_attention: bool = True,
+         top_collectives: int = 0) -> list[dict]:
   """Plans each layout (e.g. {"fsdp": 8}, {"fsdp": 4, "tensor": 2}; missing axes are 1) for
   the preset at seq_len x batch_size (global batch) and returns one row per layout. Each
   layout must use exactly the devices JAX has (one axis may be -1: fill).
@@ -185,7 +195,8 @@ def plan(preset: str, layouts: list[dict], *, seq_len: int, batch_size: int, hbm
   state_total_bytes / devices: 1.0 is perfect sharding, devices is full replication) and,
   when compiled, argument/output/alias/temp/code/peak bytes (see compiled_memory),
   compile_s, fits (peak <= hbm_gib; None with compile_step=False, which skips the
-  compile and is instant) and the step's communication (see traffic). A layout that cannot work
+  compile and is instant) and the step's communication (see traffic; top_collectives
+  lists that many of its largest collectives). A layout that cannot work
   gives a row with `error` (the message of Run.build, naming the fix) instead of failing
   the others; dtype and remat None keep the preset's.
 
@@ -209,7 +220,8 @@ def plan(preset: str, layouts: list[dict], *, seq_len: int, batch_size: int, hbm
       rows.append({"layout": layout_label(layout), "mesh": dict(layout), "hbm_gib": hbm_gib,
                    "devices": _layout_devices(layout), "fits": False, "error": str(e)})
       continue
-    rows.append(plan_run(run, hbm_gib=hbm_gib, compile_step=compile_step))
+    rows.append(plan_run(run, hbm_gib=hbm_gib, compile_step=compile_step,
+                         top_collectives=top_collectives))
   return rows
 
 
@@ -352,3 +364,22 @@ def _table(header: tuple, rows: list[dict], cells) -> str:
 
   rule = "  ".join("-" * w for w in widths)
   return "\n".join([render(header), rule, *map(render, lines)])
+
+
+def format_top_collectives(rows: list[dict]) -> str:
+  """Per layout, its top_collectives: bytes sent per step, kind, mesh axes, count per step,
+  shape and the jax operation each serves."""
+  blocks = []
+  for row in rows:
+    if not row.get("top_collectives"):
+      continue
+    lines = [(f"{c['sent_bytes'] / GIB:.2f}", c["kind"], c["axes"], str(c["count"]), c["shape"],
+              c["op"]) for c in row["top_collectives"]]
+    header = ("GiB/step", "kind", "axes", "runs", "shape", "op")
+    widths = [max(len(cells[i]) for cells in (header, *lines)) for i in range(5)]
+    rendered = ["  ".join(cell.rjust(w) if i in (0, 3) else cell.ljust(w)
+                          for i, (cell, w) in enumerate(zip(cells, widths))) + "  " + cells[5]
+                for cells in (header, *lines)]
+    blocks.append(f"{row['layout']}: the collectives that send the most\n" +
+                  "\n".join("  " + line for line in rendered))
+  return "\n\n".join(blocks)

@@ -41,6 +41,10 @@ names the attention planned.
 --sweep adds the standard layouts for the device count: DP, FSDP, TP, FSDP x TP, DP x TP,
 DP x FSDP. Any config value can be set with --config.SECTION.KEY=VALUE.
 
+--top-collectives N lists, under the table, each layout's N largest collectives: bytes sent
+per step, kind, axes, runs per step, shape and the jax operation each serves (e.g.
+".../btd,dm->btm/dot_general": a projection's matmul).
+
 --max-batch finds, per layout, the largest global batch whose step fits --hbm-gib: batches
 step by the rows the layout splits a batch over (data x fsdp, times --grad-accum), doubling
 from one step while the step fits, then bisecting (a compile per try, so a few per layout).
@@ -90,6 +94,9 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
                            "--hbm-gib, per layout (several compiles each)")
   parser.add_argument("--batch-limit", type=int, default=4096,
                       help="--max-batch searches up to this many rows (default: 4096)")
+  parser.add_argument("--top-collectives", type=int, default=0, metavar="N",
+                      help="also list, per layout, the N collectives that send the most, "
+                           "with the jax operation each serves")
   parser.add_argument("--json", action="store_true", help="print the rows as JSON")
   return parser
 
@@ -133,8 +140,8 @@ def arrange_devices(count: int | None) -> int:
 def run_plan(args, overrides=()) -> int:
   """overrides: --config.SECTION.KEY=VALUE strings, applied to every layout."""
   from jaxlm.config import ConfigError
-  from jaxlm.plan import (format_max_batch_table, format_table, max_batch, plan,
-                          standard_layouts)
+  from jaxlm.plan import (format_max_batch_table, format_table, format_top_collectives,
+                          max_batch, plan, standard_layouts)
 
   try:
     count = arrange_devices(args.devices or _mesh_device_count(args.mesh))
@@ -154,7 +161,8 @@ def run_plan(args, overrides=()) -> int:
                         **options) for layout in layouts]
     else:
       rows = plan(args.preset, layouts, seq_len=args.seq_len, batch_size=args.batch_size,
-                  compile_step=not args.no_compile, **options)
+                  compile_step=not args.no_compile, top_collectives=args.top_collectives,
+                  **options)
   except ValueError as e:  # ConfigError included
     print(f"jaxlm plan: error: {e}", file=sys.stderr)
     return 2
@@ -165,6 +173,8 @@ def run_plan(args, overrides=()) -> int:
     planned = sorted({row["attention_impl"] for row in rows if "attention_impl" in row})
     if planned:
       print(f"attention planned as: {', '.join(planned)}")
+    if top := format_top_collectives(rows):
+      print(f"\n{top}")
   # A layout the user named must work; in a sweep, some standard ones may not.
   asked_failed = any("error" in row for row in rows[:len(args.mesh)])
   return 2 if asked_failed or all("error" in row for row in rows) else 0

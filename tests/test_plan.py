@@ -147,6 +147,20 @@ def test_plan_command(capsys):
   assert table[3] == "attention planned as: xla"
 
 
+def test_plan_command_lists_the_largest_collectives(capsys):
+  assert plan_cli.main(["--preset", "tiny", "--mesh", "fsdp=4,tensor=2", "--seq-len", "64",
+                        "--top-collectives", "3"]) == 0
+  out = capsys.readouterr().out
+  block = out[out.index("fsdp=4 tensor=2: the collectives that send the most"):].splitlines()
+  assert block[1].split() == ["GiB/step", "kind", "axes", "runs", "shape", "op"]
+  rows = [line.split() for line in block[2:]]
+  assert len(rows) == 3 and all(row[1] in ("all-gather", "all-reduce", "reduce-scatter")
+                                and row[2] in ("fsdp", "tensor") and "dot_general" in row[5]
+                                for row in rows)
+  sent = [float(row[0]) for row in rows]
+  assert sent == sorted(sent, reverse=True)
+
+
 def test_plan_command_refuses_a_device_count_jax_does_not_have(capsys):
   assert plan_cli.main(["--preset", "tiny", "--mesh", "fsdp=4", "--no-compile"]) == 2
   assert "plan is for 4 devices but JAX has 8" in capsys.readouterr().err

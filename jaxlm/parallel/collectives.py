@@ -35,13 +35,16 @@ _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, 
 class Collective:
   """One collective of the step. bytes: the array it works on, per device (an all-gather's
   result, a reduce-scatter's input); group: devices per replica group; axes: the mesh axes
-  a group spans; count: times it runs per step."""
+  a group spans; count: times it runs per step; shape: its HLO result shape; op: the jax
+  operation it was made for (from XLA's metadata), e.g. ".../btd,dm->btm/dot_general"."""
   name: str
   kind: str
   bytes: float
   group: int
   axes: tuple[str, ...]
   count: int
+  shape: str = ""
+  op: str = ""
 
   @property
   def sent_bytes(self) -> float:
@@ -94,8 +97,10 @@ def collectives(hlo: str, mesh_shape: dict[str, int]) -> list[Collective]:
         size *= group  # its result is one device's share
       elif kind == "all-reduce" and _sliced_by_every_user(inst, users[inst.name], group):
         kind = "reduce-scatter"
+      op = re.search(r'op_name="([^"]*)"', inst.attributes)
       found.append(Collective(name=inst.name, kind=kind, bytes=size, group=group,
-                              axes=_axes_spanned(groups, mesh_shape), count=count))
+                              axes=_axes_spanned(groups, mesh_shape), count=count,
+                              shape=inst.shape, op=op.group(1) if op else ""))
   return found
 
 
