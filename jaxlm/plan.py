@@ -23,9 +23,9 @@ from jaxlm.parallel.collectives import (collectives, compile_with_partitioned_hl
                                         sent_bytes_by_axes)
 from jaxlm.parallel.mesh import MESH_AXES, resolve_mesh_shape
 from jaxlm.train.loop import Run
+from jaxlm.train.trainer import BATCH_KEYS  # what every data batch holds, as jaxlm train feeds it
 
 GIB = 2**30
-BATCH_KEYS = ("input_ids", "targets", "loss_mask")
 
 
 def layout_label(layout: dict) -> str:
@@ -215,7 +215,7 @@ def plan(preset: str, layouts: list[dict], *, seq_len: int, batch_size: int, hbm
           preset, layout, seq_len=seq_len, batch_size=batch_size, optimizer=optimizer,
           remat=remat, param_dtype=param_dtype, compute_dtype=compute_dtype,
           grad_accum=grad_accum, overrides=overrides)
-      run = Run.build(config)
+      run = Run.build(config, planning=True)
     except ValueError as e:  # ConfigError and ShardingError included: they name the fix
       rows.append({"layout": layout_label(layout), "mesh": dict(layout), "hbm_gib": hbm_gib,
                    "devices": _layout_devices(layout), "fits": False, "error": str(e)})

@@ -35,7 +35,9 @@ def test_fsdp_shards_8b_train_state_within_1_1x_of_ideal():
 
 def test_compiled_8b_fsdp_step_donates_its_state(compiled_8b_fsdp):
   row = compiled_8b_fsdp
-  batch_shard = 3 * 8 * 2048 * 4 // 8  # input_ids, targets, loss_mask: int32 [8, 2048]
+  # input_ids, targets, loss_mask, positions, segment_ids: int32 [8, 2048], as jaxlm train
+  # feeds them
+  batch_shard = 5 * 8 * 2048 * 4 // 8
   assert row["argument_bytes"] == row["state_bytes"] + batch_shard
   # The new state is written over the donated one, so it is not counted twice.
   assert row["alias_bytes"] == row["state_bytes"]
@@ -94,6 +96,21 @@ def test_attention_is_planned_as_accelerators_run_it():
   scores = 1 * 4 * 2 * 512 * 512 * 4
   assert dense["temp_bytes"] - flash["temp_bytes"] > scores, (dense, flash)
   assert row(seq_len=100, compile_step=False)["attention_impl"] == "xla"
+
+
+def test_encoders_plan_their_masked_lm_and_classifier_steps():
+  """A headless encoder plans the masked-LM step `jaxlm train` runs, without the tokenizer it
+  would mask with; one with a classification head plans that."""
+  mlm, classifier = (plan("bert-tiny", [{"fsdp": 4, "tensor": 2}], seq_len=64, batch_size=8,
+                          hbm_gib=1, overrides=overrides)[0]
+                     for overrides in ({}, {"model.num_labels": 3, "data.labels": ("a", "b", "c"),
+                                            "data.format": "classification",
+                                            "data.add_special_tokens": True}))
+  for row in (mlm, classifier):
+    assert "error" not in row, row["error"]
+    assert row["fits"] and set(row["sent_by_axes"]) >= {"fsdp", "tensor"}
+  # The masked-LM head's vocabulary-sized weights and logits are the difference.
+  assert mlm["param_bytes"] > classifier["param_bytes"] and mlm["temp_bytes"] > classifier["temp_bytes"]
 
 
 def test_max_batch_is_the_largest_batch_that_fits():

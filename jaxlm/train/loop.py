@@ -26,7 +26,7 @@ from jaxlm.profiling import StepProfiler, format_table
 from jaxlm.train.distill import check_mix
 from jaxlm.train.early_stopping import EarlyStopping
 from jaxlm.train.metrics import MetricsWriter, Progress, peak_flops_per_device
-from jaxlm.train.mlm import tokenizer_mlm
+from jaxlm.train.mlm import mlm_settings, tokenizer_mlm
 from jaxlm.train.optimizer import make_optimizer
 from jaxlm.train.preemption import Preempted, PreemptionWatch
 from jaxlm.train.step import LossConfig, is_regression
@@ -226,10 +226,12 @@ def training_tokenizer(config) -> str:
   return config.data.tokenizer
 
 
-def mlm_options(config, model_cfg) -> dict:
+def mlm_options(config, model_cfg, planning: bool = False) -> dict:
   """The Trainer's masked-LM settings for an encoder ({} for a decoder): the training
   tokenizer's mask and special tokens, and config.mlm. An encoder with a classification
-  head (model.num_labels) trains that instead."""
+  head (model.num_labels) trains that instead. planning: a step that is compiled but never
+  fed data (`jaxlm plan`) needs no tokenizer; token id 0 stands in for the mask token,
+  which changes no shape."""
   if not is_encoder(model_cfg) or model_cfg.num_labels:
     return {}
   if config.data.format != "text":
@@ -242,6 +244,10 @@ def mlm_options(config, model_cfg) -> dict:
                                  "it for a masked-LM encoder.")
   spec = training_tokenizer(config)
   try:
+    if planning:
+      return {"mlm": mlm_settings(0, (), model_cfg.vocab_size, rate=config.mlm.rate,
+                                  mask_fraction=config.mlm.mask_fraction,
+                                  random_fraction=config.mlm.random_fraction)}
     return {"mlm": tokenizer_mlm(load_tokenizer(spec), model_cfg.vocab_size,
                                  what=f"data.tokenizer = {spec!r}", rate=config.mlm.rate,
                                  mask_fraction=config.mlm.mask_fraction,
@@ -292,7 +298,8 @@ class Run:
   schedule: object
 
   @classmethod
-  def build(cls, config) -> "Run":
+  def build(cls, config, *, planning: bool = False) -> "Run":
+    """planning: for a step that is compiled but never run (see mlm_options)."""
     model_cfg = config_lib.model_config(config)
     mesh = config_mesh(config)
     check_layout(model_cfg, mesh, config)
@@ -306,7 +313,7 @@ class Run:
                             config.train.loss_chunk_len),
         grad_accum_steps=config.train.grad_accum_steps,
         skip_nonfinite=config.train.on_nonfinite == "skip", **finetune_options(config),
-        **teacher_options(config, model_cfg), **mlm_options(config, model_cfg),
+        **teacher_options(config, model_cfg), **mlm_options(config, model_cfg, planning),
         **encoder_head_options(config, model_cfg))
     return cls(config, model_cfg, mesh, trainer, schedule)
 

@@ -95,9 +95,16 @@ def tokenizer_mlm(tokenizer, vocab_size: int, *, what: str, rate: float = 0.15,
         f"directory of model.init_from).")
   special = sorted(i for i, token in tokenizer.get_added_tokens_decoder().items()
                    if token.special)
+  return mlm_settings(mask_id, special, vocab_size, rate=rate, mask_fraction=mask_fraction,
+                      random_fraction=random_fraction)
+
+
+def mlm_settings(mask_id: int, special_ids, vocab_size: int, *, rate: float = 0.15,
+                 mask_fraction: float = 0.8, random_fraction: float = 0.1) -> MLM:
+  """MLM settings from token ids, with the rates checked."""
   if not 0 < rate < 1 or mask_fraction < 0 or random_fraction < 0 or (
       mask_fraction + random_fraction > 1):
     raise ValueError(f"mlm.rate must be in (0, 1) and mlm.mask_fraction + mlm.random_fraction "
                      f"at most 1 (both >= 0); got {rate}, {mask_fraction}, {random_fraction}.")
-  return MLM(int(mask_id), int(vocab_size), tuple(special), float(rate), float(mask_fraction),
-             float(random_fraction))
+  return MLM(int(mask_id), int(vocab_size), tuple(special_ids), float(rate),
+             float(mask_fraction), float(random_fraction))
