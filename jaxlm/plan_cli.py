@@ -137,6 +137,19 @@ def arrange_devices(count: int | None) -> int:
   return have
 
 
+def _progress(layouts: list[dict], instant: bool = False):
+  """The layouts, with a progress bar on a terminal's stderr: each takes seconds to compile."""
+  from tqdm.auto import tqdm
+
+  from jaxlm.plan import layout_label
+
+  bar = tqdm(layouts, unit="layout", leave=False, file=sys.stderr,
+             disable=True if instant else None)  # None: only on a terminal
+  for layout in bar:
+    bar.set_description(layout_label(layout))
+    yield layout
+
+
 def run_plan(args, overrides=()) -> int:
   """overrides: --config.SECTION.KEY=VALUE strings, applied to every layout."""
   from jaxlm.config import ConfigError
@@ -158,11 +171,12 @@ def run_plan(args, overrides=()) -> int:
       if args.no_compile:
         raise ConfigError("--max-batch compiles each step it tries; drop --no-compile.")
       rows = [max_batch(args.preset, layout, seq_len=args.seq_len, limit=args.batch_limit,
-                        **options) for layout in layouts]
+                        **options) for layout in _progress(layouts)]
     else:
-      rows = plan(args.preset, layouts, seq_len=args.seq_len, batch_size=args.batch_size,
-                  compile_step=not args.no_compile, top_collectives=args.top_collectives,
-                  **options)
+      rows = [row for layout in _progress(layouts, args.no_compile)
+              for row in plan(args.preset, [layout], seq_len=args.seq_len,
+                              batch_size=args.batch_size, compile_step=not args.no_compile,
+                              top_collectives=args.top_collectives, **options)]
   except ValueError as e:  # ConfigError included
     print(f"jaxlm plan: error: {e}", file=sys.stderr)
     return 2
