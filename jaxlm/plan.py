@@ -18,7 +18,7 @@ import jax
 from jaxlm import config as config_lib
 from jaxlm.layers.attention import resolve_attention_impl
 from jaxlm.layers.flash_kernels import config_problem as kernel_config_problem
-from jaxlm.models.factory import encoder_preset
+from jaxlm.models.factory import is_encoder
 from jaxlm.parallel.collectives import (collectives, compile_with_partitioned_hlo,
                                         sent_bytes_by_axes)
 from jaxlm.parallel.mesh import MESH_AXES, resolve_mesh_shape
@@ -47,26 +47,32 @@ def standard_layouts(num_devices: int) -> list[dict]:
   return layouts
 
 
-def experiment_config(preset: str, layout: dict | None = None, *, seq_len: int,
-                      batch_size: int, optimizer: str = "adamw", remat: str | None = None,
+def experiment_config(preset: str | None, layout: dict | None = None, *,
+                      seq_len: int | None, batch_size: int | None,
+                      optimizer: str | None = "adamw", remat: str | None = None,
                       param_dtype: str | None = None, compute_dtype: str | None = None,
-                      grad_accum: int = 1, overrides=None):
+                      grad_accum: int | None = 1, overrides=None, recipe: str | None = None):
   """A locked training config for a preset at a given shape. Returns (config, overrides)
-  where overrides is the flat {key: value} dict applied to base_config(), for the record.
-  None keeps the preset's (or base config's) value; layout None keeps fsdp=-1 (all devices)."""
-  applied = {"model.preset": preset, "data.seq_len": seq_len, "data.batch_size": batch_size,
-             "optim.name": optimizer, "train.grad_accum_steps": grad_accum}
+  where overrides is the flat {key: value} dict applied, for the record. The starting point
+  is base_config(), or with `recipe` that recipe (a configs/ name or path, as `jaxlm train
+  --config`). None keeps the recipe's (or preset's, or base config's) value; layout None
+  keeps its mesh."""
+  applied = {key: value for key, value in (
+      ("model.preset", preset), ("data.seq_len", seq_len), ("data.batch_size", batch_size),
+      ("optim.name", optimizer), ("train.grad_accum_steps", grad_accum),
+      ("model.remat_policy", remat), ("model.param_dtype", param_dtype),
+      ("model.compute_dtype", compute_dtype)) if value is not None}
   if layout is not None:
     unknown = sorted(set(layout) - set(MESH_AXES))
     if unknown:
       raise config_lib.ConfigError(f"Unknown mesh axes {unknown} in layout {layout}; the "
                                    f"axes are {', '.join(MESH_AXES)}.")
     applied.update({f"mesh.{axis}": int(layout.get(axis, 1)) for axis in MESH_AXES})
-  for key, value in (("model.remat_policy", remat), ("model.param_dtype", param_dtype),
-                     ("model.compute_dtype", compute_dtype)):
-    if value is not None:
-      applied[key] = value
-  config = config_lib.base_config()
+  if recipe is None:
+    config = config_lib.base_config()
+  else:
+    config = config_lib.load_config(recipe)
+    config.unlock()
   config_lib.apply_overrides(config, applied)
   config_lib.apply_overrides(config, overrides or {})
   config.lock()
@@ -181,14 +187,16 @@ def traffic(run, partitioned_hlo: str | None, top: int = 0) -> dict:
                "op": c.op} for c in largest]} if top else {})}
 
 
-def plan(preset: str, layouts: list[dict], *, seq_len: int, batch_size: int, hbm_gib: float,
-         optimizer: str = "adamw", remat: str | None = None, param_dtype: str | None = None,
-         compute_dtype: str | None = None, grad_accum: int = 1, overrides=None,
-         compile_step: bool = True, flash_attention: bool = True,
+def plan(preset: str | None, layouts: list[dict], *, seq_len: int | None,
+         batch_size: int | None, hbm_gib: float, optimizer: str | None = "adamw",
+         remat: str | None = None, param_dtype: str | None = None,
+         compute_dtype: str | None = None, grad_accum: int | None = 1, overrides=None,
+         recipe: str | None = None, compile_step: bool = True, flash_attention: bool = True,
          top_collectives: int = 0) -> list[dict]:
   """Plans each layout (e.g. {"fsdp": 8}, {"fsdp": 4, "tensor": 2}; missing axes are 1) for
-  the preset at seq_len x batch_size (global batch) and returns one row per layout. Each
-  layout must use exactly the devices JAX has (one axis may be -1: fill).
+  the preset (or the recipe, see experiment_config) at seq_len x batch_size (global batch)
+  and returns one row per layout. Each layout must use exactly the devices JAX has (one
+  axis may be -1: fill).
 
   Row fields, all per device unless named total: param_bytes, opt_state_bytes, state_bytes
   (the whole train state), state_total_bytes (unsharded), state_ratio (state_bytes over
@@ -200,21 +208,24 @@ def plan(preset: str, layouts: list[dict], *, seq_len: int, batch_size: int, hbm
   gives a row with `error` (the message of Run.build, naming the fix) instead of failing
   the others; dtype and remat None keep the preset's.
 
-  flash_attention: unless overrides set model.attention_impl, a decoder's step is planned
+  flash_attention: unless the config sets model.attention_impl, a decoder's step is planned
   with the splash flash-attention kernel (run interpreted on CPU) where the sequence length
   tiles (a multiple of 128), so that temp counts the memory of attention as GPUs and TPUs
   run it (flash kernels) and not XLA's whole [seq, seq] scores; each row says which
   (`attention_impl`).
   """
-  if flash_attention and encoder_preset(preset) is None:
-    overrides = _with_flash_attention(overrides, seq_len)
   rows = []
   for layout in layouts:
     try:
-      config, _ = experiment_config(
-          preset, layout, seq_len=seq_len, batch_size=batch_size, optimizer=optimizer,
-          remat=remat, param_dtype=param_dtype, compute_dtype=compute_dtype,
-          grad_accum=grad_accum, overrides=overrides)
+      def config_with(extra):
+        return experiment_config(
+            preset, layout, seq_len=seq_len, batch_size=batch_size, optimizer=optimizer,
+            remat=remat, param_dtype=param_dtype, compute_dtype=compute_dtype,
+            grad_accum=grad_accum, overrides=_merged(overrides, extra), recipe=recipe)[0]
+
+      config = config_with({})
+      if flash_attention and _flash_plannable(config):
+        config = config_with({"model.attention_impl": "splash"})
       run = Run.build(config, planning=True)
     except ValueError as e:  # ConfigError and ShardingError included: they name the fix
       rows.append({"layout": layout_label(layout), "mesh": dict(layout), "hbm_gib": hbm_gib,
@@ -225,19 +236,24 @@ def plan(preset: str, layouts: list[dict], *, seq_len: int, batch_size: int, hbm
   return rows
 
 
-def max_batch(preset: str, layout: dict, *, seq_len: int, hbm_gib: float, limit: int = 4096,
-              grad_accum: int = 1, **options) -> dict:
+def max_batch(preset: str | None, layout: dict, *, seq_len: int | None, hbm_gib: float,
+              limit: int = 4096, grad_accum: int | None = 1, **options) -> dict:
   """The largest global batch of seq_len-token rows whose compiled step fits hbm_gib per
   device under layout, up to limit rows. Batches step by the rows the layout splits the
   batch over (data x fsdp, times grad_accum); the search doubles from one such step while
   the step fits, then bisects, on the assumption that memory grows with the batch. options:
-  as `plan` (optimizer, remat, dtypes, overrides, flash_attention).
+  as `plan` (optimizer, remat, dtypes, overrides, recipe, flash_attention); None keeps the
+  recipe's grad_accum.
 
   Returns {"layout", "devices", "max_batch" (0: not even the smallest batch fits),
   "rows_per_device", "tokens_per_step", "peak_bytes" (at max_batch), "capped" (the limit
   still fit), "attention_impl", "probes": [[batch, peak bytes], ...], "compile_s" (all
   probes)}, or a row with "error" when the layout cannot work."""
   shape = resolve_mesh_shape(layout, jax.device_count())
+  if grad_accum is None:
+    grad_accum = experiment_config(preset, layout, seq_len=seq_len, batch_size=None,
+                                   grad_accum=None, recipe=options.get("recipe"),
+                                   overrides=options.get("overrides"))[0].train.grad_accum_steps
   unit = shape["data"] * shape["fsdp"] * grad_accum
   probes, rows = [], {}
 
@@ -298,13 +314,20 @@ def format_max_batch_table(rows: list[dict]) -> str:
   return _table(header, rows, cells)
 
 
-def _with_flash_attention(overrides, seq_len: int):
-  if "model.attention_impl" in _override_keys(overrides or {}) or kernel_config_problem(
-      "splash", seq_len, sliding_window=None):
+def _flash_plannable(config) -> bool:
+  """A decoder whose attention the config leaves to the backend, at a length splash tiles."""
+  return (config.model.attention_impl is None
+          and not is_encoder(config_lib.model_config(config))
+          and not kernel_config_problem("splash", config.data.seq_len, sliding_window=None))
+
+
+def _merged(overrides, extra: dict):
+  """overrides (a {key: value} dict or --config.KEY=VALUE strings) with extra applied last."""
+  if not extra:
     return overrides
   if isinstance(overrides, dict) or not overrides:
-    return {**(overrides or {}), "model.attention_impl": "splash"}
-  return [*overrides, "--config.model.attention_impl=splash"]
+    return {**(overrides or {}), **extra}
+  return [*overrides, *(f"--config.{key}={value}" for key, value in extra.items())]
 
 
 def _layout_devices(layout: dict) -> int | None:

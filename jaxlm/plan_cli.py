@@ -8,12 +8,17 @@ import math
 import sys
 
 PLAN_HELP = """\
-Plan per-device memory and communication for a preset under one or more mesh layouts,
-without allocating anything: each layout's train step is lowered on abstract shapes and
-compiled ahead of time.
+Plan per-device memory and communication for a preset or a recipe under one or more mesh
+layouts, without allocating anything: each layout's train step is lowered on abstract
+shapes and compiled ahead of time.
 
   jaxlm plan --preset llama3-8b --mesh fsdp=8 --mesh fsdp=4,tensor=2
   jaxlm plan --preset llama3-8b --sweep --devices 8 --seq-len 2048 --batch-size 8 --hbm-gib 80
+  jaxlm plan --config ref_1b --mesh fsdp=8 --mesh data=8
+
+A recipe (--config) plans the run `jaxlm train --config RECIPE` would make: its model (a
+model.init_from directory must exist), data shape, optimizer and fine-tuning settings;
+flags and --config.SECTION.KEY=VALUE override them.
 
 Columns: params+opt GiB/dev is the sharded train state on one device (parameters, optimizer
 state, step, rng); x ideal divides it by (unsharded state / devices): 1.0 is perfect
@@ -70,23 +75,28 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
       "plan", help="per-device memory and communication of a model under mesh layouts, "
                    "without hardware",
       description=PLAN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--preset", required=True, help="model preset, e.g. llama3-8b")
+  parser.add_argument("--preset", help="model preset, e.g. llama3-8b")
+  parser.add_argument("--config", metavar="RECIPE",
+                      help="plan a recipe (a configs/ name or path, as `jaxlm train --config`): "
+                           "its model, data shape, optimizer and fine-tuning settings")
   parser.add_argument("--mesh", action="append", type=parse_layout, default=[],
                       metavar="AXIS=N[,AXIS=N]",
                       help="a layout over data/fsdp/tensor, e.g. fsdp=8; repeatable")
   parser.add_argument("--sweep", action="store_true", help="also plan the standard layouts")
   parser.add_argument("--devices", type=int,
                       help="device count; simulated on CPU (default: what --mesh uses)")
-  parser.add_argument("--seq-len", type=int, default=2048, help="default: 2048")
-  parser.add_argument("--batch-size", type=int, default=8, help="global batch (default: 8)")
+  parser.add_argument("--seq-len", type=int, help="default: the recipe's, else 2048")
+  parser.add_argument("--batch-size", type=int,
+                      help="global batch (default: the recipe's, else 8)")
   parser.add_argument("--hbm-gib", type=float, default=80.0,
                       help="memory per device to fit in (default: 80)")
-  parser.add_argument("--optimizer", default="adamw", help="optim.name (default: adamw)")
+  parser.add_argument("--optimizer",
+                      help="optim.name (default: the recipe's, else adamw)")
   parser.add_argument("--remat", help="model.remat_policy (default: the preset's)")
   parser.add_argument("--param-dtype", help="default: the preset's")
   parser.add_argument("--compute-dtype", help="default: the preset's")
-  parser.add_argument("--grad-accum", type=int, default=1,
-                      help="train.grad_accum_steps (default: 1)")
+  parser.add_argument("--grad-accum", type=int,
+                      help="train.grad_accum_steps (default: the recipe's, else 1)")
   parser.add_argument("--no-compile", action="store_true",
                       help="only the sharded state sizes (fast): no temp, peak or fits")
   parser.add_argument("--max-batch", action="store_true",
@@ -164,18 +174,26 @@ def run_plan(args, overrides=()) -> int:
                   if _normal(layout) not in map(_normal, layouts)]
     if not layouts:
       raise ConfigError("Nothing to plan: give one or more --mesh AXIS=N, or --sweep.")
-    options = dict(hbm_gib=args.hbm_gib, optimizer=args.optimizer, remat=args.remat,
-                   param_dtype=args.param_dtype, compute_dtype=args.compute_dtype,
-                   grad_accum=args.grad_accum, overrides=list(overrides))
+    if not (args.preset or args.config):
+      raise ConfigError("Nothing to plan: give --preset NAME, or --config RECIPE.")
+    # A recipe keeps its own values where a flag is not given; a bare preset gets these.
+    fallback = (lambda value, default: value) if args.config else (
+        lambda value, default: default if value is None else value)
+    options = dict(hbm_gib=args.hbm_gib, optimizer=fallback(args.optimizer, "adamw"),
+                   remat=args.remat, param_dtype=args.param_dtype,
+                   compute_dtype=args.compute_dtype, grad_accum=fallback(args.grad_accum, 1),
+                   overrides=list(overrides), recipe=args.config)
+    seq_len = fallback(args.seq_len, 2048)
     if args.max_batch:
       if args.no_compile:
         raise ConfigError("--max-batch compiles each step it tries; drop --no-compile.")
-      rows = [max_batch(args.preset, layout, seq_len=args.seq_len, limit=args.batch_limit,
+      rows = [max_batch(args.preset, layout, seq_len=seq_len, limit=args.batch_limit,
                         **options) for layout in _progress(layouts)]
     else:
       rows = [row for layout in _progress(layouts, args.no_compile)
-              for row in plan(args.preset, [layout], seq_len=args.seq_len,
-                              batch_size=args.batch_size, compile_step=not args.no_compile,
+              for row in plan(args.preset, [layout], seq_len=seq_len,
+                              batch_size=fallback(args.batch_size, 8),
+                              compile_step=not args.no_compile,
                               top_collectives=args.top_collectives, **options)]
   except ValueError as e:  # ConfigError included
     print(f"jaxlm plan: error: {e}", file=sys.stderr)

@@ -113,6 +113,19 @@ def test_encoders_plan_their_masked_lm_and_classifier_steps():
   assert mlm["param_bytes"] > classifier["param_bytes"] and mlm["temp_bytes"] > classifier["temp_bytes"]
 
 
+def test_a_recipe_plans_the_run_it_would_make():
+  """--config RECIPE plans that recipe's model at its own shape (tiny_demo: the demo preset,
+  8 rows of 256 tokens); with LoRA, data parallelism sends only the adapters' gradients."""
+  full, lora = (plan(None, [{"data": 8}], seq_len=None, batch_size=None, hbm_gib=1,
+                     optimizer=None, grad_accum=None, recipe="tiny_demo", overrides=overrides)[0]
+                for overrides in ({}, {"finetune.lora_targets": "attention|mlp"}))
+  assert "error" not in full and "error" not in lora
+  assert full["argument_bytes"] - full["state_bytes"] == 5 * 8 * 256 * 4 // 8
+  assert full["param_bytes"] == 4 * from_preset("demo").num_params()
+  assert set(lora["sent_by_axes"]) == {"data"}
+  assert lora["sent_bytes"] < 0.2 * full["sent_bytes"]
+
+
 def test_max_batch_is_the_largest_batch_that_fits():
   """Doubling then bisecting in steps of the rows the layout splits a batch over; a limit
   that still fits is marked; a layout that cannot work says why."""
@@ -181,6 +194,15 @@ def test_plan_command_lists_the_largest_collectives(capsys):
                                 for row in rows)
   sent = [float(row[0]) for row in rows]
   assert sent == sorted(sent, reverse=True)
+
+
+def test_plan_command_takes_a_preset_or_a_recipe(capsys):
+  assert plan_cli.main(["--config", "tiny_demo", "--mesh", "fsdp=8", "--no-compile",
+                        "--json"]) == 0
+  (row,) = json.loads(capsys.readouterr().out)
+  assert row["layout"] == "fsdp=8" and "error" not in row
+  assert plan_cli.main(["--mesh", "fsdp=8"]) == 2
+  assert "give --preset NAME, or --config RECIPE" in capsys.readouterr().err
 
 
 def test_plan_command_refuses_a_device_count_jax_does_not_have(capsys):
