@@ -1,6 +1,6 @@
 """The 1.1B reference model of DESIGN.md's performance table on the embedded corpus:
 seq 2048, global batch 8, AdamW, bf16 compute, fp32 params, FSDP over all devices.
-For accelerators; `jaxlm plan --preset ref-1.1b --mesh fsdp=8` shows what each device holds.
+For accelerators; `jaxlm plan --config ref_1b --mesh fsdp=8` shows what each device holds.
 """
 from jaxlm.config import base_config
 
