@@ -21,7 +21,9 @@
 # N documents into each row, as real data is, so attention gets a document mask; chunkN
 # sets train.loss_chunk_len; xla, cudnn, pallas_gpu or splash sets model.attention_impl), maxtext,
 # torch, attention (bench/attention_check.py: XLA, cuDNN and Pallas attention checked
-# against float32 and timed, ATTENTION_ARGS adds arguments). BENCH_ARGS adds arguments to
+# against float32 and timed, ATTENTION_ARGS adds arguments), plan:<remat> (`jaxlm plan` of
+# the same step on the host's CPU, its planned peak memory set beside the measured one;
+# PLAN_ARGS replaces its preset and shape). BENCH_ARGS adds arguments to
 # bench/train_throughput.py (a dry run on CPU: BENCH_ARGS="--preset tiny --seq-len 64"
 # bash bench/gpu_session.sh jaxlm:minimal).
 # One JSON line per part goes to $OUT (or /tmp/jaxlm_bench); the logs, MaxText's metrics and
@@ -30,7 +32,7 @@
 # device tool's eight returned files hold them all. A table is printed last.
 set -u
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(attention jaxlm:none jaxlm:minimal maxtext)
+[ ${#parts[@]} -eq 0 ] && parts=(attention jaxlm:none jaxlm:minimal maxtext plan:none plan:minimal)
 out=${OUT:-/tmp/jaxlm_bench}
 budget=${BUDGET_S:-540}
 anchor=.anchor
@@ -102,8 +104,14 @@ for part in "${parts[@]}"; do
       run_part torch_anchor 210 150 python3 "$anchor/torch_llama_anchor.py" --compile ;;
     attention)  # XLA, cuDNN and Pallas attention against float32, with and without a document mask
       run_part attention_check 150 60 python3 bench/attention_check.py ${ATTENTION_ARGS:-} ;;
+    plan:*)  # jaxlm plan's memory for the same step, compiled on the host's CPU: to set beside
+             # what the GPU measured
+      remat=${part#plan:}
+      JAX_PLATFORMS=cpu run_part "plan_$remat" 90 20 python3 -m jaxlm.plan_cli \
+        ${PLAN_ARGS:---preset ref-1.1b --seq-len 2048 --batch-size 8} --mesh data=1 \
+        --devices 1 --remat "$remat" --json ;;
     *) echo "unknown part $part (jaxlm:<remat>[+<XLA flag>...][+docs<N>][+chunk<N>]" \
-            "[+xla|cudnn|pallas_gpu|splash], maxtext, torch, attention)"
+            "[+xla|cudnn|pallas_gpu|splash], maxtext, torch, attention, plan:<remat>)"
        exit 2 ;;
   esac
 done
@@ -112,13 +120,19 @@ python3 - "$out" <<'PY'
 import json, pathlib, sys
 rows = []
 for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
-  lines = [l for l in path.read_text().splitlines() if l.startswith("{")]
-  rows.append((path.stem, json.loads(lines[-1]) if lines else {"error": "no result, see log"}))
+  lines = [l for l in path.read_text().splitlines() if l.startswith(("{", "[{"))]
+  result = json.loads(lines[-1]) if lines else {"error": "no result, see log"}
+  rows.append((path.stem, result[0] if isinstance(result, list) else result))  # plan: a list
 maxtext = next((r.get("tokens_per_s") for n, r in rows if n == "maxtext_anchor"), None)
 print(f"{'part':<16}{'tokens/s':>10}{'TFLOP/s':>9}{'MFU':>7}{'vs MaxText':>11}{'compile s':>10}"
       f"{'peak GiB':>9}")
 for name, r in rows:
   tps = r.get("tokens_per_s")
+  if "temp_bytes" in r or ("layout" in r and "error" in r):  # jaxlm plan, on the CPU
+    print(f"{name:<16} planned on CPU: " + (f"peak {r['peak_bytes'] / 2**30:.1f} GiB (temp "
+          f"{r['temp_bytes'] / 2**30:.1f}), attention as {r['attention_impl']}"
+          if "error" not in r else r["error"]))
+    continue
   if "cases" in r:  # bench/attention_check.py
     for c in r["cases"]:
       what = c.get("error") or (f"max rel err {max(c['errors'].values()):.1e}, "

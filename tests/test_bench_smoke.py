@@ -109,14 +109,15 @@ def test_gpu_session_runs_parts_within_its_budget(tmp_path):
   env = one_device_env()
   env.update(OUT=str(tmp_path), BUDGET_S="150",
              BENCH_ARGS="--preset tiny --seq-len 64 --batch-size 8 --steps 2",
+             PLAN_ARGS="--preset tiny --seq-len 64 --batch-size 8",
              PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
   script = str(root / "bench" / "gpu_session.sh")
   # The second variant has an XLA flag of its own (one that does nothing on CPU), packs
   # two documents into each row, computes the loss 32 positions at a time and runs the
   # Pallas attention (interpreted here).
   variants = ["jaxlm:minimal", "jaxlm:minimal+xla_gpu_autotune_level=0+docs2+chunk32+pallas_gpu"]
-  out = subprocess.run(["bash", script, *variants, "maxtext", "torch"], cwd=root, env=env,
-                       capture_output=True, text=True, timeout=300)
+  out = subprocess.run(["bash", script, "plan:minimal", *variants, "maxtext", "torch"],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stdout + out.stderr
   table = out.stdout[out.stdout.index("tokens/s"):].splitlines()
   names = ["jaxlm_minimal", "jaxlm_minimal_xla_gpu_autotune_level-0_docs2_chunk32_pallas_gpu"]
@@ -137,9 +138,14 @@ def test_gpu_session_runs_parts_within_its_budget(tmp_path):
     assert any(row.startswith(part) and re.search(r"needs \d+ s, BUDGET_S=150 leaves \d+$", row)
                for row in table)
     assert json.loads((tmp_path / f"{part}.json").read_text())["skipped"]
+  # The plan part: the same step's memory as jaxlm plan gives it, compiled on the CPU.
+  (planned,) = json.loads((tmp_path / "plan_minimal.json").read_text())
+  assert planned["layout"] == "1 device" and planned["temp_bytes"] > 0
+  assert any(row.startswith("plan_minimal") and f"planned on CPU: peak "
+             f"{planned['peak_bytes'] / 2**30:.1f} GiB" in row for row in table)
   with tarfile.open(tmp_path / "logs.tgz") as logs:
     assert sorted(logs.getnames()) == sorted(
-        [f"./{name}.log" for name in names]
+        ["./plan_minimal.log"] + [f"./{name}.log" for name in names]
         + [f"./profile_{name[len('jaxlm_'):]}.xplane.pb" for name in names])
   bad = subprocess.run(["bash", script, "jax:minimal"], cwd=root, env=env, capture_output=True,
                        text=True, timeout=120)
