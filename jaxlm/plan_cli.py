@@ -30,7 +30,8 @@ Communication: sent GiB/step is what one device sends per step through the colle
 SPMD partitioner put in the step (ring algorithms: an all-gather or reduce-scatter sends
 (n-1)/n of the array, an all-reduce twice that), "over axes" splits it by the mesh axes the
 collectives run along (e.g. data: between nodes when mesh.data is the node count), and
-FLOP/B is the model's FLOPs per device per step over those bytes: communication can hide
+FLOP/B is the model's FLOPs per device per step (as MFU counts them, without remat's
+recomputation) over those bytes: communication can hide
 behind compute where it exceeds the hardware's FLOP/s over its link's bytes/s (an H100 at
 989 TFLOP/s over 450 GB/s of NVLink: about 2,200).
 
