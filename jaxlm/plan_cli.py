@@ -31,9 +31,9 @@ SPMD partitioner put in the step (ring algorithms: an all-gather or reduce-scatt
 (n-1)/n of the array, an all-reduce twice that), "over axes" splits it by the mesh axes the
 collectives run along (e.g. data: between nodes when mesh.data is the node count), and
 FLOP/B is the model's FLOPs per device per step (as MFU counts them, without remat's
-recomputation) over those bytes: communication can hide
-behind compute where it exceeds the hardware's FLOP/s over its link's bytes/s (an H100 at
-989 TFLOP/s over 450 GB/s of NVLink: about 2,200).
+recomputation) over those bytes: communication can hide behind compute where it exceeds
+the hardware's FLOP/s over its link's bytes/s (an H100 at 989 TFLOP/s over 450 GB/s of
+NVLink: about 2,200).
 
 Devices: the layouts must use exactly the devices JAX sees. --devices N (default: the
 device count of the --mesh layouts) asks for N simulated CPU devices before JAX starts,
