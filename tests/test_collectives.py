@@ -156,3 +156,17 @@ def test_tensor_parallelism_reduces_activations_as_megatron_does(remat, per_laye
   found = collectives(hlo, {"data": 1, "fsdp": 4, "tensor": 2})
   in_layers = [c for c in found if c.axes == ("tensor",) and c.count == layers]
   assert [(c.kind, c.bytes) for c in in_layers] == [("all-reduce", activation)] * per_layer
+
+
+def test_hybrid_sharding_sends_only_gradients_between_nodes():
+  """data=2 x fsdp=4, as mesh.data=NODES x mesh.fsdp=GPUS_PER_NODE: what crosses data is the
+  gradient reduction, whose size does not depend on the batch; doubling the batch leaves it
+  as it was (README, Scale out)."""
+  small, large = _demo({"data": 2, "fsdp": 4}), _demo({"data": 2, "fsdp": 4}, 16)
+  crossing = [axes for axes in small["sent_by_axes"] if "data" in axes.split("+")]
+  params = from_preset("demo").num_params()
+  data = small["sent_by_axes"]["data"]
+  # Each device's quarter of the gradients (fsdp), bf16 or float32, all-reduced over 2.
+  assert 2 * 1 / 2 * 2 * params / 4 <= data <= 2 * 1 / 2 * 4 * params / 4 * 1.01
+  for axes in crossing:
+    assert abs(large["sent_by_axes"][axes] - small["sent_by_axes"][axes]) <= 1e-3 * data, axes
