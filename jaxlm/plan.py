@@ -167,9 +167,7 @@ def traffic(run, partitioned_hlo: str | None, top: int = 0) -> dict:
   not be read."""
   mesh = {axis: int(run.mesh.shape[axis]) for axis in run.mesh.axis_names}
   if partitioned_hlo is None and run.mesh.size > 1:
-    return {"traffic_error": "the step came from JAX's persistent compilation cache, so "
-                             "XLA did not compile it here to show its collectives; plan "
-                             "without JAX_COMPILATION_CACHE_DIR set"}
+    return {"traffic_error": "XLA wrote no partitioned program for this step to read"}
   try:
     found = collectives(partitioned_hlo, mesh) if partitioned_hlo else []
   except ValueError as e:  # a form of HLO this reader does not know: memory still counts

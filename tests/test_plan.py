@@ -221,3 +221,21 @@ def test_plan_command_simulates_the_devices_it_needs():
   assert {row["layout"] for row in rows} >= {"data=4", "fsdp=4", "fsdp=2 tensor=2"}
   assert all(row["devices"] == 4 for row in rows)
   assert "error" in next(row for row in rows if row["layout"] == "tensor=4")  # 2 kv heads
+
+
+def test_plan_reads_collectives_with_the_persistent_compilation_cache_on(tmp_path):
+  """An executable served from JAX's persistent cache is not compiled, so XLA would write no
+  program to read: plan compiles its steps with the cache off, and leaves it on for the
+  rest of the process. Run twice, the second run finds its step in the cache."""
+  from tests.conftest import one_device_env
+
+  env = dict(one_device_env(), JAX_COMPILATION_CACHE_DIR=str(tmp_path),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  command = [sys.executable, "-m", "jaxlm.plan_cli", "--preset", "tiny", "--mesh", "fsdp=4",
+             "--devices", "4", "--seq-len", "64", "--json"]
+  for _ in range(2):
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    (row,) = json.loads(out.stdout)
+    assert "traffic_error" not in row and set(row["sent_by_axes"]) == {"fsdp"}, row
+  assert any(tmp_path.iterdir())  # other compiles still went to the cache

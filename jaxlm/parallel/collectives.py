@@ -15,6 +15,7 @@ Collectives inside a loop (the scan over layers) count once per iteration.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import math
@@ -23,6 +24,7 @@ import re
 import tempfile
 from collections import defaultdict
 
+import jax
 import numpy as np
 
 KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
@@ -59,10 +61,9 @@ class Collective:
 
 
 def compile_with_partitioned_hlo(lowered):
-  """(compiled executable, its HLO text right after SPMD partitioning), read from XLA's dump
-  as it compiles; None when nothing was partitioned (one device) or nothing compiled (JAX's
-  persistent compilation cache served the executable)."""
-  with tempfile.TemporaryDirectory(prefix="jaxlm-hlo-") as directory:
+  """(compiled executable, its HLO text right after SPMD partitioning, or None when nothing
+  was partitioned: one device), read from XLA's dump as it compiles."""
+  with tempfile.TemporaryDirectory(prefix="jaxlm-hlo-") as directory, _fresh_compile():
     compiled = lowered.compile(compiler_options={
         "xla_dump_to": directory, "xla_dump_hlo_pass_re": "spmd-partitioning",
         "xla_dump_hlo_as_text": True})
@@ -71,6 +72,24 @@ def compile_with_partitioned_hlo(lowered):
       return compiled, None
     with open(files[-1]) as f:
       return compiled, f.read()
+
+
+@contextlib.contextmanager
+def _fresh_compile():
+  """JAX's persistent compilation cache off for the block: an executable it served would
+  not be compiled, so XLA would dump no program to read. (jaxlm train turns the cache on for
+  the process, and JAX_COMPILATION_CACHE_DIR does for any.) reset_cache makes JAX check its
+  settings again at the next compile, inside the block and after it."""
+  from jax.experimental.compilation_cache import compilation_cache
+
+  enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_compilation_cache", enabled)
+    compilation_cache.reset_cache()
 
 
 def collectives(hlo: str, mesh_shape: dict[str, int]) -> list[Collective]:
