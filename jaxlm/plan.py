@@ -240,18 +240,19 @@ def max_batch(preset: str | None, layout: dict, *, seq_len: int | None, hbm_gib:
   device under layout, up to limit rows. Batches step by the rows the layout splits the
   batch over (data x fsdp, times grad_accum); the search doubles from one such step while
   the step fits, then bisects, on the assumption that memory grows with the batch. options:
-  as `plan` (optimizer, remat, dtypes, overrides, recipe, flash_attention); None keeps the
-  recipe's grad_accum.
+  as `plan` (optimizer, remat, dtypes, overrides, recipe, flash_attention); seq_len and
+  grad_accum None keep the recipe's.
 
   Returns {"layout", "devices", "max_batch" (0: not even the smallest batch fits),
   "rows_per_device", "tokens_per_step", "peak_bytes" (at max_batch), "capped" (the limit
   still fit), "attention_impl", "probes": [[batch, peak bytes], ...], "compile_s" (all
   probes)}, or a row with "error" when the layout cannot work."""
   shape = resolve_mesh_shape(layout, jax.device_count())
-  if grad_accum is None:
-    grad_accum = experiment_config(preset, layout, seq_len=seq_len, batch_size=None,
-                                   grad_accum=None, recipe=options.get("recipe"),
-                                   overrides=options.get("overrides"))[0].train.grad_accum_steps
+  if grad_accum is None or seq_len is None:  # the recipe's
+    config, _ = experiment_config(preset, layout, seq_len=seq_len, batch_size=None,
+                                  grad_accum=grad_accum, recipe=options.get("recipe"),
+                                  overrides=options.get("overrides"))
+    grad_accum, seq_len = config.train.grad_accum_steps, config.data.seq_len
   unit = shape["data"] * shape["fsdp"] * grad_accum
   probes, rows = [], {}
 

@@ -201,6 +201,12 @@ def test_plan_command_takes_a_preset_or_a_recipe(capsys):
                         "--json"]) == 0
   (row,) = json.loads(capsys.readouterr().out)
   assert row["layout"] == "fsdp=8" and "error" not in row
+  # --max-batch reads the recipe's sequence length (here set through the config).
+  assert plan_cli.main(["--config", "tiny_demo", "--mesh", "fsdp=8", "--max-batch",
+                        "--batch-limit", "8", "--json", "--config.model.num_layers=1",
+                        "--config.data.seq_len=32"]) == 0
+  (row,) = json.loads(capsys.readouterr().out)
+  assert (row["max_batch"], row["tokens_per_step"]) == (8, 8 * 32)
   assert plan_cli.main(["--mesh", "fsdp=8"]) == 2
   assert "give --preset NAME, or --config RECIPE" in capsys.readouterr().err
 
