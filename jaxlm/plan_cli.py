@@ -163,7 +163,7 @@ def _progress(layouts: list[dict], instant: bool = False):
 
 def run_plan(args, overrides=()) -> int:
   """overrides: --config.SECTION.KEY=VALUE strings, applied to every layout."""
-  from jaxlm.config import ConfigError
+  from jaxlm.config import ConfigError, load_config
   from jaxlm.plan import (format_max_batch_table, format_table, format_top_collectives,
                           max_batch, plan, standard_layouts)
 
@@ -177,6 +177,8 @@ def run_plan(args, overrides=()) -> int:
       raise ConfigError("Nothing to plan: give one or more --mesh AXIS=N, or --sweep.")
     if not (args.preset or args.config):
       raise ConfigError("Nothing to plan: give --preset NAME, or --config RECIPE.")
+    if args.config:
+      load_config(args.config)  # a recipe that cannot load fails once, not once per layout
     # A recipe keeps its own values where a flag is not given; a bare preset gets these.
     fallback = (lambda value, default: value) if args.config else (
         lambda value, default: default if value is None else value)

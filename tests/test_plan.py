@@ -209,6 +209,9 @@ def test_plan_command_takes_a_preset_or_a_recipe(capsys):
   assert (row["max_batch"], row["tokens_per_step"]) == (8, 8 * 32)
   assert plan_cli.main(["--mesh", "fsdp=8"]) == 2
   assert "give --preset NAME, or --config RECIPE" in capsys.readouterr().err
+  assert plan_cli.main(["--config", "no_such_recipe", "--sweep", "--no-compile"]) == 2
+  out = capsys.readouterr()
+  assert "No config file 'no_such_recipe'" in out.err and not out.out
 
 
 def test_plan_command_refuses_a_device_count_jax_does_not_have(capsys):
