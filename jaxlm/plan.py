@@ -215,15 +215,12 @@ def plan(preset: str | None, layouts: list[dict], *, seq_len: int | None,
   rows = []
   for layout in layouts:
     try:
-      def config_with(extra):
-        return experiment_config(
-            preset, layout, seq_len=seq_len, batch_size=batch_size, optimizer=optimizer,
-            remat=remat, param_dtype=param_dtype, compute_dtype=compute_dtype,
-            grad_accum=grad_accum, overrides=_merged(overrides, extra), recipe=recipe)[0]
-
-      config = config_with({})
+      config, _ = experiment_config(
+          preset, layout, seq_len=seq_len, batch_size=batch_size, optimizer=optimizer,
+          remat=remat, param_dtype=param_dtype, compute_dtype=compute_dtype,
+          grad_accum=grad_accum, overrides=overrides, recipe=recipe)
       if flash_attention and _flash_plannable(config):
-        config = config_with({"model.attention_impl": "splash"})
+        config_lib.apply_overrides(config, {"model.attention_impl": "splash"})
       run = Run.build(config, planning=True)
     except ValueError as e:  # ConfigError and ShardingError included: they name the fix
       rows.append({"layout": layout_label(layout), "mesh": dict(layout), "hbm_gib": hbm_gib,
@@ -318,15 +315,6 @@ def _flash_plannable(config) -> bool:
   return (config.model.attention_impl is None
           and not is_encoder(config_lib.model_config(config))
           and not kernel_config_problem("splash", config.data.seq_len, sliding_window=None))
-
-
-def _merged(overrides, extra: dict):
-  """overrides (a {key: value} dict or --config.KEY=VALUE strings) with extra applied last."""
-  if not extra:
-    return overrides
-  if isinstance(overrides, dict) or not overrides:
-    return {**(overrides or {}), **extra}
-  return [*overrides, *(f"--config.{key}={value}" for key, value in extra.items())]
 
 
 def _layout_devices(layout: dict) -> int | None:

@@ -106,9 +106,11 @@ def collectives(hlo: str, mesh_shape: dict[str, int]) -> list[Collective]:
   found = []
   for computation_name, computation in module.items():
     count = counts.get(computation_name, 0)
+    if count == 0:  # never runs (e.g. a reduction's combiner)
+      continue
     folded = _folded_all_reduces(computation, users, mesh_shape)
     for inst in computation:
-      if inst.opcode not in KINDS or count == 0 or inst.name in folded:
+      if inst.opcode not in KINDS or inst.name in folded:
         continue
       groups = _groups(inst, mesh_shape)
       kind, group, size = inst.opcode, len(groups[0]), _shape_bytes(inst.shape)

@@ -242,16 +242,14 @@ def mlm_options(config, model_cfg, planning: bool = False) -> dict:
   if config.distill.teacher:
     raise config_lib.ConfigError("Distillation (distill.teacher) trains decoders only; unset "
                                  "it for a masked-LM encoder.")
-  spec = training_tokenizer(config)
+  rates = dict(rate=config.mlm.rate, mask_fraction=config.mlm.mask_fraction,
+               random_fraction=config.mlm.random_fraction)
   try:
     if planning:
-      return {"mlm": mlm_settings(0, (), model_cfg.vocab_size, rate=config.mlm.rate,
-                                  mask_fraction=config.mlm.mask_fraction,
-                                  random_fraction=config.mlm.random_fraction)}
+      return {"mlm": mlm_settings(0, (), model_cfg.vocab_size, **rates)}
+    spec = training_tokenizer(config)
     return {"mlm": tokenizer_mlm(load_tokenizer(spec), model_cfg.vocab_size,
-                                 what=f"data.tokenizer = {spec!r}", rate=config.mlm.rate,
-                                 mask_fraction=config.mlm.mask_fraction,
-                                 random_fraction=config.mlm.random_fraction)}
+                                 what=f"data.tokenizer = {spec!r}", **rates)}
   except ValueError as e:
     raise config_lib.ConfigError(str(e)) from None
 
