@@ -33,7 +33,8 @@ class Attention(nnx.Module):
     d, hd = cfg.hidden_size, cfg.resolved_head_dim
     n, k = cfg.num_heads, cfg.num_kv_heads
     common = dict(rngs=rngs, param_dtype=jnp.dtype(cfg.param_dtype),
-                  compute_dtype=jnp.dtype(cfg.compute_dtype), init_std=cfg.init_std)
+                  compute_dtype=jnp.dtype(cfg.compute_dtype), init_std=cfg.init_std,
+                  float32_weight_grads=cfg.float32_weight_grads)
     bias = cfg.qkv_bias
     self.q_proj = Einsum("btd,dnh->btnh", (d, n, hd), ("embed", "heads", "head_dim"),
                          bias_shape=(n, hd) if bias else None,

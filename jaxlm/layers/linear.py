@@ -28,17 +28,49 @@ def _float32_logits_forward(equation, x, w):
 
 def _float32_logits_backward(equation, residuals, cotangent):
   x, w = residuals
-  x_axes, w_axes = equation.split("->")[0].split(",")
-  out_axes = equation.split("->")[1]
+  x_equation, w_equation = _gradient_equations(equation)
   cotangent = cotangent.astype(x.dtype)
-  dx = jnp.einsum(f"{out_axes},{w_axes}->{x_axes}", cotangent, w,
-                  preferred_element_type=jnp.float32)
-  dw = jnp.einsum(f"{x_axes},{out_axes}->{w_axes}", x, cotangent,
-                  preferred_element_type=jnp.float32)
+  dx = jnp.einsum(x_equation, cotangent, w, preferred_element_type=jnp.float32)
+  dw = jnp.einsum(w_equation, x, cotangent, preferred_element_type=jnp.float32)
   return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
 float32_logits.defvjp(_float32_logits_forward, _float32_logits_backward)
+
+
+def _gradient_equations(equation: str) -> tuple[str, str]:
+  """For y = einsum(equation, x, w): the einsums of x's and w's gradients from y's."""
+  inputs, out = equation.split("->")
+  x_axes, w_axes = inputs.split(",")
+  return f"{out},{w_axes}->{x_axes}", f"{x_axes},{out}->{w_axes}"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def einsum_float32_weight_grad(equation: str, x: jax.Array, kernel: jax.Array,
+                               kernel_dtype) -> jax.Array:
+  """einsum(equation, x, kernel cast to x's dtype), as autodiff would compute it, except
+  that the kernel's gradient leaves its matmul in float32 (then kernel_dtype, the kernel's
+  own), not in x's dtype. The sum over the batch that the matmul does is split across the
+  devices that share the batch, and XLA adds the pieces where the matmul returns them, so
+  this is what makes that cross-device sum run in float32."""
+  return jnp.einsum(equation, x, kernel.astype(x.dtype))
+
+
+def _einsum_float32_weight_grad_forward(equation, x, kernel, kernel_dtype):
+  w = kernel.astype(x.dtype)
+  return jnp.einsum(equation, x, w), (x, w)
+
+
+def _einsum_float32_weight_grad_backward(equation, kernel_dtype, residuals, cotangent):
+  x, w = residuals
+  x_equation, w_equation = _gradient_equations(equation)
+  dx = jnp.einsum(x_equation, cotangent, w)
+  dw = jnp.einsum(w_equation, x, cotangent, preferred_element_type=jnp.float32)
+  return dx, dw.astype(kernel_dtype)
+
+
+einsum_float32_weight_grad.defvjp(_einsum_float32_weight_grad_forward,
+                                  _einsum_float32_weight_grad_backward)
 
 
 class LoRAParam(nnx.Param):
@@ -69,13 +101,16 @@ def lora_dropout(key: jax.Array | None):
 class Einsum(nnx.Module):
   """y = einsum(equation, x, W) (+ b) (+ scale * einsum(einsum(x, A), B) with a LoRA
   adapter, see jaxlm/finetune/lora.py). Weights stored in param_dtype, used in
-  compute_dtype."""
+  compute_dtype; with float32_weight_grads their gradients leave the matmuls in float32
+  (einsum_float32_weight_grad)."""
 
   def __init__(self, equation: str, shape: tuple[int, ...], names: LogicalAxes, *,
                rngs: nnx.Rngs, param_dtype, compute_dtype, init_std: float,
-               bias_shape: tuple[int, ...] | None = None, bias_names: LogicalAxes = ()):
+               bias_shape: tuple[int, ...] | None = None, bias_names: LogicalAxes = (),
+               float32_weight_grads: bool = False):
     self.equation = equation
     self.compute_dtype = compute_dtype
+    self.float32_weight_grads = float32_weight_grads
     self.kernel = param(init_std * jax.random.normal(rngs.params(), shape, param_dtype), names)
     self.bias = (param(jnp.zeros(bias_shape, param_dtype), bias_names)
                  if bias_shape is not None else None)
@@ -86,9 +121,9 @@ class Einsum(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.compute_dtype)
-    y = jnp.einsum(self.equation, x, self.kernel[...].astype(self.compute_dtype))
+    y = self._project(self.equation, x, self.kernel[...])
     if self.bias is not None:
-      y = y + self.bias[...].astype(self.compute_dtype)
+      y = add_bias(y, self.bias[...])
     if self.lora_a is not None:
       y = y + self._low_rank(x)
     return y
@@ -113,13 +148,47 @@ class Einsum(nnx.Module):
       key = jax.random.fold_in(key, self.lora_salt[...])
       x = dropout(x, self.lora_dropout_rate, key)
     down, up = self.lora_equations()
-    low = jnp.einsum(down, x, self.lora_a[...].astype(self.compute_dtype))
-    y = jnp.einsum(up, low, self.lora_b[...].astype(self.compute_dtype))
-    return self.lora_scale * y
+    low = self._project(down, x, self.lora_a[...])
+    return self.lora_scale * self._project(up, low, self.lora_b[...])
+
+  def _project(self, equation: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    if not self.float32_weight_grads:
+      return jnp.einsum(equation, x, kernel.astype(self.compute_dtype))
+    return einsum_float32_weight_grad(equation, x, kernel, kernel.dtype)
 
 
-def lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
-  """The rows of an embedding table [rows, embed] at ids [batch, seq].
+def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+  """y + bias in y's dtype, added in float32: the bias's gradient is a sum over every token
+  of the batch, and summed in bfloat16 that is 0.7% off at 16k tokens
+  (tests/test_precision.py)."""
+  return (y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(y.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _take_rows(table: jax.Array, ids: jax.Array, dtype) -> jax.Array:
+  """table[ids] in dtype, whose gradient is scatter-added into the table in the table's own
+  dtype (float32 master weights), not in dtype: a frequent token's row sums thousands of
+  contributions, and summed in bfloat16 they are off by several percent
+  (tests/test_precision.py). The rows are gathered in dtype, so what moves between devices
+  in the forward (the rows of a table split over vocab) stays as small as before."""
+  return jnp.take(table.astype(dtype), ids, axis=0)
+
+
+def _take_rows_forward(table, ids, dtype):
+  return _take_rows(table, ids, dtype), (table, ids)
+
+
+def _take_rows_backward(dtype, residuals, cotangent):
+  table, ids = residuals
+  return jnp.zeros_like(table).at[ids].add(cotangent.astype(table.dtype)), None
+
+
+_take_rows.defvjp(_take_rows_forward, _take_rows_backward)
+
+
+def lookup(table: jax.Array, ids: jax.Array, dtype) -> jax.Array:
+  """The rows of an embedding table [rows, embed] at ids [batch, seq], in dtype, with the
+  table's gradient summed in its own dtype (_take_rows).
 
   Each device looks up its slice of the embedding dimension, as the table is laid out, for
   its share of the batch over the mesh axes that slice leaves free; the caller's constraint
@@ -128,7 +197,7 @@ def lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
   cotangent into the table's layout but to replicate the whole batch's activations on every
   device. ("embed" comes first so that it claims its mesh axes before the batch does.)
   """
-  rows = jnp.take(table, ids, axis=0)
+  rows = _take_rows(table, ids, dtype)
   by_slice = constrain(jnp.moveaxis(rows, -1, 0), ("embed", "act_batch", "act_length"))
   return jnp.moveaxis(by_slice, 0, -1)
 
@@ -142,7 +211,7 @@ class Embedding(nnx.Module):
                                                     param_dtype), ("vocab", "embed"))
 
   def __call__(self, ids: jax.Array) -> jax.Array:
-    return lookup(self.table[...].astype(self.compute_dtype), ids)
+    return lookup(self.table[...], ids, self.compute_dtype)
 
   def attend(self, x: jax.Array) -> jax.Array:
     """Output projection with the embedding matrix (tied embeddings); logits in float32."""

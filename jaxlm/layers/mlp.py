@@ -10,7 +10,8 @@ from jaxlm.layers.sharding import constrain
 
 def _common(cfg, rngs: nnx.Rngs) -> dict:
   return dict(rngs=rngs, param_dtype=jnp.dtype(cfg.param_dtype),
-              compute_dtype=jnp.dtype(cfg.compute_dtype), init_std=cfg.init_std)
+              compute_dtype=jnp.dtype(cfg.compute_dtype), init_std=cfg.init_std,
+              float32_weight_grads=cfg.float32_weight_grads)
 
 
 def _into_mlp(cfg, rngs: nnx.Rngs) -> Einsum:

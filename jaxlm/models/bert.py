@@ -64,6 +64,9 @@ class BertConfig:
   classifier: str = "sequence"
   param_dtype: str = "float32"
   compute_dtype: str = "bfloat16"
+  # True: the projections' weight gradients leave their matmuls, and are summed across
+  # devices, in float32 rather than the compute dtype (as LlamaConfig's)
+  float32_weight_grads: bool = False
   scan_layers: bool = True
   remat_policy: str = "none"  # see layers/remat.py
   attention_impl: str | None = None  # None: cuDNN on GPU for 16-bit, XLA elsewhere
@@ -146,7 +149,7 @@ def _dense(cfg, equation, shape, names, bias_names, rngs):
   """An Einsum with a bias over the kernel's trailing (output) axes."""
   return Einsum(equation, shape, names, rngs=rngs, init_std=cfg.init_std,
                 bias_shape=shape[len(shape) - len(bias_names):], bias_names=bias_names,
-                **_dtypes(cfg))
+                float32_weight_grads=cfg.float32_weight_grads, **_dtypes(cfg))
 
 
 def _norm(cfg: BertConfig) -> LayerNorm:
@@ -201,8 +204,8 @@ class Embeddings(nnx.Module):
 
   def __call__(self, input_ids, positions, token_type_ids):
     x = (self.word(input_ids)
-         + lookup(self.position[...].astype(self.compute_dtype), positions)
-         + lookup(self.token_type[...].astype(self.compute_dtype), token_type_ids))
+         + lookup(self.position[...], positions, self.compute_dtype)
+         + lookup(self.token_type[...], token_type_ids, self.compute_dtype))
     return self.norm(x)
 
 

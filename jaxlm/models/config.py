@@ -53,6 +53,12 @@ class LlamaConfig:
   dropout_rate: float = 0.0
   param_dtype: str = "float32"
   compute_dtype: str = "bfloat16"
+  # True: the projections' weight gradients leave their matmuls in float32, not the compute
+  # dtype, so the sum of each device's share of the batch across data / fsdp runs in
+  # float32, as in Megatron-LM and PyTorch FSDP with reduce_dtype=float32. It costs
+  # communication (planned for Llama 3 8B on 8 devices: +31% bytes under fsdp=8, +77% under
+  # data=8; README, "Model presets"), no memory, and no matmul work.
+  float32_weight_grads: bool = False
   scan_layers: bool = True
   # none | full | dots | minimal: what each layer keeps for the backward pass (layers/remat.py)
   remat_policy: str = "full"

@@ -64,7 +64,7 @@ class LearnedPositions(nnx.Module):
   def __call__(self, positions: jax.Array) -> jax.Array:
     # Padding in a cache has position -1: any row will do, no token attends to it.
     rows = jnp.clip(positions, 0, self.table.shape[0] - 1)
-    return lookup(self.table[...].astype(self.compute_dtype), rows)
+    return lookup(self.table[...], rows, self.compute_dtype)
 
 
 class DecoderLayer(nnx.Module):
