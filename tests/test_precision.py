@@ -2,11 +2,16 @@
 of a frequent token, a bias over every token) must be summed in the float32 of the master
 weights, not in the bfloat16 compute dtype; and with model.float32_weight_grads so must the
 projections' gradients, across devices too."""
+import contextlib
+import functools
+import io
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.ad_checkpoint import print_saved_residuals
 
 from jaxlm.finetune.lora import apply_lora
 from jaxlm.layers.linear import Einsum, Embedding, LoRAParam
@@ -65,9 +70,11 @@ def test_a_bias_gradient_is_summed_in_float32():
   assert _relative_error(grad, _bf16(cotangent).sum(axis=(0, 1))) < 1e-6
 
 
-def _gradients(float32_weight_grads, remat_policy="none", lora=False):
-  """(gradients, compiled FLOPs, compiled temp bytes) of a demo model's loss."""
-  model = Llama(from_preset("demo", remat_policy=remat_policy,
+def _gradients(float32_weight_grads=False, remat_policy="none", lora=False,
+               compute_dtype="bfloat16"):
+  """(gradients by path, compiled FLOPs, the residuals kept for the backward pass as
+  "dtype[shape]" strings) of a demo model's loss."""
+  model = Llama(from_preset("demo", remat_policy=remat_policy, compute_dtype=compute_dtype,
                             float32_weight_grads=float32_weight_grads), rngs=nnx.Rngs(0))
   if lora:
     apply_lora(model, "attention/(q|v)_proj", rank=4, alpha=8.0, rngs=nnx.Rngs(1))
@@ -77,37 +84,54 @@ def _gradients(float32_weight_grads, remat_policy="none", lora=False):
         variable[...] = 0.01 * jnp.ones_like(variable[...])
   ids = jnp.asarray(np.random.default_rng(0).integers(0, 4096, (4, 128)))
   graphdef, state = nnx.split(model)
-  grad = jax.jit(jax.grad(lambda s: jnp.mean(nnx.merge(graphdef, s)(ids) ** 2)))
-  compiled = grad.lower(state).compile()
-  cost = compiled.cost_analysis()
+  loss = lambda s: jnp.mean(nnx.merge(graphdef, s)(ids) ** 2)
+  grad = jax.jit(jax.grad(loss))
+  cost = grad.lower(state).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
-  return grad(state), cost["flops"], compiled.memory_analysis().temp_size_in_bytes
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    print_saved_residuals(loss, state)
+  residuals = sorted(line.split(" ")[0] for line in printed.getvalue().splitlines())
+  by_path = {jax.tree_util.keystr(path): leaf
+             for path, leaf in jax.tree_util.tree_flatten_with_path(grad(state))[0]}
+  return by_path, cost["flops"], residuals
+
+
+@functools.cache
+def _float32_reference(lora=False):
+  return _gradients(lora=lora, compute_dtype="float32")[0]
+
+
+def _assert_no_less_accurate(float32, default, reference):
+  """Against the same model computed in float32, each gradient is at least as close with
+  float32 weight gradients as without (5% slack). (Default and option differ by more than
+  the one rounding to bf16 where the backend's bf16 matmuls round more: XLA:CPU under jax
+  0.11 left the default MLP gradients 2.3% off float32 and these 1.0%.)"""
+  assert float32.keys() == default.keys() == reference.keys()
+  for path, want in reference.items():
+    assert float32[path].dtype == default[path].dtype == jnp.float32
+    if not np.any(want):  # a part the loss does not use
+      continue
+    assert (_relative_error(float32[path], want)
+            <= 1.05 * _relative_error(default[path], want)), path
 
 
 @pytest.mark.parametrize("remat_policy", ["none", "minimal", "dots", "full"])
 def test_float32_weight_grads_cost_no_matmul_work_or_memory_under_any_remat_policy(
     remat_policy):
-  """The policies that keep matmul outputs (dots, minimal) must still find them inside the
-  custom_vjp, or the backward would recompute them (more FLOPs)."""
-  default, flops, temp = _gradients(False, remat_policy)
-  float32, flops32, temp32 = _gradients(True, remat_policy)
-  assert flops32 <= flops * 1.001 and temp32 <= temp * 1.01, (flops32 / flops, temp32 / temp)
-  # The same gradients, but for the rounding of each weight's gradient to bfloat16.
-  for (path, a), (_, b) in zip(jax.tree_util.tree_flatten_with_path(float32)[0],
-                               jax.tree_util.tree_flatten_with_path(default)[0]):
-    assert a.dtype == b.dtype == jnp.float32
-    assert _relative_error(a, b) < 1e-2, jax.tree_util.keystr(path)
+  """The same residuals kept for the backward pass and no more matmul work: the policies
+  that keep matmul outputs (dots, minimal) still find them inside the custom_vjp, or the
+  backward would recompute them."""
+  default, flops, residuals = _gradients(False, remat_policy)
+  float32, flops32, residuals32 = _gradients(True, remat_policy)
+  assert residuals32 == residuals and flops32 <= flops * 1.001, flops32 / flops
+  _assert_no_less_accurate(float32, default, _float32_reference())
 
 
 def test_float32_weight_grads_reach_lora_adapters():
-  float32, _, _ = _gradients(True, lora=True)
-  default, _, _ = _gradients(False, lora=True)
-  adapters = [(a, b) for (path, a), (_, b) in zip(
-      jax.tree_util.tree_flatten_with_path(float32)[0],
-      jax.tree_util.tree_flatten_with_path(default)[0]) if "lora" in jax.tree_util.keystr(path)]
-  assert len(adapters) == 4  # A and B of q_proj and v_proj
-  for a, b in adapters:
-    assert np.any(a != 0) and _relative_error(a, b) < 1e-2
+  float32, default = _gradients(True, lora=True)[0], _gradients(False, lora=True)[0]
+  assert len([path for path in float32 if "lora" in path]) == 4  # A, B of q_proj and v_proj
+  _assert_no_less_accurate(float32, default, _float32_reference(lora=True))
 
 
 def test_float32_weight_grads_sum_every_gradient_across_devices_in_float32():
@@ -130,10 +154,12 @@ def test_float32_weight_grads_sum_every_gradient_across_devices_in_float32():
 
 def test_float32_weight_grads_in_an_encoder():
   ids = jnp.asarray(np.random.default_rng(0).integers(0, 1024, (2, 64)))
-  grads = []
-  for option in (False, True):
-    model = Bert(ENCODER_PRESETS["bert-tiny"].replace(float32_weight_grads=option),
-                 rngs=nnx.Rngs(0))
-    grads.append(nnx.grad(lambda m: jnp.mean(m(ids) ** 2))(model))
-  for a, b in zip(jax.tree.leaves(grads[1]), jax.tree.leaves(grads[0])):
-    assert not np.any(b) and not np.any(a) or _relative_error(a, b) < 1e-2  # zeros: unused
+  grads = {}
+  for option, dtype in ((False, "bfloat16"), (True, "bfloat16"), (False, "float32")):
+    model = Bert(ENCODER_PRESETS["bert-tiny"].replace(float32_weight_grads=option,
+                                                      compute_dtype=dtype), rngs=nnx.Rngs(0))
+    grad = nnx.state(nnx.grad(lambda m: jnp.mean(m(ids) ** 2))(model))
+    grads[option, dtype] = {jax.tree_util.keystr(path): leaf for path, leaf
+                            in jax.tree_util.tree_flatten_with_path(grad)[0]}
+  _assert_no_less_accurate(grads[True, "bfloat16"], grads[False, "bfloat16"],
+                           grads[False, "float32"])

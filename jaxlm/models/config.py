@@ -57,7 +57,7 @@ class LlamaConfig:
   # dtype, so the sum of each device's share of the batch across data / fsdp runs in
   # float32, as in Megatron-LM and PyTorch FSDP with reduce_dtype=float32. It costs
   # communication (planned for Llama 3 8B on 8 devices: +31% bytes under fsdp=8, +77% under
-  # data=8; README, "Model presets"), no memory, and no matmul work.
+  # data=8; README, "Model presets"), no saved activations, and no matmul work.
   float32_weight_grads: bool = False
   scan_layers: bool = True
   # none | full | dots | minimal: what each layer keeps for the backward pass (layers/remat.py)
