@@ -228,7 +228,7 @@ def _data(args, overrides) -> None:
           + (f" ({per_label})" if per_label else ""))
     return
   from jaxlm.data.pipeline import build_train_data
-  from jaxlm.train.loop import training_tokenizer
+  from jaxlm.train.options import training_tokenizer
   from jaxlm.train.step import is_regression
   config = config_lib.load_config(args.config, overrides)
   model_cfg = config_lib.model_config(config)

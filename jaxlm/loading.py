@@ -202,7 +202,7 @@ def _load_workdir(workdir: Path, cfg: LlamaConfig, shardings,
     source = resolve_source(config.model.init_from)
     hf = json.loads((source / "config.json").read_text()) if hf_io.is_hf_directory(source) \
         else None
-  from jaxlm.train.loop import training_tokenizer
+  from jaxlm.train.options import training_tokenizer
   has_tokenizer = source is not None and (source / "tokenizer.json").is_file()
   return LoadedParams(cfg, params, model_family(cfg), hf, source,
                       tokenizer_file=None if has_tokenizer else training_tokenizer(config),

@@ -22,7 +22,8 @@ from jaxlm.data.sources import DataError  # noqa: E402
 from jaxlm.evaluate.run import evaluate_model, eval_config  # noqa: E402
 from jaxlm.loading import load_params  # noqa: E402
 from jaxlm.models.bert import bert_from_params  # noqa: E402
-from jaxlm.train.loop import Run, train, training_tokenizer  # noqa: E402
+from jaxlm.train.loop import Run, train  # noqa: E402
+from jaxlm.train.options import training_tokenizer  # noqa: E402
 from jaxlm.train.mlm import corrupt_batch  # noqa: E402
 from jaxlm.train.step import mlm_step_key  # noqa: E402
 

@@ -9,7 +9,8 @@ import pytest
 
 from jaxlm import cli
 from jaxlm.config import ConfigError, apply_overrides, base_config
-from jaxlm.train.loop import build_run, train, training_tokenizer
+from jaxlm.train.loop import build_run, train
+from jaxlm.train.options import training_tokenizer
 
 from tests.helpers import assert_trees_close
 from tests.test_bert_classifier import (COLORS, TAGS, _classified_rows, _hf_logits,

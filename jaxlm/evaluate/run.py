@@ -48,8 +48,9 @@ from jaxlm.generate.text import eos_ids
 from jaxlm.loading import LoadedParams, load_params, resolve_source
 from jaxlm.models.factory import abstract_model, batch_logits, is_encoder
 from jaxlm.train import step as steps
-from jaxlm.train.loop import (check_labels, config_mesh, encoder_head_options,
-                              training_tokenizer)
+from jaxlm.train.checks import check_labels
+from jaxlm.train.loop import config_mesh
+from jaxlm.train.options import encoder_head_options, training_tokenizer
 
 SCORED_FORMATS = tuple(DEFAULT_PROMPTS)  # classification, pairs: a label per example
 GENERATED_FORMATS = ("sft", "chat")  # a prompt and an answer per example

@@ -13,23 +13,21 @@ import numpy as np
 
 from jaxlm import config as config_lib
 from jaxlm.checkpoint import Checkpointer
-from jaxlm.data.formats import DEFAULT_PROMPTS, HEAD_FORMATS
 from jaxlm.data.loader import RowBatches
 from jaxlm.data.pipeline import build_train_data
 from jaxlm.data.text import load_tokenizer
-from jaxlm.finetune.lora import LoRAConfig
-from jaxlm.layers.flash_kernels import KERNELS, config_problem as kernel_config_problem
-from jaxlm.models.factory import is_encoder, reusable_params, with_heads_of
+from jaxlm.models.factory import reusable_params, with_heads_of
 from jaxlm.parallel.mesh import build_mesh
 from jaxlm.parallel.rules import LogicalRules
 from jaxlm.profiling import StepProfiler, format_table
-from jaxlm.train.distill import check_mix
+from jaxlm.train.checks import check_run
 from jaxlm.train.early_stopping import EarlyStopping
 from jaxlm.train.metrics import MetricsWriter, Progress, peak_flops_per_device
-from jaxlm.train.mlm import mlm_settings, tokenizer_mlm
 from jaxlm.train.optimizer import make_optimizer
+from jaxlm.train.options import (encoder_head_options, finetune_options, mlm_options,
+                                 teacher_options, training_tokenizer)
 from jaxlm.train.preemption import Preempted, PreemptionWatch
-from jaxlm.train.step import LossConfig, is_regression
+from jaxlm.train.step import LossConfig
 from jaxlm.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -42,248 +40,10 @@ class NonFiniteLossError(FloatingPointError):
 FINETUNE_SIGNATURE = ("lora_targets", "lora_rank", "trainable", "freeze")
 
 
-def finetune_options(config) -> dict:
-  """The Trainer's arguments for config.finetune."""
-  f = config.finetune
-  lora = (LoRAConfig(f.lora_targets, f.lora_rank, f.lora_alpha, f.lora_dropout)
-          if f.lora_targets else None)
-  return dict(lora=lora, trainable=f.trainable or None, freeze=f.freeze or None,
-              frozen_dtype=f.frozen_dtype or None, layer_lr_decay=f.layer_lr_decay,
-              head_pattern=f.head_pattern, head_lr_multiplier=f.head_lr_multiplier)
-
-
-def teacher_options(config, model_cfg) -> dict:
-  """The Trainer's arguments for config.distill: the teacher's architecture (read, not
-  loaded) in the student's compute dtype, and the loss mix."""
-  d = config.distill
-  if not d.teacher:
-    return {}
-  try:
-    check_mix(d.temperature, d.alpha)
-  except ValueError as e:
-    raise config_lib.ConfigError(f"distill.temperature / distill.alpha: {e}") from None
-  from jaxlm.loading import read_config
-  try:
-    teacher_cfg, _ = read_config(d.teacher)
-  except (FileNotFoundError, ValueError) as e:
-    raise config_lib.ConfigError(f"distill.teacher = {d.teacher!r}: {e}") from None
-  if teacher_cfg.vocab_size != model_cfg.vocab_size:
-    raise config_lib.ConfigError(
-        f"The teacher {d.teacher} has a vocabulary of {teacher_cfg.vocab_size} tokens and the "
-        f"student {model_cfg.vocab_size} (model.vocab_size): distillation compares their "
-        f"distributions token by token, so both need the same tokenizer and vocab_size.")
-  if teacher_cfg.num_labels != model_cfg.num_labels:
-    raise config_lib.ConfigError(
-        f"The teacher {d.teacher} has {teacher_cfg.num_labels} output classes (0: a language "
-        f"model) and the student {model_cfg.num_labels} (model.num_labels): distillation "
-        f"needs the same outputs.")
-  dtype = model_cfg.compute_dtype
-  teacher_cfg = teacher_cfg.replace(param_dtype=dtype, compute_dtype=dtype, dropout_rate=0.0)
-  return dict(teacher_cfg=teacher_cfg, distill_temperature=float(d.temperature),
-              distill_alpha=float(d.alpha))
-
-
 def config_mesh(config):
   """config.mesh (data / fsdp / tensor sizes, -1 = the rest) over this machine's devices."""
   return build_mesh(dict(data=config.mesh.data, fsdp=config.mesh.fsdp,
                          tensor=config.mesh.tensor))
-
-
-def check_labels(model_cfg, config) -> None:
-  """A classifier's head needs a label per example (a tag per word for a token classifier)
-  and as many labels as it has classes; a regression head a number per example, and no
-  labels."""
-  fmt = config.data.format
-  if model_cfg.classifier == "regression" and not model_cfg.num_labels:
-    raise config_lib.ConfigError(
-        "model.classifier = 'regression' is a head with one output, the score: set "
-        "model.num_labels = 1.")
-  if is_regression(model_cfg):
-    _check_regression_data(config)
-    return
-  if not model_cfg.num_labels:
-    if fmt == "tagging":
-      raise config_lib.ConfigError(
-          f"data.format = 'tagging' trains a token classifier: set model.num_labels to the "
-          f"number of data.labels ({len(config.data.labels)}).")
-    return
-  if fmt not in HEAD_FORMATS:
-    raise config_lib.ConfigError(
-        f"model.num_labels = {model_cfg.num_labels} trains a classification head, which needs "
-        f"data.format 'classification' or 'pairs' (rows with a label) or 'tagging' (a tag per "
-        f"word), not {fmt!r}; or set model.num_labels = 0 for a language model.")
-  wanted = "token" if fmt == "tagging" else "sequence"
-  if model_cfg.classifier != wanted:
-    raise config_lib.ConfigError(
-        f"data.format = {fmt!r} needs a {wanted} classifier, but the model is a "
-        f"{model_cfg.classifier} classifier (model.classifier = {model_cfg.classifier!r}, or "
-        f"that of model.init_from); set model.classifier = {wanted!r}.")
-  if len(config.data.labels) != model_cfg.num_labels:
-    raise config_lib.ConfigError(
-        f"The classification head has model.num_labels = {model_cfg.num_labels} classes but "
-        f"data.labels names {len(config.data.labels)} ({list(config.data.labels)}); make them "
-        f"agree.")
-
-
-def _check_regression_data(config) -> None:
-  fmt = config.data.format
-  if fmt not in DEFAULT_PROMPTS:
-    raise config_lib.ConfigError(
-        f"A regression head (model.classifier = 'regression') reads a number per example: "
-        f"set data.format to 'classification' ({{text, label}}) or 'pairs' ({{text_a, text_b, "
-        f"label}}) with a number as the label, not {fmt!r}.")
-  if config.data.labels:
-    raise config_lib.ConfigError(
-        f"data.labels names classes ({list(config.data.labels)}), but a regression head "
-        f"(model.classifier = 'regression') predicts each row's number label: unset "
-        f"data.labels, or train a classifier (model.classifier = 'sequence', "
-        f"model.num_labels = {len(config.data.labels)}).")
-
-
-def check_regression_loss(model_cfg, config) -> None:
-  """A regression head trains by squared error alone: there are no classes to smooth, no
-  softmax normaliser for z-loss to hold and no teacher distribution to match."""
-  if not is_regression(model_cfg):
-    return
-  given = [name for name, value in (("train.label_smoothing", config.train.label_smoothing),
-                                    ("train.z_loss", config.train.z_loss),
-                                    ("distill.teacher", config.distill.teacher)) if value]
-  if given:
-    raise config_lib.ConfigError(
-        f"A regression head (model.classifier = 'regression') trains by squared error, to "
-        f"which {' and '.join(given)} do not apply; unset {'it' if len(given) == 1 else 'them'}.")
-
-
-def check_loss_chunk(model_cfg, config) -> None:
-  """train.loss_chunk_len splits a decoder's language-model loss along the sequence."""
-  chunk_len, seq_len = config.train.loss_chunk_len, config.data.seq_len
-  if not chunk_len:
-    return
-  if chunk_len < 0 or seq_len % chunk_len:
-    raise config_lib.ConfigError(
-        f"train.loss_chunk_len = {chunk_len} must divide data.seq_len = {seq_len} (e.g. "
-        f"{_largest_divisor_at_most(seq_len, 512)}), or be 0 for no chunking.")
-  applies_to = [why for why, given in (
-      ("an encoder", is_encoder(model_cfg)),
-      ("a classification or regression head", model_cfg.num_labels > 0),
-      ("distillation (distill.teacher)", bool(config.distill.teacher))) if given]
-  if applies_to:
-    raise config_lib.ConfigError(
-        f"train.loss_chunk_len chunks a decoder's language-model loss over its vocabulary; "
-        f"it does not apply to {applies_to[0]}: set train.loss_chunk_len = 0.")
-
-
-def _largest_divisor_at_most(n: int, limit: int) -> int:
-  return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
-
-
-def check_layout(model_cfg, mesh, config) -> None:
-  """Catches layouts that cannot work before anything is compiled, with the fix."""
-  if config.train.on_nonfinite not in ("stop", "skip"):
-    raise config_lib.ConfigError(
-        f"train.on_nonfinite must be 'stop' or 'skip', not {config.train.on_nonfinite!r}.")
-  profile_at, profile_steps = config.train.profile_at, config.train.profile_steps
-  if profile_at < 0 or profile_at == 1 or profile_steps < 1:
-    raise config_lib.ConfigError(
-        f"train.profile_at = {profile_at}, train.profile_steps = {profile_steps}: profile_at "
-        f"is 0 (no trace) or a step after the first, which compiles (2 or later), and "
-        f"profile_steps is at least 1.")
-  if model_cfg.attention_impl in KERNELS and (problem := kernel_config_problem(
-      model_cfg.attention_impl, config.data.seq_len, sliding_window=None)):
-    raise config_lib.ConfigError(f"{problem.removesuffix('.')} (data.seq_len).")
-  if model_cfg.position_embedding == "learned" and config.data.seq_len > model_cfg.max_seq_len:
-    raise config_lib.ConfigError(
-        f"data.seq_len = {config.data.seq_len} is longer than the model's learned position "
-        f"table (max_seq_len = {model_cfg.max_seq_len}); use data.seq_len <= "
-        f"{model_cfg.max_seq_len}.")
-  tensor = mesh.shape["tensor"]
-  for name, count in (("num_heads", model_cfg.num_heads),
-                      ("num_kv_heads", model_cfg.num_kv_heads)):
-    if count % tensor:
-      raise config_lib.ConfigError(
-          f"model.{name} = {count} is not divisible by mesh.tensor = {tensor}; use a tensor "
-          f"size that divides {count}.")
-  batch_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-  micro = config.data.batch_size // config.train.grad_accum_steps
-  if config.data.batch_size % config.train.grad_accum_steps:
-    raise config_lib.ConfigError(
-        f"data.batch_size = {config.data.batch_size} is not divisible by "
-        f"train.grad_accum_steps = {config.train.grad_accum_steps}.")
-  if micro % batch_parallel:
-    raise config_lib.ConfigError(
-        f"The per-step batch ({micro} = data.batch_size / train.grad_accum_steps) is not "
-        f"divisible by the data-parallel size data x fsdp = {batch_parallel}; use a batch "
-        f"that is a multiple of {batch_parallel * config.train.grad_accum_steps}.")
-
-
-def training_tokenizer(config) -> str:
-  """A fine-tune uses its base model's tokenizer (the directory, which also holds the chat
-  template) unless the config names another."""
-  init_from = config.model.init_from
-  if config.data.tokenizer == "embedded" and init_from and Path(init_from).is_dir() and (
-      Path(init_from) / "tokenizer.json").is_file():
-    return str(Path(init_from))
-  return config.data.tokenizer
-
-
-def mlm_options(config, model_cfg, planning: bool = False) -> dict:
-  """The Trainer's masked-LM settings for an encoder ({} for a decoder): the training
-  tokenizer's mask and special tokens, and config.mlm. An encoder with a classification
-  head (model.num_labels) trains that instead. planning: a step that is compiled but never
-  fed data (`jaxlm plan`) needs no tokenizer; token id 0 stands in for the mask token,
-  which changes no shape."""
-  if not is_encoder(model_cfg) or model_cfg.num_labels:
-    return {}
-  if config.data.format != "text":
-    raise config_lib.ConfigError(
-        f"A BERT / RoBERTa encoder without a head trains by masked-LM on plain text: set "
-        f"data.format = 'text', not {config.data.format!r}, or give it a classification "
-        f"head with model.num_labels.")
-  if config.distill.teacher:
-    raise config_lib.ConfigError("Distillation (distill.teacher) trains decoders only; unset "
-                                 "it for a masked-LM encoder.")
-  rates = dict(rate=config.mlm.rate, mask_fraction=config.mlm.mask_fraction,
-               random_fraction=config.mlm.random_fraction)
-  try:
-    if planning:
-      return {"mlm": mlm_settings(0, (), model_cfg.vocab_size, **rates)}
-    spec = training_tokenizer(config)
-    return {"mlm": tokenizer_mlm(load_tokenizer(spec), model_cfg.vocab_size,
-                                 what=f"data.tokenizer = {spec!r}", **rates)}
-  except ValueError as e:
-    raise config_lib.ConfigError(str(e)) from None
-
-
-SEPARATOR_TOKENS = ("[SEP]", "</s>")  # BERT's, RoBERTa's
-
-
-def encoder_head_options(config, model_cfg, tokenizer_spec: str | None = None) -> dict:
-  """An encoder head reads its examples as transformers' tokenizer gives them: each wrapped
-  in [CLS] ... [SEP], a pair's texts joined by [SEP] in data.prompt_template, and, when the
-  encoder has token types (BERT), the second text of a pair as type 1 ({"pair_separator":
-  the [SEP] id} for the Trainer). {} for a decoder or a masked-LM encoder."""
-  if not is_encoder(model_cfg) or not model_cfg.num_labels:
-    return {}
-  if not config.data.add_special_tokens:
-    raise config_lib.ConfigError(
-        "An encoder's classification head reads each example as its tokenizer wraps it "
-        "([CLS] ... [SEP], <s> ... </s>), as transformers does: set "
-        "data.add_special_tokens = True.")
-  if config.data.format != "pairs":
-    return {}
-  tokenizer = load_tokenizer(tokenizer_spec or training_tokenizer(config))
-  separator = next((t for t in SEPARATOR_TOKENS if tokenizer.token_to_id(t) is not None), None)
-  template = config.data.prompt_template or ""
-  at = [template.find(part) for part in ("{text_a}", separator or "[SEP]", "{text_b}")]
-  if separator is None or -1 in at or at != sorted(at):
-    example = {"[SEP]": "{text_a} [SEP] {text_b}", "</s>": "{text_a}</s></s>{text_b}"}
-    raise config_lib.ConfigError(
-        f"An encoder reads a pair as one sequence with its separator between the texts: set "
-        f"data.prompt_template to e.g. {example.get(separator, example['[SEP]'])!r} (the "
-        f"tokenizer's own pair encoding), not {template!r}.")
-  if model_cfg.type_vocab_size < 2:
-    return {}  # RoBERTa: no token types
-  return {"pair_separator": int(tokenizer.token_to_id(separator))}
 
 
 @dataclasses.dataclass
@@ -300,10 +60,7 @@ class Run:
     """planning: for a step that is compiled but never run (see mlm_options)."""
     model_cfg = config_lib.model_config(config)
     mesh = config_mesh(config)
-    check_layout(model_cfg, mesh, config)
-    check_labels(model_cfg, config)
-    check_regression_loss(model_cfg, config)
-    check_loss_chunk(model_cfg, config)
+    check_run(model_cfg, mesh, config)
     tx, schedule = make_optimizer(config.optim, config.train.steps)
     trainer = Trainer(
         model_cfg, tx, schedule, LogicalRules(mesh, config.mesh.rules),

@@ -27,8 +27,9 @@ from jaxlm.finetune.trainable import combine
 from jaxlm.layers.sharding import activation_sharding
 from jaxlm.models.factory import reusable_params, with_heads_of
 from jaxlm.train import step as steps
-from jaxlm.train.loop import Run, evaluate, finetune_options
+from jaxlm.train.loop import Run, evaluate
 from jaxlm.train.optimizer import make_optimizer
+from jaxlm.train.options import finetune_options
 from jaxlm.train.trainer import Trainer
 
 HEAD = "score"
