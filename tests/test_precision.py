@@ -152,14 +152,32 @@ def test_float32_weight_grads_sum_every_gradient_across_devices_in_float32():
   assert abs(sent[True] - sent[False] - 2 * 7 / 8 * 2 * projections) < 1e-3 * sent[True]
 
 
-def test_float32_weight_grads_in_an_encoder():
-  ids = jnp.asarray(np.random.default_rng(0).integers(0, 1024, (2, 64)))
+def _assert_option_no_less_accurate(build, ids):
+  """build(float32_weight_grads, compute_dtype) -> a model; checks its gradients for ids."""
   grads = {}
   for option, dtype in ((False, "bfloat16"), (True, "bfloat16"), (False, "float32")):
-    model = Bert(ENCODER_PRESETS["bert-tiny"].replace(float32_weight_grads=option,
-                                                      compute_dtype=dtype), rngs=nnx.Rngs(0))
-    grad = nnx.state(nnx.grad(lambda m: jnp.mean(m(ids) ** 2))(model))
+    grad = nnx.state(nnx.grad(lambda m: jnp.mean(m(ids) ** 2))(build(option, dtype)))
     grads[option, dtype] = {jax.tree_util.keystr(path): leaf for path, leaf
                             in jax.tree_util.tree_flatten_with_path(grad)[0]}
   _assert_no_less_accurate(grads[True, "bfloat16"], grads[False, "bfloat16"],
                            grads[False, "float32"])
+  return grads[True, "bfloat16"]
+
+
+def test_float32_weight_grads_in_an_encoder():
+  cfg = ENCODER_PRESETS["bert-tiny"]
+  _assert_option_no_less_accurate(
+      lambda option, dtype: Bert(cfg.replace(float32_weight_grads=option, compute_dtype=dtype),
+                                 rngs=nnx.Rngs(0)),
+      jnp.asarray(np.random.default_rng(0).integers(0, 1024, (2, 64))))
+
+
+def test_float32_weight_grads_in_gpt2_layers():
+  """GPT-2's layout: biases on every projection, learned positions, LayerNorm, tied."""
+  cfg = from_preset("gpt2", num_layers=2, hidden_size=128, num_heads=4, num_kv_heads=4,
+                    mlp_dim=512, vocab_size=1024, max_seq_len=128)
+  grads = _assert_option_no_less_accurate(
+      lambda option, dtype: Llama(cfg.replace(float32_weight_grads=option, compute_dtype=dtype),
+                                  rngs=nnx.Rngs(0)),
+      jnp.asarray(np.random.default_rng(0).integers(0, 1024, (2, 128))))
+  assert any("bias" in path for path in grads)
