@@ -170,3 +170,19 @@ def test_hybrid_sharding_sends_only_gradients_between_nodes():
   assert 2 * 1 / 2 * 2 * params / 4 <= data <= 2 * 1 / 2 * 4 * params / 4 * 1.01
   for axes in crossing:
     assert abs(large["sent_by_axes"][axes] - small["sent_by_axes"][axes]) <= 1e-3 * data, axes
+
+
+def test_a_tied_tables_two_gradients_cross_devices_once():
+  """The demo's table is both the embedding and the output projection. Both gradients come
+  out in float32 and are added before the all-reduce, as GPU and TPU compilers reassociate
+  them, so under data=8 the table's gradient crosses devices once, not twice. Under fsdp=8
+  the table is gathered once, in bf16: the backward keeps the forward's gathered copy."""
+  cfg = from_preset("demo")
+  assert cfg.tie_embeddings
+  table = f"[{cfg.vocab_size},{cfg.hidden_size}]"
+  data, fsdp = plan("demo", [{"data": 8}, {"fsdp": 8}], seq_len=128, batch_size=8,
+                    hbm_gib=80, top_collectives=1000)
+  assert [c["shape"] for c in data["top_collectives"]].count("f32" + table) == 1
+  gathered = [(c["shape"], c["count"]) for c in fsdp["top_collectives"]
+              if c["kind"] == "all-gather" and c["shape"].endswith(table)]
+  assert gathered == [("bf16" + table, 1)]

@@ -143,8 +143,11 @@ class Llama(nnx.Module):
       if self.score.bias is not None:
         logits = logits + self.score.bias[...].astype(jnp.float32)
       return constrain(logits, ("act_batch", "act_length", None))
-    equation, weight = self.output_projection()
-    logits = float32_logits(equation, x, weight.astype(x.dtype))
+    if self.lm_head is None:
+      logits = self.embed.attend(x)  # tied: see Embedding.attend
+    else:
+      equation, weight = self.output_projection()
+      logits = float32_logits(equation, x, weight.astype(x.dtype))
     return constrain(logits, ("act_batch", "act_length", "act_vocab"))
 
   def output_projection(self) -> tuple[str, jax.Array]:
