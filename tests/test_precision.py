@@ -92,9 +92,12 @@ def _gradients(float32_weight_grads=False, remat_policy="none", lora=False,
   with contextlib.redirect_stdout(printed):
     print_saved_residuals(loss, state)
   residuals = sorted(line.split(" ")[0] for line in printed.getvalue().splitlines())
-  by_path = {jax.tree_util.keystr(path): leaf
-             for path, leaf in jax.tree_util.tree_flatten_with_path(grad(state))[0]}
-  return by_path, cost["flops"], residuals
+  return _by_path(grad(state)), cost["flops"], residuals
+
+
+def _by_path(tree) -> dict:
+  return {jax.tree_util.keystr(path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 @functools.cache
@@ -156,9 +159,8 @@ def _assert_option_no_less_accurate(build, ids):
   """build(float32_weight_grads, compute_dtype) -> a model; checks its gradients for ids."""
   grads = {}
   for option, dtype in ((False, "bfloat16"), (True, "bfloat16"), (False, "float32")):
-    grad = nnx.state(nnx.grad(lambda m: jnp.mean(m(ids) ** 2))(build(option, dtype)))
-    grads[option, dtype] = {jax.tree_util.keystr(path): leaf for path, leaf
-                            in jax.tree_util.tree_flatten_with_path(grad)[0]}
+    grads[option, dtype] = _by_path(
+        nnx.state(nnx.grad(lambda m: jnp.mean(m(ids) ** 2))(build(option, dtype))))
   _assert_no_less_accurate(grads[True, "bfloat16"], grads[False, "bfloat16"],
                            grads[False, "float32"])
   return grads[True, "bfloat16"]
