@@ -33,7 +33,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict({"preset": "tiny", "init_from": "",
                                        **{f: None for f in MODEL_FIELDS}})
   c.mesh = ml_collections.ConfigDict(
-      {"data": 1, "fsdp": -1, "tensor": 1, "rules": DEFAULT_RULES})
+      {"data": 1, "fsdp": -1, "tensor": 1, "rules": DEFAULT_RULES,
+       # Megatron-style: the residual stream split along the sequence over tensor
+       "sequence_parallel": False})
   # Data sources, format, shaping and cleaning: see jaxlm/data/pipeline.py and the README.
   c.data = ml_collections.ConfigDict({
       "tokenizer": "embedded",  # "embedded", a tokenizer.json, or a model directory

@@ -55,6 +55,14 @@ def test_heads_must_divide_over_tensor(tiny_config, tmp_path):
     train(tiny_config(mesh__fsdp=2, mesh__tensor=4), tmp_path)
 
 
+def test_sequence_parallel_needs_a_sequence_that_divides_over_tensor(tiny_config, tmp_path):
+  with pytest.raises(ConfigError, match=r"mesh.tensor = 2, which does not divide "
+                                        r"data.seq_len = 33; use a seq_len that is a multiple"):
+    train(tiny_config(mesh__fsdp=4, mesh__tensor=2, mesh__sequence_parallel=True,
+                      data__seq_len=33), tmp_path)
+  assert not (tmp_path / "checkpoints").exists()
+
+
 def test_tokenizer_larger_than_vocab(tiny_config, tmp_path):
   with pytest.raises(ConfigError, match=r"4096 tokens but model.vocab_size is 256"):
     train(tiny_config(model__vocab_size=256), tmp_path)

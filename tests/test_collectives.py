@@ -109,6 +109,44 @@ def test_collectives_are_read_with_their_groups_axes_and_loop_counts():
       "data": 36.0, "data+fsdp": 64 * 4 * 15.0, "fsdp": 3 / 4 * 256 * 64 * 2 * 3 + 16384 + 192}
 
 
+# Two partial sums reduce-scattered (each all-reduced, then sliced to the device's share) and
+# added, as sequence parallelism's backward sums q, k and v's input gradients; a third
+# sliced at another offset is not the same share, so it is not folded in.
+SCATTERED_SUM = """\
+HloModule jit_step, entry_computation_layout={()->()}
+
+%add (a: bf16[], b: bf16[]) -> bf16[] {
+  %a = bf16[] parameter(0)
+  %b = bf16[] parameter(1)
+  ROOT %sum = bf16[] add(%a, %b)
+}
+
+ENTRY %main (x: bf16[8,64], y: bf16[8,64], z: bf16[8,64], i: s32[]) -> bf16[8,16] {
+  %x = bf16[8,64]{1,0} parameter(0)
+  %y = bf16[8,64]{1,0} parameter(1)
+  %z = bf16[8,64]{1,0} parameter(2)
+  %i = s32[] parameter(3)
+  %zero = s32[] constant(0)
+  %one = s32[] constant(1)
+  %rx = bf16[8,64]{1,0} all-reduce(%x), channel_id=1, replica_groups=[1,4]<=[4], use_global_device_ids=true, to_apply=%add
+  %sx = bf16[8,16]{1,0} dynamic-slice(%rx, %zero, %i), dynamic_slice_sizes={8,16}
+  %ry = bf16[8,64]{1,0} all-reduce(%y), channel_id=2, replica_groups=[1,4]<=[4], use_global_device_ids=true, to_apply=%add
+  %sy = bf16[8,16]{1,0} dynamic-slice(%ry, %zero, %i), dynamic_slice_sizes={8,16}
+  %sxy = bf16[8,16]{1,0} add(%sx, %sy)
+  %rz = bf16[8,64]{1,0} all-reduce(%z), channel_id=3, replica_groups=[1,4]<=[4], use_global_device_ids=true, to_apply=%add
+  %sz = bf16[8,16]{1,0} dynamic-slice(%rz, %one, %i), dynamic_slice_sizes={8,16}
+  ROOT %total = bf16[8,16]{1,0} add(%sxy, %sz)
+}
+"""
+
+
+def test_reduce_scatters_of_the_same_share_that_are_added_fold_into_one():
+  found = {c.name: c for c in collectives(SCATTERED_SUM, {"tensor": 4})}
+  assert sorted(found) == ["rx", "rz"]
+  assert [found[name].kind for name in ("rx", "rz")] == ["reduce-scatter"] * 2
+  assert found["rx"].sent_bytes == 3 / 4 * 8 * 64 * 2
+
+
 def test_an_unknown_replica_group_form_names_the_collective():
   text = MODULE.replace("replica_groups=[2,4]<=[8]", "replica_groups=somehow")
   with pytest.raises(ValueError, match=r"all-gather %gathered: .*somehow"):
@@ -141,21 +179,50 @@ def test_tensor_traffic_grows_with_the_batch_and_fsdp_traffic_does_not():
   assert large["flops_per_sent_byte"] > small["flops_per_sent_byte"]
 
 
+def _tensor_collectives_in_layers(remat, sequence_parallel=False):
+  """fsdp=4 x tensor=2 demo step: ([(kind, bytes)] of the collectives over tensor that run
+  once per layer, in program order; the activation's bytes on one device, [batch, seq,
+  hidden] bf16; XLA's temp bytes)."""
+  config, _ = experiment_config("demo", {"fsdp": 4, "tensor": 2}, seq_len=128, batch_size=8,
+                                remat=remat,
+                                overrides={"mesh.sequence_parallel": sequence_parallel})
+  run = Run.build(config)
+  compiled, hlo = compile_with_partitioned_hlo(
+      run.trainer.lower_train_step({key: (8, 128) for key in BATCH_KEYS}))
+  layers, hidden = from_preset("demo").num_layers, from_preset("demo").hidden_size
+  activation = 8 // 4 * 128 * hidden * 2
+  found = collectives(hlo, {"data": 1, "fsdp": 4, "tensor": 2})
+  in_layers = [(c.kind, c.bytes) for c in found if c.axes == ("tensor",) and c.count == layers]
+  return in_layers, activation, compiled.memory_analysis().temp_size_in_bytes
+
+
 @pytest.mark.parametrize("remat, per_layer", [("none", 4), ("full", 5)])
 def test_tensor_parallelism_reduces_activations_as_megatron_does(remat, per_layer):
   """Per layer: the attention and MLP outputs forward, the input gradients of each block
   backward (q, k and v's summed into one), and with full remat the recomputed attention
   output again; nothing else activation-sized crosses tensor inside the layers."""
-  config, _ = experiment_config("demo", {"fsdp": 4, "tensor": 2}, seq_len=128, batch_size=8,
-                                remat=remat)
-  run = Run.build(config)
-  _, hlo = compile_with_partitioned_hlo(
-      run.trainer.lower_train_step({key: (8, 128) for key in BATCH_KEYS}))
-  layers, hidden = from_preset("demo").num_layers, from_preset("demo").hidden_size
-  activation = 8 // 4 * 128 * hidden * 2  # a device's rows of [batch, seq, hidden], bf16
-  found = collectives(hlo, {"data": 1, "fsdp": 4, "tensor": 2})
-  in_layers = [c for c in found if c.axes == ("tensor",) and c.count == layers]
-  assert [(c.kind, c.bytes) for c in in_layers] == [("all-reduce", activation)] * per_layer
+  in_layers, activation, _ = _tensor_collectives_in_layers(remat)
+  assert in_layers == [("all-reduce", activation)] * per_layer
+
+
+@pytest.mark.parametrize("remat, gathers, scatters", [("none", 6, 4), ("full", 6, 5)])
+def test_sequence_parallelism_splits_each_all_reduce_and_saves_memory(remat, gathers,
+                                                                      scatters):
+  """mesh.sequence_parallel: every all-reduce above becomes a reduce-scatter onto the
+  residual stream's sequence shards (q, k and v's gradients summed before it), and each
+  block's input is all-gathered from them (forward; with full remat, again in the
+  recomputation), as is the gradient of each block's output (backward). Without remat the
+  backward gathers each block's input once more for its weight gradients: the forward's
+  gathered copy is not kept. Only the norms' scale gradients are all-reduced, and the step
+  needs less memory."""
+  in_layers, activation, temp = _tensor_collectives_in_layers(remat, sequence_parallel=True)
+  large = sorted(c for c in in_layers if c[1] >= activation)
+  assert large == ([("all-gather", activation)] * gathers
+                   + [("reduce-scatter", activation)] * scatters)
+  # The norms' scale gradients: each device saw part of the sequence.
+  norm_scale = from_preset("demo").hidden_size * 4
+  assert sorted(c for c in in_layers if c[1] < activation) == [("all-reduce", norm_scale)] * 2
+  assert temp < _tensor_collectives_in_layers(remat)[2]
 
 
 def test_hybrid_sharding_sends_only_gradients_between_nodes():

@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxlm.models import from_preset
 from jaxlm.parallel.mesh import build_mesh
-from jaxlm.parallel.rules import LogicalRules
+from jaxlm.parallel.rules import DEFAULT_RULES, LogicalRules, sequence_parallel_rules
 from jaxlm.train.trainer import Trainer
 
 from tests.helpers import assert_trees_close, random_batch
@@ -47,11 +47,11 @@ EXPECTED = {
 }
 
 
-def _trainer(mesh, tx=None):
+def _trainer(mesh, tx=None, rules=DEFAULT_RULES):
   # Equality checks use SGD: Adam's first step is lr * sign(grad), which turns rounding
   # noise in near-zero gradients into full-size differences.
   tx = tx or optax.adamw(1e-2, weight_decay=0.1)
-  return Trainer(CFG, tx, optax.constant_schedule(1e-2), LogicalRules(mesh))
+  return Trainer(CFG, tx, optax.constant_schedule(1e-2), LogicalRules(mesh, rules))
 
 
 SGD = optax.sgd(0.5)
@@ -85,6 +85,36 @@ def test_sharded_step_equals_single_device(layout, single_device_result):
   np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
   np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-5)
   assert_trees_close(state["params"], ref_params, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", [dict(fsdp=4, tensor=2), dict(data=4, tensor=2)],
+                         ids=["tp2_fsdp4", "tp2_dp4"])
+def test_sequence_parallel_step_equals_single_device(layout, single_device_result):
+  """Splitting the residual stream along the sequence changes where the sums happen, not
+  what they are. The stream between layers really is split: a block's input, [batch, seq,
+  hidden], is all-gathered along the sequence from the tensor devices' halves."""
+  trainer = _trainer(build_mesh(layout), SGD, sequence_parallel_rules(DEFAULT_RULES))
+  batch = random_batch(8, 16, CFG.vocab_size)
+  hlo = trainer.lower_train_step({k: (8, 16) for k in batch}).compile().as_text()
+  rows = 8 // (layout.get("fsdp", 1) * layout.get("data", 1))
+  assert re.search(rf"= f32\[{rows},16,{CFG.hidden_size}\]\S* all-gather\(.*dimensions=\{{1\}}",
+                   hlo)
+  state, metrics = trainer.train_step(trainer.init_state(0), batch)
+  ref_params, ref_metrics = single_device_result
+  np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
+  np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-5)
+  assert_trees_close(state["params"], ref_params, rtol=1e-5, atol=1e-6)
+
+
+def test_rules_saved_before_a_logical_name_existed_still_resolve_it():
+  """A workdir's config.json keeps the rules it ran with; names added since keep their
+  default mapping, and a name the rules give overrides it."""
+  mesh = build_mesh(dict(fsdp=4, tensor=2))
+  old = [rule for rule in DEFAULT_RULES if rule[0] != "act_residual_length"]
+  assert LogicalRules(mesh, old).spec(("act_residual_length",), (16,)) == P(None)
+  split = LogicalRules(mesh, sequence_parallel_rules(old))
+  assert split.spec(("act_batch", "act_residual_length", "act_embed"), (8, 16, 4)) == P(
+      "fsdp", "tensor", None)
 
 
 @pytest.mark.parametrize("layout", [dict(data=2, fsdp=4), dict(data=2, fsdp=2, tensor=2)],

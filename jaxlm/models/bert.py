@@ -24,7 +24,7 @@ from jaxlm.layers.norms import LayerNorm
 from jaxlm.layers.remat import POLICIES as REMAT_POLICIES, remat
 from jaxlm.layers.sharding import constrain, param
 
-RESIDUAL = ("act_batch", "act_length", "act_embed")
+RESIDUAL = ("act_batch", "act_residual_length", "act_embed")
 CLASSIFIERS = ("sequence", "token", "regression")
 # The attention mask of an encoder may hide only padded keys (attention_mask), which the
 # Pallas kernel's segment ids cannot say: it keeps to jax.nn.dot_product_attention.

@@ -22,7 +22,7 @@ from jaxlm.layers.remat import remat
 from jaxlm.layers.sharding import constrain, param
 from jaxlm.models.config import LlamaConfig
 
-RESIDUAL = ("act_batch", "act_length", "act_embed")
+RESIDUAL = ("act_batch", "act_residual_length", "act_embed")
 CACHED_KV = (None, "act_batch", None, "act_kv_heads", None)  # [layers, batch, slots, kv, hd]
 
 

@@ -247,14 +247,22 @@ def _trip_count(module, condition: str | None) -> int:
 
 
 def _folded_all_reduces(computation: list[_Instruction], users, mesh_shape) -> set[str]:
-  """The all-reduces that GPU and TPU compilers fold into another (all-reduce
-  reassociation): add(all-reduce(x), all-reduce(y)) over the same groups, each used only by
-  the add, becomes all-reduce(add(x, y)); chains of such adds fold into one. Tensor
-  parallelism's backward sums q, k and v's (or gate and up's) partial input gradients so."""
-  kept_for: dict[str, _Instruction] = {}  # an add (or all-reduce) -> the all-reduce it keeps
+  """The all-reduces that GPU and TPU compilers fold into another (all-reduce and
+  reduce-scatter reassociation): add(all-reduce(x), all-reduce(y)) over the same groups,
+  each used only by the add, becomes all-reduce(add(x, y)); so does the sum of two
+  reduce-scatters, in the partitioner's form of each (an all-reduce whose one user slices
+  it) when they slice the same share. Chains of such adds fold into one. Tensor
+  parallelism's backward sums q, k and v's (or gate and up's) partial input gradients so;
+  under sequence parallelism, reduce-scattered."""
+  # an add, all-reduce or slice of one -> (the all-reduce it keeps, the slice's offsets)
+  kept_for: dict[str, tuple[_Instruction, tuple | None]] = {}
   for inst in computation:
-    if inst.opcode == "all-reduce":
-      kept_for[inst.name] = inst
+    if inst.opcode in ("all-reduce", "reduce-scatter"):
+      kept_for[inst.name] = (inst, None if inst.opcode == "all-reduce" else "scattered")
+    elif inst.opcode == "dynamic-slice" and inst.operands[0] in kept_for and (
+        kept_for[inst.operands[0]][1] is None
+        and [user.name for user in users[inst.operands[0]]] == [inst.name]):
+      kept_for[inst.name] = (kept_for[inst.operands[0]][0], tuple(inst.operands[1:]))
   folded = set()
   for inst in computation:
     if inst.opcode != "add" or len(inst.operands) != 2:
@@ -263,10 +271,11 @@ def _folded_all_reduces(computation: list[_Instruction], users, mesh_shape) -> s
     if any(total is None for total in sums) or any(
         [user.name for user in users[operand]] != [inst.name] for operand in inst.operands):
       continue
-    first, second = sums
-    if first is not second and _groups(first, mesh_shape) == _groups(second, mesh_shape):
+    (first, first_slice), (second, second_slice) = sums
+    if (first is not second and first_slice == second_slice
+        and _groups(first, mesh_shape) == _groups(second, mesh_shape)):
       folded.add(second.name)
-      kept_for[inst.name] = first
+      kept_for[inst.name] = (first, first_slice)
   return folded
 
 

@@ -12,10 +12,13 @@ Rules = Sequence[tuple[str, str | Sequence[str] | None]]
 
 # FSDP shards parameters' embed dimension, TP shards heads / mlp / vocab, and the batch is
 # split over data x fsdp. Activations have their own names so FSDP never shards them on embed.
+# The residual stream between blocks names its sequence axis apart from the blocks' insides,
+# so that sequence parallelism can split the one and not the other.
 DEFAULT_RULES: tuple[tuple[str, object], ...] = (
     ("batch", ("data", "fsdp")),
     ("act_batch", ("data", "fsdp")),
     ("act_length", None),
+    ("act_residual_length", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_kv_heads", "tensor"),
@@ -36,12 +39,24 @@ class ShardingError(ValueError):
   pass
 
 
+def sequence_parallel_rules(rules: Rules) -> list[tuple]:
+  """rules with the residual stream split along the sequence over tensor, as Megatron-LM's
+  sequence parallelism: the norms, residual adds and dropouts between blocks (and the layer
+  inputs that remat saves) hold 1/tensor of the sequence, and each block's all-reduce over
+  tensor becomes a reduce-scatter after it and an all-gather before the next: the same bytes
+  forward, more backward (README, "Sequence parallelism")."""
+  return [*((name, axes) for name, axes in rules if name != "act_residual_length"),
+          ("act_residual_length", "tensor")]
+
+
 class LogicalRules:
+  """rules: (logical name, mesh axes) pairs; a name they leave out keeps its DEFAULT_RULES
+  mapping, so rules saved before a name existed still work."""
 
   def __init__(self, mesh: jax.sharding.Mesh, rules: Iterable = DEFAULT_RULES):
     self.mesh = mesh
     self.rules: dict[str, tuple[str, ...]] = {}
-    for name, axes in rules:
+    for name, axes in {**dict(DEFAULT_RULES), **dict(rules)}.items():
       if axes is None:
         axes = ()
       elif isinstance(axes, str):

@@ -132,6 +132,11 @@ def check_layout(model_cfg, mesh, config) -> None:
       raise config_lib.ConfigError(
           f"model.{name} = {count} is not divisible by mesh.tensor = {tensor}; use a tensor "
           f"size that divides {count}.")
+  if config.mesh.sequence_parallel and config.data.seq_len % tensor:
+    raise config_lib.ConfigError(
+        f"mesh.sequence_parallel splits the sequence over mesh.tensor = {tensor}, which does "
+        f"not divide data.seq_len = {config.data.seq_len}; use a seq_len that is a multiple "
+        f"of {tensor}.")
   batch_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
   micro = config.data.batch_size // config.train.grad_accum_steps
   if config.data.batch_size % config.train.grad_accum_steps:

@@ -18,7 +18,7 @@ from jaxlm.data.pipeline import build_train_data
 from jaxlm.data.text import load_tokenizer
 from jaxlm.models.factory import reusable_params, with_heads_of
 from jaxlm.parallel.mesh import build_mesh
-from jaxlm.parallel.rules import LogicalRules
+from jaxlm.parallel.rules import LogicalRules, sequence_parallel_rules
 from jaxlm.profiling import StepProfiler, format_table
 from jaxlm.train.checks import check_run
 from jaxlm.train.early_stopping import EarlyStopping
@@ -46,6 +46,13 @@ def config_mesh(config):
                          tensor=config.mesh.tensor))
 
 
+def config_rules(config):
+  """config.mesh.rules, with the residual stream split over tensor under
+  mesh.sequence_parallel."""
+  rules = config.mesh.rules
+  return sequence_parallel_rules(rules) if config.mesh.sequence_parallel else rules
+
+
 @dataclasses.dataclass
 class Run:
   """Everything a training run is made of, built from a config."""
@@ -63,7 +70,7 @@ class Run:
     check_run(model_cfg, mesh, config)
     tx, schedule = make_optimizer(config.optim, config.train.steps)
     trainer = Trainer(
-        model_cfg, tx, schedule, LogicalRules(mesh, config.mesh.rules),
+        model_cfg, tx, schedule, LogicalRules(mesh, config_rules(config)),
         loss_cfg=LossConfig(config.train.label_smoothing, config.train.z_loss,
                             config.train.loss_chunk_len),
         grad_accum_steps=config.train.grad_accum_steps,
