@@ -106,6 +106,47 @@ def test_sequence_parallel_step_equals_single_device(layout, single_device_resul
   assert_trees_close(state["params"], ref_params, rtol=1e-5, atol=1e-6)
 
 
+def _sharded_value_and_grad(model, ids, rules):
+  """((mean square of the model's float32 outputs for ids, its parameter gradients), the
+  compiled program) under an fsdp=4 x tensor=2 mesh with rules (None: no mesh at all)."""
+  from flax import nnx
+  from jaxlm.layers.sharding import activation_sharding
+  graphdef, params = nnx.split(model)
+  resolver = None if rules is None else LogicalRules(
+      build_mesh(dict(fsdp=4, tensor=2)), rules).activation_resolver()
+
+  def total(params):
+    with activation_sharding(resolver):
+      return jax.numpy.square(nnx.merge(graphdef, params)(ids).astype("float32")).mean()
+
+  step = jax.jit(jax.value_and_grad(total))
+  return step(params), step.lower(params).compile().as_text()
+
+
+@pytest.mark.parametrize("family", ["bert_classifier", "learned_positions"])
+def test_sequence_parallel_encoder_and_gpt2_style_models_compute_the_same(family):
+  """BERT (post-norm, a pooler reading the first token) and a decoder with learned
+  positions put the residual stream through other paths than Llama's; split along the
+  sequence they still compute what they compute on one device."""
+  from flax import nnx
+  from jaxlm.models.bert import PRESETS, Bert
+  from jaxlm.models.llama import Llama
+  if family == "bert_classifier":
+    model = Bert(PRESETS["bert-tiny"].replace(num_labels=3, param_dtype="float32",
+                                              compute_dtype="float32"), rngs=nnx.Rngs(0))
+  else:
+    model = Llama(CFG.replace(position_embedding="learned", max_seq_len=16),
+                  rngs=nnx.Rngs(0))
+  ids = random_batch(8, 16, 256)["input_ids"]
+  (value, grads), _ = _sharded_value_and_grad(model, ids, None)
+  (split_value, split_grads), hlo = _sharded_value_and_grad(
+      model, ids, sequence_parallel_rules(DEFAULT_RULES))
+  hidden = model.cfg.hidden_size
+  assert re.search(rf"= f32\[2,16,{hidden}\]\S* all-gather\(.*dimensions=\{{1\}}", hlo)
+  np.testing.assert_allclose(split_value, value, rtol=1e-5)
+  assert_trees_close(split_grads, grads, rtol=1e-4, atol=1e-6)
+
+
 def test_rules_saved_before_a_logical_name_existed_still_resolve_it():
   """A workdir's config.json keeps the rules it ran with; names added since keep their
   default mapping, and a name the rules give overrides it."""
