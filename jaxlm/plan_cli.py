@@ -15,6 +15,7 @@ shapes and compiled ahead of time.
   jaxlm plan --preset llama3-8b --mesh fsdp=8 --mesh fsdp=4,tensor=2
   jaxlm plan --preset llama3-8b --sweep --devices 8 --seq-len 2048 --batch-size 8 --hbm-gib 80
   jaxlm plan --config ref_1b --mesh fsdp=8 --mesh data=8
+  jaxlm plan --preset llama3-8b --mesh tensor=8 --config.mesh.sequence_parallel=True
 
 A recipe (--config) plans the run `jaxlm train --config RECIPE` would make: its model (a
 model.init_from directory must exist), data shape, optimizer and fine-tuning settings;
