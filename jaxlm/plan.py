@@ -142,6 +142,7 @@ def plan_run(run, *, hbm_gib: float, compile_step: bool = True, top_collectives:
   row = {"layout": layout_label(mesh), "mesh": mesh, "devices": run.mesh.size,
          "hbm_gib": hbm_gib, "attention_impl": resolve_attention_impl(
              run.model_cfg.attention_impl, run.model_cfg.compute_dtype),
+         "sequence_parallel": bool(run.config.mesh.sequence_parallel),
          **state_bytes(run.trainer.abstract_state())}
   row["state_ratio"] = row["state_bytes"] * row["devices"] / row["state_total_bytes"]
   row["fits"] = None
@@ -196,7 +197,8 @@ def plan(preset: str | None, layouts: list[dict], *, seq_len: int | None,
   and returns one row per layout. Each layout must use exactly the devices JAX has (one
   axis may be -1: fill).
 
-  Row fields, all per device unless named total: param_bytes, opt_state_bytes, state_bytes
+  Row fields, all per device unless named total: sequence_parallel (the config's
+  mesh.sequence_parallel), param_bytes, opt_state_bytes, state_bytes
   (the whole train state), state_total_bytes (unsharded), state_ratio (state_bytes over
   state_total_bytes / devices: 1.0 is perfect sharding, devices is full replication) and,
   when compiled, argument/output/alias/temp/code/peak bytes (see compiled_memory),
@@ -242,8 +244,8 @@ def max_batch(preset: str | None, layout: dict, *, seq_len: int | None, hbm_gib:
 
   Returns {"layout", "devices", "max_batch" (0: not even the smallest batch fits),
   "rows_per_device", "tokens_per_step", "peak_bytes" (at max_batch), "capped" (the limit
-  still fit), "attention_impl", "probes": [[batch, peak bytes], ...], "compile_s" (all
-  probes)}, or a row with "error" when the layout cannot work."""
+  still fit), "attention_impl", "sequence_parallel", "probes": [[batch, peak bytes], ...],
+  "compile_s" (all probes)}, or a row with "error" when the layout cannot work."""
   shape = resolve_mesh_shape(layout, jax.device_count())
   if grad_accum is None or seq_len is None:  # the recipe's
     config, _ = experiment_config(preset, layout, seq_len=seq_len, batch_size=None,
@@ -287,7 +289,7 @@ def max_batch(preset: str | None, layout: dict, *, seq_len: int | None, hbm_gib:
           "tokens_per_step": best * seq_len,
           "peak_bytes": rows[best]["peak_bytes"] if best else None, "capped": capped,
           "attention_impl": rows[unit]["attention_impl"],
-          "probes": probes, "compile_s": sum(row["compile_s"] for row in rows.values())}
+          "sequence_parallel": rows[unit]["sequence_parallel"], "probes": probes, "compile_s": sum(row["compile_s"] for row in rows.values())}
 
 
 class _LayoutError(Exception):

@@ -209,6 +209,8 @@ def run_plan(args, overrides=()) -> int:
     planned = sorted({row["attention_impl"] for row in rows if "attention_impl" in row})
     if planned:
       print(f"attention planned as: {', '.join(planned)}")
+    if any(row.get("sequence_parallel") for row in rows):
+      print("sequence parallel: the residual stream split over tensor (mesh.sequence_parallel)")
     if top := format_top_collectives(rows):
       print(f"\n{top}")
   # A layout the user named must work; in a sweep, some standard ones may not.

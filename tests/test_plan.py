@@ -196,6 +196,19 @@ def test_plan_command_lists_the_largest_collectives(capsys):
   assert sent == sorted(sent, reverse=True)
 
 
+def test_plan_command_plans_sequence_parallelism(capsys):
+  """The override reaches the planned step (its largest collectives gather and scatter
+  activations over tensor instead of all-reducing them), and the output says so."""
+  assert plan_cli.main(["--preset", "tiny", "--mesh", "fsdp=4,tensor=2", "--seq-len", "64",
+                        "--batch-size", "8", "--top-collectives", "4",
+                        "--config.mesh.sequence_parallel=True"]) == 0
+  out = capsys.readouterr().out
+  assert "sequence parallel: the residual stream split over tensor" in out
+  block = out[out.index("fsdp=4 tensor=2: the collectives that send the most"):].splitlines()
+  assert {tuple(line.split()[1:3]) for line in block[2:6]} == {
+      ("all-gather", "tensor"), ("reduce-scatter", "tensor")}
+
+
 def test_plan_command_takes_a_preset_or_a_recipe(capsys):
   assert plan_cli.main(["--config", "tiny_demo", "--mesh", "fsdp=8", "--no-compile",
                         "--json"]) == 0
