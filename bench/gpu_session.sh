@@ -21,9 +21,10 @@
 # N documents into each row, as real data is, so attention gets a document mask; chunkN
 # sets train.loss_chunk_len; xla, cudnn, pallas_gpu or splash sets model.attention_impl), maxtext,
 # torch, attention (bench/attention_check.py: XLA, cuDNN and Pallas attention checked
-# against float32 and timed, ATTENTION_ARGS adds arguments), plan:<remat> (`jaxlm plan` of
-# the same step on the host's CPU, its planned peak memory set beside the measured one;
-# PLAN_ARGS replaces its preset and shape). BENCH_ARGS adds arguments to
+# against float32 and timed, ATTENTION_ARGS adds arguments), plan:<remat>[+h100] (`jaxlm
+# plan` of the same step on the host's CPU, or compiled for an H100 by XLA's GPU compiler
+# without running, its planned peak memory set beside the measured one; PLAN_ARGS replaces
+# its preset and shape). BENCH_ARGS adds arguments to
 # bench/train_throughput.py (a dry run on CPU: BENCH_ARGS="--preset tiny --seq-len 64"
 # bash bench/gpu_session.sh jaxlm:minimal).
 # One JSON line per part goes to $OUT (or /tmp/jaxlm_bench); the logs, MaxText's metrics and
@@ -32,7 +33,8 @@
 # device tool's eight returned files hold them all. A table is printed last.
 set -u
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(attention jaxlm:none jaxlm:minimal maxtext plan:none plan:minimal)
+[ ${#parts[@]} -eq 0 ] && parts=(attention jaxlm:none jaxlm:minimal maxtext plan:none plan:minimal
+                                  plan:none+h100 plan:minimal+h100)
 out=${OUT:-/tmp/jaxlm_bench}
 budget=${BUDGET_S:-540}
 anchor=.anchor
@@ -104,12 +106,16 @@ for part in "${parts[@]}"; do
       run_part torch_anchor 210 150 python3 "$anchor/torch_llama_anchor.py" --compile ;;
     attention)  # XLA, cuDNN and Pallas attention against float32, with and without a document mask
       run_part attention_check 150 60 python3 bench/attention_check.py ${ATTENTION_ARGS:-} ;;
-    plan:*)  # jaxlm plan's memory for the same step, compiled on the host's CPU: to set beside
+    plan:*)  # jaxlm plan's memory for the same step, compiled on the host's CPU, or with
+             # +<target> by XLA's GPU compiler for that GPU without using it: to set beside
              # what the GPU measured
-      remat=${part#plan:}
-      JAX_PLATFORMS=cpu run_part "plan_$remat" 90 20 python3 -m jaxlm.plan_cli \
+      spec=${part#plan:}
+      remat=${spec%%+*}
+      target=${spec#"$remat"}
+      target=${target#+}
+      JAX_PLATFORMS=cpu run_part "plan_$remat${target:+_$target}" 90 20 python3 -m jaxlm.plan_cli \
         ${PLAN_ARGS:---preset ref-1.1b --seq-len 2048 --batch-size 8} --mesh data=1 \
-        --devices 1 --remat "$remat" --json ;;
+        --devices 1 --remat "$remat" ${target:+--target "$target"} --json ;;
     *) echo "unknown part $part (jaxlm:<remat>[+<XLA flag>...][+docs<N>][+chunk<N>]" \
             "[+xla|cudnn|pallas_gpu|splash], maxtext, torch, attention, plan:<remat>)"
        exit 2 ;;
@@ -128,8 +134,9 @@ print(f"{'part':<16}{'tokens/s':>10}{'TFLOP/s':>9}{'MFU':>7}{'vs MaxText':>11}{'
       f"{'peak GiB':>9}")
 for name, r in rows:
   tps = r.get("tokens_per_s")
-  if "temp_bytes" in r or ("layout" in r and "error" in r):  # jaxlm plan, on the CPU
-    print(f"{name:<16} planned on CPU: " + (f"peak {r['peak_bytes'] / 2**30:.1f} GiB (temp "
+  if "temp_bytes" in r or ("layout" in r and "error" in r):  # jaxlm plan
+    where = r.get("compiled_for", "cpu")
+    print(f"{name:<16} planned for {where}: " + (f"peak {r['peak_bytes'] / 2**30:.1f} GiB (temp "
           f"{r['temp_bytes'] / 2**30:.1f}), attention as {r['attention_impl']}"
           if "error" not in r else r["error"]))
     continue

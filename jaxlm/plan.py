@@ -143,6 +143,7 @@ def plan_run(run, *, hbm_gib: float, compile_step: bool = True, top_collectives:
          "hbm_gib": hbm_gib, "attention_impl": resolve_attention_impl(
              run.model_cfg.attention_impl, run.model_cfg.compute_dtype),
          "sequence_parallel": bool(run.config.mesh.sequence_parallel),
+         "compiled_for": run.mesh.devices.flat[0].device_kind,
          **state_bytes(run.trainer.abstract_state())}
   row["state_ratio"] = row["state_bytes"] * row["devices"] / row["state_total_bytes"]
   row["fits"] = None
@@ -191,14 +192,14 @@ def plan(preset: str | None, layouts: list[dict], *, seq_len: int | None,
          remat: str | None = None, param_dtype: str | None = None,
          compute_dtype: str | None = None, grad_accum: int | None = 1, overrides=None,
          recipe: str | None = None, compile_step: bool = True, flash_attention: bool = True,
-         top_collectives: int = 0) -> list[dict]:
+         top_collectives: int = 0, devices: list | None = None) -> list[dict]:
   """Plans each layout (e.g. {"fsdp": 8}, {"fsdp": 4, "tensor": 2}; missing axes are 1) for
   the preset (or the recipe, see experiment_config) at seq_len x batch_size (global batch)
   and returns one row per layout. Each layout must use exactly the devices JAX has (one
   axis may be -1: fill).
 
   Row fields, all per device unless named total: sequence_parallel (the config's
-  mesh.sequence_parallel), param_bytes, opt_state_bytes, state_bytes
+  mesh.sequence_parallel), compiled_for (the device kind), param_bytes, opt_state_bytes, state_bytes
   (the whole train state), state_total_bytes (unsharded), state_ratio (state_bytes over
   state_total_bytes / devices: 1.0 is perfect sharding, devices is full replication) and,
   when compiled, argument/output/alias/temp/code/peak bytes (see compiled_memory),
@@ -213,6 +214,9 @@ def plan(preset: str | None, layouts: list[dict], *, seq_len: int | None,
   tiles (a multiple of 128), so that temp counts the memory of attention as GPUs and TPUs
   run it (flash kernels) and not XLA's whole [seq, seq] scores; each row says which
   (`attention_impl`).
+
+  devices: compile for these (a GPU target's, jaxlm.parallel.gpu_target) instead of this
+  machine's; a decoder's attention is then cuDNN's, as GPUs run it (16-bit compute).
   """
   rows = []
   for layout in layouts:
@@ -221,9 +225,9 @@ def plan(preset: str | None, layouts: list[dict], *, seq_len: int | None,
           preset, layout, seq_len=seq_len, batch_size=batch_size, optimizer=optimizer,
           remat=remat, param_dtype=param_dtype, compute_dtype=compute_dtype,
           grad_accum=grad_accum, overrides=overrides, recipe=recipe)
-      if flash_attention and _flash_plannable(config):
-        config_lib.apply_overrides(config, {"model.attention_impl": "splash"})
-      run = Run.build(config, planning=True)
+      if flash_attention and (kernel := _planned_attention(config, devices)):
+        config_lib.apply_overrides(config, {"model.attention_impl": kernel})
+      run = Run.build(config, planning=True, devices=devices)
     except ValueError as e:  # ConfigError and ShardingError included: they name the fix
       rows.append({"layout": layout_label(layout), "mesh": dict(layout), "hbm_gib": hbm_gib,
                    "devices": _layout_devices(layout), "fits": False, "error": str(e)})
@@ -239,14 +243,15 @@ def max_batch(preset: str | None, layout: dict, *, seq_len: int | None, hbm_gib:
   device under layout, up to limit rows. Batches step by the rows the layout splits the
   batch over (data x fsdp, times grad_accum); the search doubles from one such step while
   the step fits, then bisects, on the assumption that memory grows with the batch. options:
-  as `plan` (optimizer, remat, dtypes, overrides, recipe, flash_attention); seq_len and
+  as `plan` (optimizer, remat, dtypes, overrides, recipe, flash_attention, devices); seq_len and
   grad_accum None keep the recipe's.
 
   Returns {"layout", "devices", "max_batch" (0: not even the smallest batch fits),
   "rows_per_device", "tokens_per_step", "peak_bytes" (at max_batch), "capped" (the limit
   still fit), "attention_impl", "sequence_parallel", "probes": [[batch, peak bytes], ...],
   "compile_s" (all probes)}, or a row with "error" when the layout cannot work."""
-  shape = resolve_mesh_shape(layout, jax.device_count())
+  devices = options.get("devices")
+  shape = resolve_mesh_shape(layout, len(devices) if devices else jax.device_count())
   if grad_accum is None or seq_len is None:  # the recipe's
     config, _ = experiment_config(preset, layout, seq_len=seq_len, batch_size=None,
                                   grad_accum=grad_accum, recipe=options.get("recipe"),
@@ -312,11 +317,20 @@ def format_max_batch_table(rows: list[dict]) -> str:
   return _table(header, rows, cells)
 
 
-def _flash_plannable(config) -> bool:
-  """A decoder whose attention the config leaves to the backend, at a length splash tiles."""
-  return (config.model.attention_impl is None
-          and not is_encoder(config_lib.model_config(config))
-          and not kernel_config_problem("splash", config.data.seq_len, sliding_window=None))
+def _planned_attention(config, devices) -> str | None:
+  """The flash attention a decoder whose attention the config leaves to the backend is
+  planned with: cuDNN's on a GPU target (16-bit compute, as resolve_attention_impl picks
+  it on GPUs), else splash at a length it tiles; None: as configured."""
+  if config.model.attention_impl is not None:
+    return None
+  model_cfg = config_lib.model_config(config)
+  if is_encoder(model_cfg):
+    return None
+  if devices and devices[0].platform == "gpu":
+    return resolve_attention_impl(None, model_cfg.compute_dtype, backend="gpu")
+  if kernel_config_problem("splash", config.data.seq_len, sliding_window=None):
+    return None
+  return "splash"
 
 
 def _layout_devices(layout: dict) -> int | None:

@@ -16,6 +16,7 @@ shapes and compiled ahead of time.
   jaxlm plan --preset llama3-8b --sweep --devices 8 --seq-len 2048 --batch-size 8 --hbm-gib 80
   jaxlm plan --config ref_1b --mesh fsdp=8 --mesh data=8
   jaxlm plan --preset llama3-8b --mesh tensor=8 --config.mesh.sequence_parallel=True
+  jaxlm plan --preset ref-1.1b --mesh data=1 --target h100 --remat none
 
 A recipe (--config) plans the run `jaxlm train --config RECIPE` would make: its model (a
 model.init_from directory must exist), data shape, optimizer and fine-tuning settings;
@@ -45,6 +46,10 @@ planned with the splash flash-attention kernel (interpreted) when --seq-len is a
 of 128, since accelerators run flash kernels, not XLA's whole [seq, seq] scores;
 --config.model.attention_impl=xla plans XLA's attention instead. The line under the table
 names the attention planned.
+
+--target h100 compiles for that GPU instead, with XLA's GPU compiler and no GPU (jax's CUDA
+plugin must be installed: pip install "jax[cuda12]"): memory is then the GPU compiler's,
+attention cuDNN's, and --devices N (or the --mesh layouts) counts GPUs, on hosts of 8.
 --sweep adds the standard layouts for the device count: DP, FSDP, TP, FSDP x TP, DP x TP,
 DP x FSDP. Any config value can be set with --config.SECTION.KEY=VALUE.
 
@@ -87,6 +92,10 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
   parser.add_argument("--sweep", action="store_true", help="also plan the standard layouts")
   parser.add_argument("--devices", type=int,
                       help="device count; simulated on CPU (default: what --mesh uses)")
+  parser.add_argument("--target", metavar="GPU",
+                      help="compile for GPUs of this model with XLA's GPU compiler, no GPU "
+                           "needed (h100, or a GpuTargetConfig text-proto file; needs "
+                           "jax[cuda12])")
   parser.add_argument("--seq-len", type=int, help="default: the recipe's, else 2048")
   parser.add_argument("--batch-size", type=int,
                       help="global batch (default: the recipe's, else 8)")
@@ -126,6 +135,17 @@ def _mesh_device_count(layouts: list[dict]) -> int | None:
     raise ConfigError(f"The --mesh layouts use different device counts {sorted(counts)}; "
                       f"plan each count in a run of its own.")
   return counts.pop() if counts else None
+
+
+def _target_devices(args) -> list:
+  from jaxlm.config import ConfigError
+  from jaxlm.parallel.gpu_target import target_devices, use_host_backend
+
+  count = args.devices or _mesh_device_count(args.mesh)
+  if not count:
+    raise ConfigError("--target needs the GPU count: give --devices N (or --mesh layouts).")
+  use_host_backend()
+  return target_devices(args.target, count)
 
 
 def arrange_devices(count: int | None) -> int:
@@ -168,8 +188,13 @@ def run_plan(args, overrides=()) -> int:
   from jaxlm.plan import (format_max_batch_table, format_table, format_top_collectives,
                           max_batch, plan, standard_layouts)
 
+  devices = None
   try:
-    count = arrange_devices(args.devices or _mesh_device_count(args.mesh))
+    if args.target:
+      devices = _target_devices(args)
+      count = len(devices)
+    else:
+      count = arrange_devices(args.devices or _mesh_device_count(args.mesh))
     layouts = list(args.mesh)
     if args.sweep:
       layouts += [layout for layout in standard_layouts(count)
@@ -186,7 +211,7 @@ def run_plan(args, overrides=()) -> int:
     options = dict(hbm_gib=args.hbm_gib, optimizer=fallback(args.optimizer, "adamw"),
                    remat=args.remat, param_dtype=args.param_dtype,
                    compute_dtype=args.compute_dtype, grad_accum=fallback(args.grad_accum, 1),
-                   overrides=list(overrides), recipe=args.config)
+                   overrides=list(overrides), recipe=args.config, devices=devices)
     seq_len = fallback(args.seq_len, 2048)
     if args.max_batch:
       if args.no_compile:
@@ -209,6 +234,9 @@ def run_plan(args, overrides=()) -> int:
     planned = sorted({row["attention_impl"] for row in rows if "attention_impl" in row})
     if planned:
       print(f"attention planned as: {', '.join(planned)}")
+    if devices:
+      print(f"compiled for {len(devices)} x {devices[0].device_kind} by XLA's GPU compiler "
+            f"(--target {args.target}; no GPU used)")
     if any(row.get("sequence_parallel") for row in rows):
       print("sequence parallel: the residual stream split over tensor (mesh.sequence_parallel)")
     if top := format_top_collectives(rows):

@@ -138,10 +138,10 @@ def test_gpu_session_runs_parts_within_its_budget(tmp_path):
     assert any(row.startswith(part) and re.search(r"needs \d+ s, BUDGET_S=150 leaves \d+$", row)
                for row in table)
     assert json.loads((tmp_path / f"{part}.json").read_text())["skipped"]
-  # The plan part: the same step's memory as jaxlm plan gives it, compiled on the CPU.
+  # The plan part: the same step's memory as jaxlm plan gives it, compiled for the CPU.
   (planned,) = json.loads((tmp_path / "plan_minimal.json").read_text())
   assert planned["layout"] == "1 device" and planned["temp_bytes"] > 0
-  assert any(row.startswith("plan_minimal") and f"planned on CPU: peak "
+  assert any(row.startswith("plan_minimal") and f"planned for cpu: peak "
              f"{planned['peak_bytes'] / 2**30:.1f} GiB" in row for row in table)
   with tarfile.open(tmp_path / "logs.tgz") as logs:
     assert sorted(logs.getnames()) == sorted(

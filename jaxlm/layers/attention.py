@@ -19,12 +19,13 @@ from jaxlm.layers.sharding import constrain
 ATTENTION_IMPLS = (None, "xla", "cudnn", *KERNELS)
 
 
-def resolve_attention_impl(requested: str | None, dtype) -> str:
-  """cuDNN flash attention where it applies (GPU, 16-bit inputs), XLA elsewhere."""
+def resolve_attention_impl(requested: str | None, dtype, backend: str | None = None) -> str:
+  """cuDNN flash attention where it applies (GPU, 16-bit inputs), XLA elsewhere; backend:
+  the one compiled for (default: JAX's)."""
   if requested is not None:
     return requested
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-  return "cudnn" if jax.default_backend() == "gpu" and half else "xla"
+  return "cudnn" if (backend or jax.default_backend()) == "gpu" and half else "xla"
 
 
 class Attention(nnx.Module):

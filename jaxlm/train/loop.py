@@ -40,10 +40,11 @@ class NonFiniteLossError(FloatingPointError):
 FINETUNE_SIGNATURE = ("lora_targets", "lora_rank", "trainable", "freeze")
 
 
-def config_mesh(config):
-  """config.mesh (data / fsdp / tensor sizes, -1 = the rest) over this machine's devices."""
+def config_mesh(config, devices=None):
+  """config.mesh (data / fsdp / tensor sizes, -1 = the rest) over this machine's devices, or
+  over `devices` (e.g. a GPU target's, to compile for)."""
   return build_mesh(dict(data=config.mesh.data, fsdp=config.mesh.fsdp,
-                         tensor=config.mesh.tensor))
+                         tensor=config.mesh.tensor), devices)
 
 
 def config_rules(config):
@@ -63,10 +64,11 @@ class Run:
   schedule: object
 
   @classmethod
-  def build(cls, config, *, planning: bool = False) -> "Run":
-    """planning: for a step that is compiled but never run (see mlm_options)."""
+  def build(cls, config, *, planning: bool = False, devices=None) -> "Run":
+    """planning: for a step that is compiled but never run (see mlm_options), over
+    `devices` when given (default: this machine's)."""
     model_cfg = config_lib.model_config(config)
-    mesh = config_mesh(config)
+    mesh = config_mesh(config, devices)
     check_run(model_cfg, mesh, config)
     tx, schedule = make_optimizer(config.optim, config.train.steps)
     trainer = Trainer(

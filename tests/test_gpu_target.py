@@ -1,0 +1,75 @@
+"""Compiling for a GPU that is not here (`jaxlm plan --target`). The compiles need jax's
+CUDA plugin (`pip install "jax[cuda12]"`, several GB, not a test dependency): where it is
+missing they are skipped and the error that names the install is checked instead."""
+import re
+
+import pytest
+
+from jaxlm import plan_cli
+from jaxlm.config import ConfigError
+from jaxlm.models.config import from_preset
+from jaxlm.parallel.collectives import collectives, compile_with_partitioned_hlo
+from jaxlm.parallel.gpu_target import cuda_plugin_installed, target_devices
+from jaxlm.plan import BATCH_KEYS, experiment_config, plan
+from jaxlm.train.loop import Run
+
+HAVE_PLUGIN = cuda_plugin_installed()
+needs_plugin = pytest.mark.skipif(not HAVE_PLUGIN, reason="jax's CUDA plugin not installed")
+
+
+def test_targets_and_gpu_counts_are_checked_first():
+  with pytest.raises(ConfigError, match=r"Unknown GPU target 'a100x': use one of h100"):
+    target_devices("a100x", 8)
+  with pytest.raises(ConfigError, match=r"12 GPUs do not fill hosts of 8"):
+    target_devices("h100", 12)
+
+
+@pytest.mark.skipif(HAVE_PLUGIN, reason="the plugin is installed")
+def test_without_the_plugin_the_error_names_the_install(capsys):
+  with pytest.raises(ConfigError, match=r'pip install "jax\[cuda12\]==.*no GPU is needed'):
+    target_devices("h100", 8)
+  assert plan_cli.main(["--preset", "tiny", "--mesh", "fsdp=8", "--target", "h100"]) == 2
+  assert 'pip install "jax[cuda12]' in capsys.readouterr().err
+
+
+@needs_plugin
+def test_a_plan_for_h100s_is_the_gpu_compilers():
+  """The step compiles for 8 H100s with cuDNN's attention; memory is the GPU compiler's."""
+  devices = target_devices("h100", 8)
+  assert len(devices) == 8 and devices[0].device_kind == "NVIDIA H100 80GB HBM3"
+  (row,) = plan("demo", [{"fsdp": 8}], seq_len=256, batch_size=8, hbm_gib=80,
+                devices=devices)
+  assert row["attention_impl"] == "cudnn" and row["fits"] and row["temp_bytes"] > 0
+  assert set(row["sent_by_axes"]) == {"fsdp"}
+
+
+@needs_plugin
+def test_plan_command_with_a_target(capsys):
+  assert plan_cli.main(["--preset", "demo", "--mesh", "fsdp=8", "--seq-len", "128",
+                        "--target", "h100"]) == 0
+  out = capsys.readouterr().out
+  assert "attention planned as: cudnn" in out
+  assert "compiled for 8 x NVIDIA H100 80GB HBM3 by XLA's GPU compiler" in out
+
+
+@needs_plugin
+def test_the_gpu_compiler_reduces_as_the_collectives_reader_counts():
+  """The reader counts collectives in the partitioned program and applies what GPU compilers
+  do to them (an all-reduce sliced by every user is a reduce-scatter; sums of reduce-scatters
+  of the same share fold into one). The program the GPU compiler finishes holds as many
+  reduce-scatters of activations per layer: under sequence parallelism with full remat, 5."""
+  config, _ = experiment_config("demo", {"fsdp": 4, "tensor": 2}, seq_len=256, batch_size=8,
+                                remat="full", overrides={"mesh.sequence_parallel": True,
+                                                         "model.attention_impl": "cudnn"})
+  run = Run.build(config, planning=True, devices=target_devices("h100", 8))
+  compiled, partitioned = compile_with_partitioned_hlo(
+      run.trainer.lower_train_step({key: (8, 256) for key in BATCH_KEYS}))
+  cfg = from_preset("demo")
+  activation = 8 // 4 * 256 * cfg.hidden_size * 2
+  found = collectives(partitioned, {"data": 1, "fsdp": 4, "tensor": 2})
+  counted = [c for c in found if c.kind == "reduce-scatter" and c.axes == ("tensor",)
+             and c.count == cfg.num_layers and c.bytes == activation]
+  text = compiled.as_text()
+  assert "__cudnn$fmha" in text
+  gpu = re.findall(rf"bf16\[2,128,{cfg.hidden_size}\]\S*\) reduce-scatter-start\(", text)
+  assert len(counted) == len(gpu) == 5
