@@ -17,9 +17,10 @@
 #   bash bench/gpu_session.sh jaxlm:none+chunk512           # loss 512 positions at a time
 #   bash bench/gpu_session.sh jaxlm:minimal+docs4+pallas_gpu # Pallas attention, document mask
 # Parts: jaxlm:<remat policy>[+<XLA flag without -->...][+docs<N>][+chunk<N>][+<attention>]
-# (remat none, full, dots, minimal; the flags join XLA_FLAGS for that part only; docsN packs
-# N documents into each row, as real data is, so attention gets a document mask; chunkN
-# sets train.loss_chunk_len; xla, cudnn, pallas_gpu or splash sets model.attention_impl), maxtext,
+# (remat none, full, dots, minimal, minimal_with_attention; the flags join XLA_FLAGS for
+# that part only; docsN packs N documents into each row, as real data is, so attention gets
+# a document mask; chunkN sets train.loss_chunk_len; xla, cudnn, pallas_gpu or splash sets
+# model.attention_impl), maxtext,
 # torch, attention (bench/attention_check.py: XLA, cuDNN and Pallas attention checked
 # against float32 and timed, ATTENTION_ARGS adds arguments), plan:<remat>[+h100] (`jaxlm
 # plan` of the same step on the host's CPU, or compiled for an H100 by XLA's GPU compiler

@@ -73,3 +73,23 @@ def test_the_gpu_compiler_reduces_as_the_collectives_reader_counts():
   assert "__cudnn$fmha" in text
   gpu = re.findall(rf"bf16\[2,128,{cfg.hidden_size}\]\S*\) reduce-scatter-start\(", text)
   assert len(counted) == len(gpu) == 5
+
+
+@needs_plugin
+def test_minimal_with_attention_keeps_cudnns_attention_forward():
+  """Under minimal the backward runs cuDNN's attention forward again (a second forward
+  call); minimal_with_attention keeps its outputs instead, for a little more memory."""
+  devices = target_devices("h100", 1)
+  calls, temp = {}, {}
+  for policy in ("minimal", "minimal_with_attention"):
+    config, _ = experiment_config("demo", {"data": 1}, seq_len=256, batch_size=8,
+                                  remat=policy, overrides={"model.attention_impl": "cudnn"})
+    compiled = Run.build(config, planning=True, devices=devices).trainer.lower_train_step(
+        {key: (8, 256) for key in BATCH_KEYS}).compile()
+    calls[policy] = re.findall(r'custom_call_target="__cudnn\$(fmha\w*)"', compiled.as_text())
+    temp[policy] = compiled.memory_analysis().temp_size_in_bytes
+  assert sorted(calls["minimal"]) == ["fmhaScaleBiasSoftmax", "fmhaScaleBiasSoftmax",
+                                      "fmhaScaleBiasSoftmaxBackward"]
+  assert sorted(calls["minimal_with_attention"]) == ["fmhaScaleBiasSoftmax",
+                                                     "fmhaScaleBiasSoftmaxBackward"]
+  assert temp["minimal"] < temp["minimal_with_attention"] < 1.5 * temp["minimal"]

@@ -1,12 +1,15 @@
 """Model behaviour that parity with Hugging Face cannot show: layouts of the same weights,
 masking, rope scaling, dropout and remat."""
+import contextlib
 import functools
+import io
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.ad_checkpoint import print_saved_residuals
 
 from jaxlm.layers.rotary import inverse_frequencies
 from jaxlm.models import Llama, from_preset
@@ -35,7 +38,7 @@ def test_scan_and_unrolled_layers_agree():
   np.testing.assert_allclose(model(_ids()), unrolled(_ids()), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots", "minimal"])
+@pytest.mark.parametrize("policy", ["full", "dots", "minimal", "minimal_with_attention"])
 def test_remat_policies_keep_gradients(policy):
   model = _model()
   remat = _with_config(model, remat_policy=policy)
@@ -46,9 +49,27 @@ def test_remat_policies_keep_gradients(policy):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def _saved_residuals(model) -> list[str]:
+  graphdef, state = nnx.split(model)
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    print_saved_residuals(lambda s: jnp.mean(nnx.merge(graphdef, s)(_ids()) ** 2), state)
+  return sorted(line.split(" ")[0] for line in printed.getvalue().splitlines())
+
+
+def test_minimal_with_attention_is_minimal_where_attention_is_not_cudnns():
+  """It keeps cuDNN's attention forward besides what minimal keeps (tests/test_gpu_target.py
+  compiles it for a GPU); with XLA's attention it keeps exactly what minimal keeps."""
+  model = _model()
+  minimal = _saved_residuals(_with_config(model, remat_policy="minimal"))
+  assert _saved_residuals(_with_config(model, remat_policy="minimal_with_attention")) == minimal
+  assert minimal != _saved_residuals(_with_config(model, remat_policy="full"))
+
+
 def test_unknown_remat_policy_or_attention_is_refused_with_the_choices():
   with pytest.raises(ValueError, match=r"remat_policy='dots_no_batch' \(choose one of none, "
-                                       r"full, dots, minimal\); attention_impl='flash' "
+                                       r"full, dots, minimal, minimal_with_attention\); "
+                                       r"attention_impl='flash' "
                                        r"\(choose one of None, xla, cudnn, pallas_gpu, splash\)"):
     from_preset("tiny", remat_policy="dots_no_batch", attention_impl="flash")
 
