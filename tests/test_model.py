@@ -66,6 +66,20 @@ def test_minimal_with_attention_is_minimal_where_attention_is_not_cudnns():
   assert minimal != _saved_residuals(_with_config(model, remat_policy="full"))
 
 
+def test_without_remat_norms_and_activations_are_recomputed_not_kept():
+  """remat none keeps every matmul's output, but the norms' float32 copies of their input
+  and the MLP activation's intermediates are recomputed from their inputs in the backward:
+  per layer the MLP leaves gate, up and the down projection's input, and nothing of
+  [batch, seq, hidden] is kept in float32."""
+  cfg = from_preset("tiny", remat_policy="none", compute_dtype="bfloat16")
+  residuals = _saved_residuals(Llama(cfg, rngs=nnx.Rngs(0)))
+  batch, seq = _ids().shape
+  mlp = f"bf16[{cfg.num_layers},{batch},{seq},{cfg.mlp_dim}]"
+  assert residuals.count(mlp) == 3
+  assert not [r for r in residuals if r.startswith("f32[") and r.endswith(
+      f"{batch},{seq},{cfg.hidden_size}]")], residuals
+
+
 def test_unknown_remat_policy_or_attention_is_refused_with_the_choices():
   with pytest.raises(ValueError, match=r"remat_policy='dots_no_batch' \(choose one of none, "
                                        r"full, dots, minimal, minimal_with_attention\); "

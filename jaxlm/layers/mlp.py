@@ -28,6 +28,23 @@ def _out_of_mlp(cfg, rngs: nnx.Rngs) -> Einsum:
                 **_common(cfg, rngs))
 
 
+def _swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+  return jax.nn.silu(gate) * up
+
+
+def _gelu(x: jax.Array) -> jax.Array:
+  return jax.nn.gelu(x, approximate=True)
+
+
+def _activation(fn, cfg):
+  """fn, recomputed in the backward from its inputs (the projections' outputs) when no remat
+  policy decides what a layer keeps (remat_policy "none"): the layer then keeps those and
+  the down projection's input, not every intermediate (sigmoid, silu, ...). For the
+  reference 1.1B compiled for an H100 that is 10.6 GiB less (README, "Plan for a GPU you do
+  not have")."""
+  return jax.checkpoint(fn) if cfg.remat_policy == "none" else fn
+
+
 class SwiGLU(nnx.Module):
   """down(silu(gate(x)) * up(x)), as in Llama."""
 
@@ -35,9 +52,10 @@ class SwiGLU(nnx.Module):
     self.gate_proj = _into_mlp(cfg, rngs)
     self.up_proj = _into_mlp(cfg, rngs)
     self.down_proj = _out_of_mlp(cfg, rngs)
+    self.activation = _activation(_swiglu, cfg)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+    hidden = self.activation(self.gate_proj(x), self.up_proj(x))
     hidden = constrain(hidden, ("act_batch", "act_length", "act_mlp"))
     return self.down_proj(hidden)
 
@@ -48,9 +66,10 @@ class GeluMLP(nnx.Module):
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     self.up_proj = _into_mlp(cfg, rngs)
     self.down_proj = _out_of_mlp(cfg, rngs)
+    self.activation = _activation(_gelu, cfg)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    hidden = jax.nn.gelu(self.up_proj(x), approximate=True)
+    hidden = self.activation(self.up_proj(x))
     hidden = constrain(hidden, ("act_batch", "act_length", "act_mlp"))
     return self.down_proj(hidden)
 

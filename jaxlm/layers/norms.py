@@ -7,40 +7,58 @@ from flax import nnx
 from jaxlm.layers.sharding import param
 
 
+def _rms_norm(x, scale, eps: float, dtype):
+  x32 = x.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (normed * scale.astype(jnp.float32)).astype(dtype)
+
+
+def _layer_norm(x, scale, bias, eps: float, dtype):
+  x32 = x.astype(jnp.float32)
+  centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+  normed = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
+  return (normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
+
+
+# Recomputed in the backward from the input, instead of keeping float32 copies of it: two
+# [batch, seq, hidden] float32 arrays a norm, for every layer, when no remat policy decides
+# what a layer keeps (remat_policy "none").
+_RECOMPUTED = {_rms_norm: jax.checkpoint(_rms_norm, static_argnums=(2, 3)),
+               _layer_norm: jax.checkpoint(_layer_norm, static_argnums=(3, 4))}
+
+
 class RMSNorm(nnx.Module):
   """Root-mean-square norm, statistics in float32 whatever the compute dtype."""
 
-  def __init__(self, dim: int, *, eps: float, param_dtype, compute_dtype):
+  def __init__(self, dim: int, *, eps: float, param_dtype, compute_dtype,
+               recompute_in_backward: bool = False):
     self.eps = eps
     self.compute_dtype = compute_dtype
     self.scale = param(jnp.ones((dim,), param_dtype), ("norm",))
+    self.norm = _RECOMPUTED[_rms_norm] if recompute_in_backward else _rms_norm
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (normed * self.scale[...].astype(jnp.float32)).astype(self.compute_dtype)
+    return self.norm(x, self.scale[...], self.eps, self.compute_dtype)
 
 
 class LayerNorm(nnx.Module):
   """Mean-and-variance norm with a bias (GPT-2), statistics in float32."""
 
-  def __init__(self, dim: int, *, eps: float, param_dtype, compute_dtype):
+  def __init__(self, dim: int, *, eps: float, param_dtype, compute_dtype,
+               recompute_in_backward: bool = False):
     self.eps = eps
     self.compute_dtype = compute_dtype
     self.scale = param(jnp.ones((dim,), param_dtype), ("norm",))
     self.bias = param(jnp.zeros((dim,), param_dtype), ("norm",))
+    self.norm = _RECOMPUTED[_layer_norm] if recompute_in_backward else _layer_norm
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
-    normed = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True)
-                                     + self.eps)
-    out = normed * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-    return out.astype(self.compute_dtype)
+    return self.norm(x, self.scale[...], self.bias[...], self.eps, self.compute_dtype)
 
 
 def make_norm(cfg) -> RMSNorm | LayerNorm:
   """The norm cfg.norm_type names, over the hidden size."""
   norm = RMSNorm if cfg.norm_type == "rms" else LayerNorm
   return norm(cfg.hidden_size, eps=cfg.norm_eps, param_dtype=jnp.dtype(cfg.param_dtype),
-              compute_dtype=jnp.dtype(cfg.compute_dtype))
+              compute_dtype=jnp.dtype(cfg.compute_dtype),
+              recompute_in_backward=cfg.remat_policy == "none")

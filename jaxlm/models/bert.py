@@ -153,7 +153,8 @@ def _dense(cfg, equation, shape, names, bias_names, rngs):
 
 
 def _norm(cfg: BertConfig) -> LayerNorm:
-  return LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, **_dtypes(cfg))
+  return LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, **_dtypes(cfg),
+                   recompute_in_backward=cfg.remat_policy == "none")
 
 
 def bert_positions(cfg: BertConfig, input_ids: jax.Array) -> jax.Array:
