@@ -9,7 +9,7 @@
 # Here, once (downloads MaxText's wheels and ml-collections, ~25 MB, into .anchor/):
 #   bash ../shared/bench/anchor_wheels.sh .anchor
 # Then, through the device tool (carry .anchor):
-#   bash bench/gpu_session.sh                               # attention, jaxlm none + minimal, MaxText
+#   bash bench/gpu_session.sh                               # attention, jaxlm none + minimal_with_attention, MaxText
 #   bash bench/gpu_session.sh jaxlm:dots torch              # more variants, the PyTorch anchor
 #   bash bench/gpu_session.sh jaxlm:none jaxlm:none+xla_gpu_enable_triton_gemm=false
 #                                                           # an XLA flag's effect, same run
@@ -34,8 +34,9 @@
 # device tool's eight returned files hold them all. A table is printed last.
 set -u
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(attention jaxlm:none jaxlm:minimal maxtext plan:none plan:minimal
-                                  plan:none+h100 plan:minimal+h100)
+[ ${#parts[@]} -eq 0 ] && parts=(attention jaxlm:none jaxlm:minimal_with_attention maxtext
+                                  plan:none plan:minimal_with_attention plan:none+h100
+                                  plan:minimal_with_attention+h100)
 out=${OUT:-/tmp/jaxlm_bench}
 budget=${BUDGET_S:-540}
 anchor=.anchor
