@@ -310,7 +310,8 @@ def test_encoder_head_refusals(data_files):
     BertConfig(num_labels=2, pooler=False)
   with pytest.raises(ValueError, match="regression head has one output, not num_labels=3"):
     BertConfig(num_labels=3, classifier="regression")
-  with pytest.raises(ValueError, match=r"remat_policy='qkv' \(one of none, full, dots, minimal\)"):
+  with pytest.raises(ValueError, match=r"remat_policy='qkv' \(one of none, full, dots, minimal, "
+                                       r"minimal_with_attention\)"):
     BertConfig(remat_policy="qkv")
   with pytest.raises(ValueError, match="without a head trains by masked-LM.*model.num_labels"):
     Run.build(_config(data_files, "classification", model__num_labels=0))
