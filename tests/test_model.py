@@ -80,6 +80,15 @@ def test_without_remat_norms_and_activations_are_recomputed_not_kept():
       f"{batch},{seq},{cfg.hidden_size}]")], residuals
 
 
+@pytest.mark.parametrize("policy", ["none", "full"])
+def test_two_builds_of_a_model_have_equal_graph_definitions(policy):
+  """What is jitted on a graph definition (generation, the steps) compiles once per model,
+  not once per build: the recomputed norms and activations are shared functions."""
+  cfg = from_preset("tiny", remat_policy=policy)
+  assert (nnx.graphdef(Llama(cfg, rngs=nnx.Rngs(0)))
+          == nnx.graphdef(Llama(cfg, rngs=nnx.Rngs(1))))
+
+
 def test_unknown_remat_policy_or_attention_is_refused_with_the_choices():
   with pytest.raises(ValueError, match=r"remat_policy='dots_no_batch' \(choose one of none, "
                                        r"full, dots, minimal, minimal_with_attention\); "

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlm.layers.remat import recomputed
 from jaxlm.layers.sharding import param
 
 
@@ -20,13 +21,6 @@ def _layer_norm(x, scale, bias, eps: float, dtype):
   return (normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
 
 
-# Recomputed in the backward from the input, instead of keeping float32 copies of it: two
-# [batch, seq, hidden] float32 arrays a norm, for every layer, when no remat policy decides
-# what a layer keeps (remat_policy "none").
-_RECOMPUTED = {_rms_norm: jax.checkpoint(_rms_norm, static_argnums=(2, 3)),
-               _layer_norm: jax.checkpoint(_layer_norm, static_argnums=(3, 4))}
-
-
 class RMSNorm(nnx.Module):
   """Root-mean-square norm, statistics in float32 whatever the compute dtype."""
 
@@ -35,7 +29,7 @@ class RMSNorm(nnx.Module):
     self.eps = eps
     self.compute_dtype = compute_dtype
     self.scale = param(jnp.ones((dim,), param_dtype), ("norm",))
-    self.norm = _RECOMPUTED[_rms_norm] if recompute_in_backward else _rms_norm
+    self.norm = recomputed(_rms_norm, (2, 3)) if recompute_in_backward else _rms_norm
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.norm(x, self.scale[...], self.eps, self.compute_dtype)
@@ -50,14 +44,16 @@ class LayerNorm(nnx.Module):
     self.compute_dtype = compute_dtype
     self.scale = param(jnp.ones((dim,), param_dtype), ("norm",))
     self.bias = param(jnp.zeros((dim,), param_dtype), ("norm",))
-    self.norm = _RECOMPUTED[_layer_norm] if recompute_in_backward else _layer_norm
+    self.norm = recomputed(_layer_norm, (3, 4)) if recompute_in_backward else _layer_norm
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.norm(x, self.scale[...], self.bias[...], self.eps, self.compute_dtype)
 
 
 def make_norm(cfg) -> RMSNorm | LayerNorm:
-  """The norm cfg.norm_type names, over the hidden size."""
+  """The norm cfg.norm_type names, over the hidden size. Without a remat policy ("none")
+  it is recomputed in the backward from its input instead of keeping float32 copies of it:
+  two [batch, seq, hidden] float32 arrays a norm, for every layer."""
   norm = RMSNorm if cfg.norm_type == "rms" else LayerNorm
   return norm(cfg.hidden_size, eps=cfg.norm_eps, param_dtype=jnp.dtype(cfg.param_dtype),
               compute_dtype=jnp.dtype(cfg.compute_dtype),

@@ -1,6 +1,8 @@
 """Named rematerialisation policies: what a layer keeps for the backward pass."""
 from __future__ import annotations
 
+import functools
+
 import jax
 
 _cp = jax.checkpoint_policies
@@ -24,6 +26,15 @@ POLICIES = {
     "minimal_with_attention": _cp.save_from_both_policies(
         _cp.dots_with_no_batch_dims_saveable, _cudnn_attention_saveable),
 }
+
+
+@functools.cache
+def recomputed(fn, static_argnums: tuple[int, ...] = ()):
+  """fn under jax.checkpoint: recomputed in the backward from its inputs instead of keeping
+  its intermediates. One wrapper per fn: modules keep it as a static attribute, and a new
+  one per module would make two builds of the same model unequal graph definitions (and
+  recompile what is jitted on them)."""
+  return jax.checkpoint(fn, static_argnums=static_argnums)
 
 
 def remat(fn, policy_name: str, *, prevent_cse: bool):
