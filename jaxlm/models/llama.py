@@ -147,7 +147,7 @@ class Llama(nnx.Module):
       logits = self.embed.attend(x)  # tied: see Embedding.attend
     else:
       equation, weight = self.output_projection()
-      logits = float32_logits(equation, x, weight.astype(x.dtype))
+      logits = float32_logits(equation, x, weight)  # casts to x.dtype itself
     return constrain(logits, ("act_batch", "act_length", "act_vocab"))
 
   def output_projection(self) -> tuple[str, jax.Array]:
