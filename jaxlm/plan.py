@@ -16,6 +16,7 @@ import time
 import jax
 
 from jaxlm import config as config_lib
+from jaxlm import kernel_cost
 from jaxlm.layers.attention import resolve_attention_impl
 from jaxlm.layers.flash_kernels import config_problem as kernel_config_problem
 from jaxlm.models.factory import is_encoder
@@ -23,6 +24,7 @@ from jaxlm.parallel.collectives import (collectives, compile_with_partitioned_hl
                                         sent_bytes_by_axes)
 from jaxlm.parallel.mesh import MESH_AXES, resolve_mesh_shape
 from jaxlm.train.loop import Run
+from jaxlm.train.metrics import PEAK_MEMORY_TBPS, PEAK_TFLOPS, peak_for_kind
 from jaxlm.train.trainer import BATCH_KEYS  # what every data batch holds, as jaxlm train feeds it
 
 GIB = 2**30
@@ -136,7 +138,8 @@ def compiled_memory(compiled) -> dict:
   return out
 
 
-def plan_run(run, *, hbm_gib: float, compile_step: bool = True, top_collectives: int = 0) -> dict:
+def plan_run(run, *, hbm_gib: float, compile_step: bool = True, top_collectives: int = 0,
+             top_kernels: int | None = None) -> dict:
   """One row of a plan for a built Run (see plan for the fields)."""
   mesh = {axis: int(run.mesh.shape[axis]) for axis in MESH_AXES}
   row = {"layout": layout_label(mesh), "mesh": mesh, "devices": run.mesh.size,
@@ -156,7 +159,23 @@ def plan_run(run, *, hbm_gib: float, compile_step: bool = True, top_collectives:
     row.update(compiled_memory(compiled))
     row["fits"] = row["peak_bytes"] <= hbm_gib * GIB
     row.update(traffic(run, partitioned, top_collectives))
+    if top_kernels is not None:
+      row.update(kernel_traffic(compiled.as_text(), row["compiled_for"], top_kernels))
   return row
+
+
+def kernel_traffic(optimized_hlo: str, device_kind: str, top: int) -> dict:
+  """What the compiled step's kernels move and compute (jaxlm.kernel_cost): kernels
+  {category: {kernels, bytes, flops} per step}, top_kernels (the `top` that move the most)
+  and, where the device kind's peak rates are known (PEAK_TFLOPS, PEAK_MEMORY_TBPS),
+  kernel_bound_s {category: seconds per step, at least}."""
+  found = kernel_cost.kernels(optimized_hlo)
+  out = {"kernels": kernel_cost.summary(found), "top_kernels": kernel_cost.largest(found, top)}
+  bandwidth = peak_for_kind(PEAK_MEMORY_TBPS, device_kind)
+  flops = peak_for_kind(PEAK_TFLOPS, device_kind)
+  if bandwidth and flops:
+    out["kernel_bound_s"] = kernel_cost.time_bounds(found, bandwidth, flops)
+  return out
 
 
 def traffic(run, partitioned_hlo: str | None, top: int = 0) -> dict:
@@ -192,7 +211,8 @@ def plan(preset: str | None, layouts: list[dict], *, seq_len: int | None,
          remat: str | None = None, param_dtype: str | None = None,
          compute_dtype: str | None = None, grad_accum: int | None = 1, overrides=None,
          recipe: str | None = None, compile_step: bool = True, flash_attention: bool = True,
-         top_collectives: int = 0, devices: list | None = None) -> list[dict]:
+         top_collectives: int = 0, top_kernels: int | None = None,
+         devices: list | None = None) -> list[dict]:
   """Plans each layout (e.g. {"fsdp": 8}, {"fsdp": 4, "tensor": 2}; missing axes are 1) for
   the preset (or the recipe, see experiment_config) at seq_len x batch_size (global batch)
   and returns one row per layout. Each layout must use exactly the devices JAX has (one
@@ -205,7 +225,8 @@ def plan(preset: str | None, layouts: list[dict], *, seq_len: int | None,
   when compiled, argument/output/alias/temp/code/peak bytes (see compiled_memory),
   compile_s, fits (peak <= hbm_gib; None with compile_step=False, which skips the
   compile and is instant) and the step's communication (see traffic; top_collectives
-  lists that many of its largest collectives). A layout that cannot work
+  lists that many of its largest collectives); with top_kernels (a count, 0 included) what
+  the step's kernels move and compute (see kernel_traffic). A layout that cannot work
   gives a row with `error` (the message of Run.build, naming the fix) instead of failing
   the others; dtype and remat None keep the preset's.
 
@@ -233,7 +254,7 @@ def plan(preset: str | None, layouts: list[dict], *, seq_len: int | None,
                    "devices": _layout_devices(layout), "fits": False, "error": str(e)})
       continue
     rows.append(plan_run(run, hbm_gib=hbm_gib, compile_step=compile_step,
-                         top_collectives=top_collectives))
+                         top_collectives=top_collectives, top_kernels=top_kernels))
   return rows
 
 
@@ -408,4 +429,30 @@ def format_top_collectives(rows: list[dict]) -> str:
                 for cells in (header, *lines)]
     blocks.append(f"{row['layout']}: the collectives that send the most\n" +
                   "\n".join("  " + line for line in rendered))
+  return "\n\n".join(blocks)
+
+
+def format_kernels(rows: list[dict]) -> str:
+  """Per layout, its kernels by category (launches, GB read + written and TFLOP per step;
+  with the device's peak rates the time they take at least) and its largest kernels."""
+  blocks = []
+  for row in rows:
+    if "kernels" not in row:
+      continue
+    bounds = row.get("kernel_bound_s")
+    header = ("category", "kernels", "GB moved", "TFLOP") + (("ms at least",) if bounds else ())
+    lines = [(category, f"{c['kernels']:,}", f"{c['bytes'] / 1e9:.2f}", f"{c['flops'] / 1e12:.2f}")
+             + ((f"{bounds[category] * 1e3:.1f}",) if bounds else ())
+             for category, c in row["kernels"].items() if c["kernels"]]
+    widths = [max(len(cells[i]) for cells in (header, *lines)) for i in range(len(header))]
+    rendered = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                          for i, (cell, w) in enumerate(zip(cells, widths)))
+                for cells in (header, *lines)]
+    block = [f"{row['layout']}: the step's kernels, read from the program XLA compiled"]
+    block += ["  " + line for line in rendered]
+    if row.get("top_kernels"):
+      block.append("  moving the most:")
+      block += [f"    {k['bytes'] / 1e9:7.2f} GB {k['count']:4}x {k['category']:<10} "
+                f"{k['name']}  {k['op']}" for k in row["top_kernels"]]
+    blocks.append("\n".join(block))
   return "\n\n".join(blocks)

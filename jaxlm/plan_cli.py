@@ -57,6 +57,15 @@ DP x FSDP. Any config value can be set with --config.SECTION.KEY=VALUE.
 per step, kind, axes, runs per step, shape and the jax operation each serves (e.g.
 ".../btd,dm->btm/dot_general": a projection's matmul).
 
+--kernels [N] adds what each layout's step does on the device, read from the program XLA
+compiled (no run): its kernels by category (matmul, attention, collective, copy,
+reduction, other), with launches, GB read + written and matmul TFLOP per step, and with
+the device's peak rates (known kinds, e.g. --target h100) the milliseconds each category
+takes at least (bytes over memory bandwidth or FLOPs over peak, whichever is longer, kernel
+by kernel); then the N (default 5) kernels that move the most bytes, with the jax operation
+each serves. Copy kernels that grow with the layer count are a scan's per-layer slices and
+saved activations (--config.model.scan_layers=False unrolls the layers).
+
 --max-batch finds, per layout, the largest global batch whose step fits --hbm-gib: batches
 step by the rows the layout splits a batch over (data x fsdp, times --grad-accum), doubling
 from one step while the step fits, then bisecting (a compile per try, so a few per layout).
@@ -118,6 +127,10 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
   parser.add_argument("--top-collectives", type=int, default=0, metavar="N",
                       help="also list, per layout, the N collectives that send the most, "
                            "with the jax operation each serves")
+  parser.add_argument("--kernels", type=int, nargs="?", const=5, metavar="N",
+                      help="also list, per layout, the compiled step's kernels by category "
+                           "(bytes moved, matmul FLOPs, a time bound on known devices) and "
+                           "the N (default 5) that move the most")
   parser.add_argument("--json", action="store_true", help="print the rows as JSON")
   return parser
 
@@ -185,8 +198,8 @@ def _progress(layouts: list[dict], instant: bool = False):
 def run_plan(args, overrides=()) -> int:
   """overrides: --config.SECTION.KEY=VALUE strings, applied to every layout."""
   from jaxlm.config import ConfigError, load_config
-  from jaxlm.plan import (format_max_batch_table, format_table, format_top_collectives,
-                          max_batch, plan, standard_layouts)
+  from jaxlm.plan import (format_kernels, format_max_batch_table, format_table,
+                          format_top_collectives, max_batch, plan, standard_layouts)
 
   devices = None
   try:
@@ -213,6 +226,9 @@ def run_plan(args, overrides=()) -> int:
                    compute_dtype=args.compute_dtype, grad_accum=fallback(args.grad_accum, 1),
                    overrides=list(overrides), recipe=args.config, devices=devices)
     seq_len = fallback(args.seq_len, 2048)
+    if args.kernels is not None and (args.no_compile or args.max_batch):
+      raise ConfigError("--kernels reads the step compiled at one batch size; drop "
+                        f"{'--no-compile' if args.no_compile else '--max-batch'}.")
     if args.max_batch:
       if args.no_compile:
         raise ConfigError("--max-batch compiles each step it tries; drop --no-compile.")
@@ -223,7 +239,8 @@ def run_plan(args, overrides=()) -> int:
               for row in plan(args.preset, [layout], seq_len=seq_len,
                               batch_size=fallback(args.batch_size, 8),
                               compile_step=not args.no_compile,
-                              top_collectives=args.top_collectives, **options)]
+                              top_collectives=args.top_collectives,
+                              top_kernels=args.kernels, **options)]
   except ValueError as e:  # ConfigError included
     print(f"jaxlm plan: error: {e}", file=sys.stderr)
     return 2
@@ -241,6 +258,8 @@ def run_plan(args, overrides=()) -> int:
       print("sequence parallel: the residual stream split over tensor (mesh.sequence_parallel)")
     if top := format_top_collectives(rows):
       print(f"\n{top}")
+    if kernels := format_kernels(rows):
+      print(f"\n{kernels}")
   # A layout the user named must work; in a sweep, some standard ones may not.
   asked_failed = any("error" in row for row in rows[:len(args.mesh)])
   return 2 if asked_failed or all("error" in row for row in rows) else 0

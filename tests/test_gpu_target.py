@@ -93,3 +93,27 @@ def test_minimal_with_attention_keeps_cudnns_attention_forward():
   assert sorted(calls["minimal_with_attention"]) == ["fmhaScaleBiasSoftmax",
                                                      "fmhaScaleBiasSoftmaxBackward"]
   assert temp["minimal"] < temp["minimal_with_attention"] < 1.5 * temp["minimal"]
+
+
+@needs_plugin
+def test_kernels_of_a_step_compiled_for_an_h100():
+  """The GPU compiler's program, read kernel by kernel: its matmuls do exactly 6 FLOPs per
+  matmul parameter per token (remat none; attention is cuDNN's, a forward and a backward
+  kernel a layer), and unrolling the layers removes the scan's copies."""
+  devices = target_devices("h100", 1)
+  rows = {scan: plan("demo", [{"data": 1}], seq_len=256, batch_size=4, hbm_gib=80,
+                     remat="none", top_kernels=3, devices=devices,
+                     overrides=[f"--config.model.scan_layers={scan}"])[0]
+          for scan in (True, False)}
+  cfg = from_preset("demo")
+  head_dim = cfg.hidden_size // cfg.num_heads
+  per_token = cfg.num_layers * (
+      cfg.hidden_size * head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+      + 3 * cfg.hidden_size * cfg.mlp_dim) + cfg.hidden_size * cfg.vocab_size
+  for row in rows.values():
+    kernels = row["kernels"]
+    assert kernels["matmul"]["flops"] == 6 * 4 * 256 * per_token
+    assert kernels["attention"]["kernels"] == 2 * cfg.num_layers
+    bounds = row["kernel_bound_s"]  # an H100's peak rates are known
+    assert 0 < bounds["matmul"] < bounds["total"]
+  assert rows[False]["kernels"]["copy"]["bytes"] * 4 < rows[True]["kernels"]["copy"]["bytes"]

@@ -27,11 +27,7 @@ from collections import defaultdict
 import jax
 import numpy as np
 
-KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
-          "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
-          "s4": 0.5, "u4": 0.5}
-
+from jaxlm.hlo import KINDS, Instruction, execution_counts, parse, shape_bytes
 
 @dataclasses.dataclass(frozen=True)
 class Collective:
@@ -96,8 +92,8 @@ def collectives(hlo: str, mesh_shape: dict[str, int]) -> list[Collective]:
   """The collectives of a partitioned HLO module (text) compiled over a mesh of mesh_shape
   ({axis: size}, in the mesh's axis order: device i of the program is the mesh's i-th device
   in row-major order)."""
-  module, entry = _parse(hlo)
-  counts = _execution_counts(module, entry)
+  module, entry = parse(hlo)
+  counts = execution_counts(module, entry)
   users = defaultdict(list)
   for computation in module.values():
     for inst in computation:
@@ -113,7 +109,7 @@ def collectives(hlo: str, mesh_shape: dict[str, int]) -> list[Collective]:
       if inst.opcode not in KINDS or inst.name in folded:
         continue
       groups = _groups(inst, mesh_shape)
-      kind, group, size = inst.opcode, len(groups[0]), _shape_bytes(inst.shape)
+      kind, group, size = inst.opcode, len(groups[0]), shape_bytes(inst.shape)
       if kind == "reduce-scatter":
         size *= group  # its result is one device's share
       elif kind == "all-reduce" and _sliced_by_every_user(inst, users[inst.name], group):
@@ -135,118 +131,7 @@ def sent_bytes_by_axes(found: list[Collective]) -> dict[str, float]:
   return dict(sorted(totals.items()))
 
 
-# --- reading HLO text -------------------------------------------------------------------
-
-@dataclasses.dataclass
-class _Instruction:
-  name: str
-  shape: str
-  opcode: str
-  operands: list[str]
-  operand_text: str
-  attributes: str
-
-
-_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
-_CALLEES = re.compile(r"\b(body|condition|to_apply|calls|true_computation|false_computation)="
-                      r"%([\w.\-]+)")
-_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
-
-
-def _parse(hlo: str) -> tuple[dict[str, list[_Instruction]], str]:
-  """({computation name: instructions}, the entry computation's name)."""
-  module: dict[str, list[_Instruction]] = {}
-  current, entry = None, None
-  for line in hlo.splitlines():
-    if current is None:
-      if (match := _HEADER.match(line)) and not line.startswith(("HloModule", " ")):
-        current = module[match.group(1)] = []
-        if line.startswith("ENTRY"):
-          entry = match.group(1)
-      continue
-    if line.startswith("}"):
-      current = None
-      continue
-    if inst := _parse_instruction(line):
-      current.append(inst)
-  return module, entry
-
-
-def _parse_instruction(line: str) -> _Instruction | None:
-  line = re.sub(r"/\*.*?\*/", "", line).strip()
-  line = line.removeprefix("ROOT ").strip()
-  if not line.startswith("%") or " = " not in line:
-    return None
-  name, rest = line[1:].split(" = ", 1)
-  shape, rest = _take_shape(rest)
-  opcode, _, rest = rest.strip().partition("(")
-  operands_text, attributes = _split_balanced(rest)
-  operands = re.findall(r"%([\w.\-]+)", operands_text)
-  return _Instruction(name, shape, opcode.strip(), operands, operands_text, attributes)
-
-
-def _take_shape(text: str) -> tuple[str, str]:
-  if text.startswith("("):
-    inside, rest = _split_balanced(text[1:])
-    return "(" + inside + ")", rest
-  shape, _, rest = text.partition(" ")
-  return shape, rest
-
-
-def _split_balanced(text: str) -> tuple[str, str]:
-  """text after an opening parenthesis -> (what is inside, what follows the closing one)."""
-  depth = 1
-  for i, char in enumerate(text):
-    depth += {"(": 1, ")": -1}.get(char, 0)
-    if depth == 0:
-      return text[:i], text[i + 1:]
-  return text, ""
-
-
-def _shape_bytes(shape: str) -> float:
-  total = 0.0
-  for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", shape):
-    if dtype not in _BYTES:
-      raise ValueError(f"Unknown element type {dtype!r} in HLO shape {shape!r}.")
-    total += _BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
-  return total
-
-
-def _execution_counts(module, entry: str) -> dict[str, int]:
-  """Times each computation runs per call of the entry: loop bodies times their trip count
-  (jax's loops count up from 0 below a constant), everything else as often as its caller."""
-  counts: dict[str, int] = defaultdict(int)
-
-  def visit(name: str, times: int):
-    counts[name] += times
-    for inst in module.get(name, []):
-      callees = _CALLEES.findall(inst.attributes)
-      trips = _trip_count(module, dict(callees).get("condition")) if inst.opcode == "while" else 1
-      for role, callee in callees:
-        if inst.opcode in KINDS or role == "to_apply" and inst.opcode != "call":
-          continue  # a reduction's combiner, not a computation that runs on its own
-        visit(callee, times * (trips if role == "body" else 1))
-      for branches in _BRANCHES.findall(inst.attributes):
-        for callee in re.findall(r"%([\w.\-]+)", branches):
-          visit(callee, times)
-
-  visit(entry, 1)
-  return counts
-
-
-def _trip_count(module, condition: str | None) -> int:
-  """The constant a jax loop's counter is compared below in its condition; 1 if unknown."""
-  instructions = {inst.name: inst for inst in module.get(condition, [])}
-  for inst in instructions.values():
-    if inst.opcode == "compare" and "direction=LT" in inst.attributes:
-      for operand in inst.operands:
-        bound = instructions.get(operand)
-        if bound is not None and bound.opcode == "constant":
-          return int(bound.operand_text)
-  return 1
-
-
-def _folded_all_reduces(computation: list[_Instruction], users, mesh_shape) -> set[str]:
+def _folded_all_reduces(computation: list[Instruction], users, mesh_shape) -> set[str]:
   """The all-reduces that GPU and TPU compilers fold into another (all-reduce and
   reduce-scatter reassociation): add(all-reduce(x), all-reduce(y)) over the same groups,
   each used only by the add, becomes all-reduce(add(x, y)); so does the sum of two
@@ -255,7 +140,7 @@ def _folded_all_reduces(computation: list[_Instruction], users, mesh_shape) -> s
   parallelism's backward sums q, k and v's (or gate and up's) partial input gradients so;
   under sequence parallelism, reduce-scattered."""
   # an add, all-reduce or slice of one -> (the all-reduce it keeps, the slice's offsets)
-  kept_for: dict[str, tuple[_Instruction, tuple | None]] = {}
+  kept_for: dict[str, tuple[Instruction, tuple | None]] = {}
   for inst in computation:
     if inst.opcode in ("all-reduce", "reduce-scatter"):
       kept_for[inst.name] = (inst, None if inst.opcode == "all-reduce" else "scattered")
@@ -279,19 +164,19 @@ def _folded_all_reduces(computation: list[_Instruction], users, mesh_shape) -> s
   return folded
 
 
-def _sliced_by_every_user(inst: _Instruction, users: list[_Instruction], group: int) -> bool:
+def _sliced_by_every_user(inst: Instruction, users: list[Instruction], group: int) -> bool:
   """An all-reduce each device slices its 1/group share of: the partitioner's form of a
   reduce-scatter, which GPU and TPU compilers turn into one."""
   if group <= 1 or not users:
     return False
-  size = _shape_bytes(inst.shape)
-  return all(user.opcode == "dynamic-slice" and _shape_bytes(user.shape) * group == size
+  size = shape_bytes(inst.shape)
+  return all(user.opcode == "dynamic-slice" and shape_bytes(user.shape) * group == size
              for user in users)
 
 
 # --- replica groups ----------------------------------------------------------------------
 
-def _groups(inst: _Instruction, mesh_shape: dict[str, int]) -> list[list[int]]:
+def _groups(inst: Instruction, mesh_shape: dict[str, int]) -> list[list[int]]:
   """The replica groups of a collective as lists of device ids (partition ids)."""
   devices = math.prod(mesh_shape.values())
   attributes = inst.attributes

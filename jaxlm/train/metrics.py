@@ -18,13 +18,26 @@ PEAK_TFLOPS = {
 }
 
 
+# Peak memory bandwidth (TB/s) by device kind, for the time bounds of `jaxlm plan --kernels`.
+PEAK_MEMORY_TBPS = {
+    "H100": 3.35, "H200": 4.8, "GH200": 4.0, "B200": 8.0, "A100": 2.04, "L4": 0.3, "A10": 0.6,
+    "TPU v4": 1.2, "TPU v5 lite": 0.82, "TPU v5e": 0.82, "TPU v5p": 2.76, "TPU v5": 2.76,
+    "TPU v6 lite": 1.64, "TPU v6e": 1.64,
+}
+
+
 def peak_flops_per_device(override_tflops: float = 0.0) -> float | None:
   if override_tflops:
     return override_tflops * 1e12
-  kind = jax.devices()[0].device_kind
-  for name, tflops in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
+  return peak_for_kind(PEAK_TFLOPS, jax.devices()[0].device_kind)
+
+
+def peak_for_kind(table: dict[str, float], kind: str) -> float | None:
+  """A PEAK_TFLOPS or PEAK_MEMORY_TBPS entry for a device kind, in units per second (x 1e12);
+  None for a kind the table does not know (CPU)."""
+  for name, value in sorted(table.items(), key=lambda kv: -len(kv[0])):
     if name.lower() in kind.lower():
-      return tflops * 1e12
+      return value * 1e12
   return None
 
 
