@@ -9,17 +9,20 @@
 # Here, once (downloads MaxText's wheels and ml-collections, ~25 MB, into .anchor/):
 #   bash ../shared/bench/anchor_wheels.sh .anchor
 # Then, through the device tool (carry .anchor):
-#   bash bench/gpu_session.sh                               # attention, jaxlm none + minimal_with_attention, MaxText
+#   bash bench/gpu_session.sh                               # jaxlm none unrolled and scanned, MaxText, ...
 #   bash bench/gpu_session.sh jaxlm:dots torch              # more variants, the PyTorch anchor
 #   bash bench/gpu_session.sh jaxlm:none jaxlm:none+xla_gpu_enable_triton_gemm=false
 #                                                           # an XLA flag's effect, same run
 #   bash bench/gpu_session.sh jaxlm:minimal+docs4           # 4 documents a row: masked
 #   bash bench/gpu_session.sh jaxlm:none+chunk512           # loss 512 positions at a time
+#   bash bench/gpu_session.sh jaxlm:minimal+unroll          # layers unrolled, not scanned
 #   bash bench/gpu_session.sh jaxlm:minimal+docs4+pallas_gpu # Pallas attention, document mask
-# Parts: jaxlm:<remat policy>[+<XLA flag without -->...][+docs<N>][+chunk<N>][+<attention>]
+# Parts: jaxlm:<remat policy>[+<XLA flag without -->...][+docs<N>][+chunk<N>][+unroll][+<attention>]
 # (remat none, full, dots, minimal, minimal_with_attention; the flags join XLA_FLAGS for
 # that part only; docsN packs N documents into each row, as real data is, so attention gets
-# a document mask; chunkN sets train.loss_chunk_len; xla, cudnn, pallas_gpu or splash sets
+# a document mask; chunkN sets train.loss_chunk_len; unroll sets model.scan_layers=False
+# (a Python loop over the layers: no copies of each layer's saved activations into and out
+# of the scan's stacked buffers); xla, cudnn, pallas_gpu or splash sets
 # model.attention_impl), maxtext,
 # torch, attention (bench/attention_check.py: XLA, cuDNN and Pallas attention checked
 # against float32 and timed, ATTENTION_ARGS adds arguments), plan:<remat>[+h100] (`jaxlm
@@ -34,9 +37,8 @@
 # device tool's eight returned files hold them all. A table is printed last.
 set -u
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(attention jaxlm:none jaxlm:minimal_with_attention maxtext
-                                  plan:none plan:minimal_with_attention plan:none+h100
-                                  plan:minimal_with_attention+h100)
+[ ${#parts[@]} -eq 0 ] && parts=(jaxlm:none+unroll maxtext jaxlm:none attention
+                                  plan:none+h100 jaxlm:minimal_with_attention)
 out=${OUT:-/tmp/jaxlm_bench}
 budget=${BUDGET_S:-540}
 anchor=.anchor
@@ -90,6 +92,7 @@ for part in "${parts[@]}"; do
           "") ;;
           docs[0-9]*) extra="$extra --docs-per-row ${option#docs}" ;;
           chunk[0-9]*) extra="$extra --config.train.loss_chunk_len=${option#chunk}" ;;
+          unroll) extra="$extra --config.model.scan_layers=False" ;;
           xla|cudnn|pallas_gpu|splash) extra="$extra --config.model.attention_impl=$option" ;;
           *) flags="$flags --$option" ;;
         esac
@@ -118,7 +121,7 @@ for part in "${parts[@]}"; do
       JAX_PLATFORMS=cpu run_part "plan_$remat${target:+_$target}" 90 20 python3 -m jaxlm.plan_cli \
         ${PLAN_ARGS:---preset ref-1.1b --seq-len 2048 --batch-size 8} --mesh data=1 \
         --devices 1 --remat "$remat" ${target:+--target "$target"} --json ;;
-    *) echo "unknown part $part (jaxlm:<remat>[+<XLA flag>...][+docs<N>][+chunk<N>]" \
+    *) echo "unknown part $part (jaxlm:<remat>[+<XLA flag>...][+docs<N>][+chunk<N>][+unroll]" \
             "[+xla|cudnn|pallas_gpu|splash], maxtext, torch, attention, plan:<remat>)"
        exit 2 ;;
   esac

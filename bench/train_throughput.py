@@ -203,7 +203,7 @@ def benchmark(args, overrides) -> dict:
       "seq_len": args.seq_len, "batch_size": args.batch_size, "steps": args.steps,
       "docs_per_row": args.docs_per_row,
       "warmup": args.warmup, "mesh": {k: int(v) for k, v in run.mesh.shape.items()},
-      "remat_policy": model_cfg.remat_policy,
+      "remat_policy": model_cfg.remat_policy, "scan_layers": model_cfg.scan_layers,
       # As run on this device: None in the config picks per backend and dtype.
       "attention_impl": resolve_attention_impl(model_cfg.attention_impl,
                                                model_cfg.compute_dtype),

@@ -8,9 +8,13 @@ from jaxlm.config import base_config
 def get_config():
   config = base_config()
   config.model.preset = "ref-1.1b"
-  # minimal, without running cuDNN's attention forward again in the backward (one
-  # attention forward a layer instead of two, for 1 GiB more on one H100: README)
-  config.model.remat_policy = "minimal_with_attention"
+  # Nothing recomputed, layers unrolled: compiled for one H100 (`jaxlm plan --config ref_1b
+  # --mesh data=1 --target h100 --kernels`) the step needs 35.9 GiB and its kernels move
+  # 219 GB a step, where scanned layers move 344 GB (copies of each layer's saved
+  # activations in and out of the scan's stacked buffers) and remat minimal_with_attention
+  # 245 GB (README, "What the kernels move"). Planned, not yet timed on a GPU.
+  config.model.remat_policy = "none"
+  config.model.scan_layers = False
   config.data.seq_len = 2048
   config.data.batch_size = 8
   config.optim.learning_rate = 3e-4

@@ -113,23 +113,28 @@ def test_gpu_session_runs_parts_within_its_budget(tmp_path):
              PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
   script = str(root / "bench" / "gpu_session.sh")
   # The second variant has an XLA flag of its own (one that does nothing on CPU), packs
-  # two documents into each row, computes the loss 32 positions at a time and runs the
-  # Pallas attention (interpreted here).
-  variants = ["jaxlm:minimal", "jaxlm:minimal+xla_gpu_autotune_level=0+docs2+chunk32+pallas_gpu"]
+  # two documents into each row, computes the loss 32 positions at a time, unrolls the
+  # layers and runs the Pallas attention (interpreted here).
+  variants = ["jaxlm:minimal",
+              "jaxlm:minimal+xla_gpu_autotune_level=0+docs2+chunk32+unroll+pallas_gpu"]
   out = subprocess.run(["bash", script, "plan:minimal", *variants, "maxtext", "torch"],
                        cwd=root, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stdout + out.stderr
   table = out.stdout[out.stdout.index("tokens/s"):].splitlines()
-  names = ["jaxlm_minimal", "jaxlm_minimal_xla_gpu_autotune_level-0_docs2_chunk32_pallas_gpu"]
+  names = ["jaxlm_minimal",
+           "jaxlm_minimal_xla_gpu_autotune_level-0_docs2_chunk32_unroll_pallas_gpu"]
   base_flags = env["XLA_FLAGS"]
-  for name, flags, docs, chunk, impl in zip(names, ("", " --xla_gpu_autotune_level=0"),
-                                            (0, 2), (None, 32), (None, "pallas_gpu")):
+  for name, flags, docs, chunk, scan, impl in zip(
+      names, ("", " --xla_gpu_autotune_level=0"), (0, 2), (None, 32), (None, False),
+      (None, "pallas_gpu")):
     ran = json.loads((tmp_path / f"{name}.json").read_text())
     assert ran["tokens_per_s"] > 0 and ran["remat_policy"] == "minimal" and ran["profile"]
     assert ran["recompiles"] == 0  # Pallas (second variant) loaded before the first trace
     assert ran["xla_flags"] == base_flags + flags and ran["device_count"] == 1
     assert ran["docs_per_row"] == docs
     assert ran["overrides"].get("train.loss_chunk_len") == chunk
+    assert ran["overrides"].get("model.scan_layers") == scan
+    assert ran["scan_layers"] is (scan is None)
     assert ran["overrides"].get("model.attention_impl") == impl
     assert ran["attention_impl"] == (impl or "xla") and ran["loss_chunk_len"] == (chunk or 0)
   assert table[1].startswith(names[0]) and table[2].lstrip().startswith("busy ")
