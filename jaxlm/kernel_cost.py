@@ -110,7 +110,7 @@ def _flops(inst: Instruction, shapes: dict[str, str], module) -> float:
   of inst's computation."""
   if inst.opcode == "dot":
     contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", inst.attributes)
-  elif inst.opcode == "custom-call" and "gemm" in _target(inst).lower():  # cuBLAS
+  elif _is_cublas(inst):
     contracting = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', inst.attributes)
   elif callee := _callee(inst, module):
     inner = {i.name: i.shape for i in callee}
@@ -131,6 +131,12 @@ def _dims(shape: str) -> list[int]:
   return [int(d) for d in match.group(1).split(",") if d] if match else []
 
 
+def _is_cublas(inst: Instruction) -> bool:
+  """A cuBLAS matmul (__cublas$gemm, __cublas$lt$matmul): what autotuning picks for many
+  GEMMs on a GPU, where a compile without one makes them Triton fusions."""
+  return inst.opcode == "custom-call" and "cublas" in _target(inst).lower()
+
+
 def _scalar(shape: str) -> bool:
   return re.fullmatch(r"[a-z][a-z0-9]*\[\]", shape) is not None
 
@@ -146,6 +152,8 @@ def _plain_bytes(inst: Instruction, shapes: dict[str, str]) -> tuple[float, floa
     return operands[1], operands[1]
   if inst.opcode == "dynamic-slice":
     return shape_bytes(inst.shape), shape_bytes(inst.shape)
+  if _is_cublas(inst):  # its result, not the scratch workspace that follows it in the tuple
+    return sum(operands), shape_bytes(re.match(r"\(?([^ ]+?\])", inst.shape).group(1))
   return sum(operands), shape_bytes(inst.shape)
 
 

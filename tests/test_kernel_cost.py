@@ -125,3 +125,25 @@ def test_plan_command_lists_the_kernels(capsys):
   assert plan_cli.main(["--preset", "tiny", "--mesh", "fsdp=8", "--kernels",
                         "--no-compile"]) == 2
   assert "--kernels reads the step compiled" in capsys.readouterr().err
+
+
+# A GPU program where autotuning picked cuBLAS (as a GPU often does; a compile without one
+# makes GEMMs Triton fusions): the matmul is a custom call whose result tuple ends with
+# cuBLAS's scratch workspace, which is not data the kernel moves.
+CUBLAS_MODULE = """\
+HloModule jit_step, entry_computation_layout={(bf16[1024,256]{1,0}, bf16[256,1536]{1,0})->bf16[1024,1536]{1,0}}
+
+ENTRY %main (x: bf16[1024,256], w: bf16[256,1536]) -> bf16[1024,1536] {
+  %x = bf16[1024,256]{1,0} parameter(0)
+  %w = bf16[256,1536]{1,0} parameter(1)
+  %custom-call.6 = (bf16[1024,1536]{1,0}, s8[4194304]{0}) custom-call(%x, %w), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(step)/btd,dm->btm/dot_general"}, backend_config={"operation_queue_id":"0","gemm_backend_config":{"selected_algorithm":"0","alpha_real":1,"beta":0,"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]},"epilogue":"DEFAULT"}}
+  ROOT %get-tuple-element = bf16[1024,1536]{1,0} get-tuple-element(%custom-call.6), index=0
+}
+"""
+
+
+def test_a_cublas_call_is_a_matmul_without_its_workspace():
+  (kernel,) = kernel_cost.kernels(CUBLAS_MODULE)
+  assert kernel.category == "matmul" and kernel.flops == 2 * 1024 * 1536 * 256
+  assert kernel.bytes == 2 * (1024 * 256 + 256 * 1536 + 1024 * 1536)
+  assert kernel.op == "jit(step)/btd,dm->btm/dot_general"
