@@ -25,10 +25,11 @@
 # of the scan's stacked buffers); xla, cudnn, pallas_gpu or splash sets
 # model.attention_impl), maxtext,
 # torch, attention (bench/attention_check.py: XLA, cuDNN and Pallas attention checked
-# against float32 and timed, ATTENTION_ARGS adds arguments), plan:<remat>[+h100] (`jaxlm
-# plan` of the same step on the host's CPU, or compiled for an H100 by XLA's GPU compiler
-# without running, its planned peak memory set beside the measured one; PLAN_ARGS replaces
-# its preset and shape). BENCH_ARGS adds arguments to
+# against float32 and timed, ATTENTION_ARGS adds arguments), plan:<remat>[+unroll][+h100]
+# (`jaxlm plan --kernels` of the same step on the host's CPU, or compiled for an H100 by
+# XLA's GPU compiler without running: its planned peak memory and, for the H100, the time
+# its kernels take at least, set beside the measured ones; PLAN_ARGS replaces its preset
+# and shape). BENCH_ARGS adds arguments to
 # bench/train_throughput.py (a dry run on CPU: BENCH_ARGS="--preset tiny --seq-len 64"
 # bash bench/gpu_session.sh jaxlm:minimal).
 # One JSON line per part goes to $OUT (or /tmp/jaxlm_bench); the logs, MaxText's metrics and
@@ -38,7 +39,7 @@
 set -u
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(jaxlm:none+unroll maxtext jaxlm:none attention
-                                  plan:none+h100 jaxlm:minimal_with_attention)
+                                  plan:none+unroll+h100 jaxlm:minimal_with_attention)
 out=${OUT:-/tmp/jaxlm_bench}
 budget=${BUDGET_S:-540}
 anchor=.anchor
@@ -116,13 +117,22 @@ for part in "${parts[@]}"; do
              # what the GPU measured
       spec=${part#plan:}
       remat=${spec%%+*}
-      target=${spec#"$remat"}
-      target=${target#+}
-      JAX_PLATFORMS=cpu run_part "plan_$remat${target:+_$target}" 90 20 python3 -m jaxlm.plan_cli \
+      target="" unroll=""
+      IFS=+ read -ra options <<< "${spec#"$remat"}"
+      for option in "${options[@]}"; do
+        case $option in
+          "") ;;
+          unroll) unroll=--config.model.scan_layers=False ;;
+          *) target=$option ;;
+        esac
+      done
+      JAX_PLATFORMS=cpu run_part "plan_$remat${unroll:+_unroll}${target:+_$target}" 90 20 \
+        python3 -m jaxlm.plan_cli \
         ${PLAN_ARGS:---preset ref-1.1b --seq-len 2048 --batch-size 8} --mesh data=1 \
-        --devices 1 --remat "$remat" ${target:+--target "$target"} --json ;;
+        --devices 1 --remat "$remat" ${target:+--target "$target"} $unroll --kernels 0 --json ;;
     *) echo "unknown part $part (jaxlm:<remat>[+<XLA flag>...][+docs<N>][+chunk<N>][+unroll]" \
-            "[+xla|cudnn|pallas_gpu|splash], maxtext, torch, attention, plan:<remat>)"
+            "[+xla|cudnn|pallas_gpu|splash], maxtext, torch, attention," \
+            "plan:<remat>[+unroll][+h100])"
        exit 2 ;;
   esac
 done
@@ -141,8 +151,11 @@ for name, r in rows:
   tps = r.get("tokens_per_s")
   if "temp_bytes" in r or ("layout" in r and "error" in r):  # jaxlm plan
     where = r.get("compiled_for", "cpu")
+    bound = r.get("kernel_bound_s", {}).get("total")
     print(f"{name:<16} planned for {where}: " + (f"peak {r['peak_bytes'] / 2**30:.1f} GiB (temp "
           f"{r['temp_bytes'] / 2**30:.1f}), attention as {r['attention_impl']}"
+          + (f", kernels move {r['kernels']['total']['bytes'] / 1e9:.0f} GB: {bound * 1e3:.0f}"
+             f" ms a step at least" if bound else "")
           if "error" not in r else r["error"]))
     continue
   if "cases" in r:  # bench/attention_check.py

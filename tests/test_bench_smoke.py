@@ -117,7 +117,7 @@ def test_gpu_session_runs_parts_within_its_budget(tmp_path):
   # layers and runs the Pallas attention (interpreted here).
   variants = ["jaxlm:minimal",
               "jaxlm:minimal+xla_gpu_autotune_level=0+docs2+chunk32+unroll+pallas_gpu"]
-  out = subprocess.run(["bash", script, "plan:minimal", *variants, "maxtext", "torch"],
+  out = subprocess.run(["bash", script, "plan:minimal+unroll", *variants, "maxtext", "torch"],
                        cwd=root, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stdout + out.stderr
   table = out.stdout[out.stdout.index("tokens/s"):].splitlines()
@@ -143,14 +143,16 @@ def test_gpu_session_runs_parts_within_its_budget(tmp_path):
     assert any(row.startswith(part) and re.search(r"needs \d+ s, BUDGET_S=150 leaves \d+$", row)
                for row in table)
     assert json.loads((tmp_path / f"{part}.json").read_text())["skipped"]
-  # The plan part: the same step's memory as jaxlm plan gives it, compiled for the CPU.
-  (planned,) = json.loads((tmp_path / "plan_minimal.json").read_text())
+  # The plan part: the same step's memory and kernels as jaxlm plan gives them, compiled for
+  # the CPU (no peak rates: no time bound).
+  (planned,) = json.loads((tmp_path / "plan_minimal_unroll.json").read_text())
   assert planned["layout"] == "1 device" and planned["temp_bytes"] > 0
-  assert any(row.startswith("plan_minimal") and f"planned for cpu: peak "
+  assert planned["kernels"]["matmul"]["flops"] > 0 and "kernel_bound_s" not in planned
+  assert any(row.startswith("plan_minimal_unroll") and f"planned for cpu: peak "
              f"{planned['peak_bytes'] / 2**30:.1f} GiB" in row for row in table)
   with tarfile.open(tmp_path / "logs.tgz") as logs:
     assert sorted(logs.getnames()) == sorted(
-        ["./plan_minimal.log"] + [f"./{name}.log" for name in names]
+        ["./plan_minimal_unroll.log"] + [f"./{name}.log" for name in names]
         + [f"./profile_{name[len('jaxlm_'):]}.xplane.pb" for name in names])
   bad = subprocess.run(["bash", script, "jax:minimal"], cwd=root, env=env, capture_output=True,
                        text=True, timeout=120)
