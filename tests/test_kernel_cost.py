@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from jaxlm import kernel_cost, plan_cli
-from jaxlm.plan import experiment_config, kernel_traffic
+from jaxlm.plan import experiment_config, kernel_traffic, plan
 from jaxlm.train.loop import Run
 from jaxlm.train.trainer import BATCH_KEYS
 
@@ -147,3 +147,11 @@ def test_a_cublas_call_is_a_matmul_without_its_workspace():
   assert kernel.category == "matmul" and kernel.flops == 2 * 1024 * 1536 * 256
   assert kernel.bytes == 2 * (1024 * 256 + 256 * 1536 + 1024 * 1536)
   assert kernel.op == "jit(step)/btd,dm->btm/dot_general"
+
+
+def test_gradient_accumulation_does_the_same_matmul_flops():
+  """Two microbatches in a loop, each scanning the layers: nested loops multiply."""
+  flops = [plan("tiny", [{"fsdp": 8}], seq_len=64, batch_size=16, hbm_gib=80,
+                grad_accum=accum, top_kernels=0)[0]["kernels"]["matmul"]["flops"]
+           for accum in (1, 2)]
+  assert flops[0] == flops[1] > 0
