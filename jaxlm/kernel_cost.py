@@ -152,6 +152,9 @@ def _plain_bytes(inst: Instruction, shapes: dict[str, str]) -> tuple[float, floa
     return operands[1], operands[1]
   if inst.opcode == "dynamic-slice":
     return shape_bytes(inst.shape), shape_bytes(inst.shape)
+  if inst.opcode.endswith("-start") and inst.shape.startswith("(("):
+    # An asynchronous collective's result holds its operands, then what it writes.
+    return sum(operands), max(shape_bytes(inst.shape) - sum(operands), 0.0)
   if _is_cublas(inst):  # its result, not the scratch workspace that follows it in the tuple
     return sum(operands), shape_bytes(re.match(r"\(?([^ ]+?\])", inst.shape).group(1))
   return sum(operands), shape_bytes(inst.shape)

@@ -155,3 +155,21 @@ def test_gradient_accumulation_does_the_same_matmul_flops():
                 grad_accum=accum, top_kernels=0)[0]["kernels"]["matmul"]["flops"]
            for accum in (1, 2)]
   assert flops[0] == flops[1] > 0
+
+
+ASYNC_GATHER_MODULE = """\
+HloModule jit_step, entry_computation_layout={(bf16[32,768]{1,0})->bf16[256,768]{1,0}}
+
+ENTRY %main (w: bf16[32,768]) -> bf16[256,768] {
+  %w = bf16[32,768]{1,0} parameter(0)
+  %all-gather-start = ((bf16[32,768]{1,0}), bf16[256,768]{1,0}) all-gather-start(%w), channel_id=1, replica_groups=[1,8]<=[8], dimensions={0}, use_global_device_ids=true
+  ROOT %all-gather-done = bf16[256,768]{1,0} all-gather-done(%all-gather-start)
+}
+"""
+
+
+def test_an_asynchronous_collective_reads_its_shard_and_writes_the_whole():
+  # Its result tuple repeats the operands before what it writes: they are read once.
+  (kernel,) = kernel_cost.kernels(ASYNC_GATHER_MODULE)
+  assert kernel.category == "collective" and kernel.count == 1
+  assert kernel.bytes == 2 * (32 * 768 + 256 * 768)
