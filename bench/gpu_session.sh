@@ -145,6 +145,7 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
   result = json.loads(lines[-1]) if lines else {"error": "no result, see log"}
   rows.append((path.stem, result[0] if isinstance(result, list) else result))  # plan: a list
 maxtext = next((r.get("tokens_per_s") for n, r in rows if n == "maxtext_anchor"), None)
+plans = {n: r for n, r in rows if r.get("kernel_bound_s")}  # compiled for a GPU model here
 print(f"{'part':<16}{'tokens/s':>10}{'TFLOP/s':>9}{'MFU':>7}{'vs MaxText':>11}{'compile s':>10}"
       f"{'peak GiB':>9}")
 for name, r in rows:
@@ -175,6 +176,7 @@ for name, r in rows:
   ratio = f"{tps / maxtext:.3f}" if maxtext else "-"
   comp = f"{r['compile_s']:.1f}" if r.get("compile_s") else "-"
   mem = f"{r['peak_memory_bytes'] / 2**30:.1f}" if r.get("peak_memory_bytes") else "-"
+  part = name
   if len(name) > 15:  # a variant with XLA flags: its name on a line of its own
     print(name)
     name = ""
@@ -187,4 +189,13 @@ for name, r in rows:
           + ", ".join(f"{k} {c['ms_per_step']:.1f}" for k, c in p["categories"].items()))
     for k in p["top"][:5]:
       print(f"{'':<6}{k['ms_per_step']:7.2f} ms {k['calls_per_step']:5.0f}x {k['name'][:60]}")
+    # The same step planned for an H100 (plan:<remat>[+unroll]+h100): measured against the
+    # least its kernels could take, category by category.
+    planned = f"plan_{part.removeprefix('jaxlm_')}_h100"
+    if bounds := plans.get(planned, {}).get("kernel_bound_s"):
+      measured = {k: c["ms_per_step"] for k, c in p["categories"].items()}
+      measured["total"] = p["busy_ms_per_step"]
+      print(f"{'':<4}measured / at least ({planned}), ms: " + ", ".join(
+          f"{k} {measured.get(k, 0.0):.1f} / {seconds * 1e3:.1f}" for k, seconds in bounds.items()
+          if seconds or measured.get(k)))
 PY

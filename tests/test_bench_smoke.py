@@ -117,6 +117,14 @@ def test_gpu_session_runs_parts_within_its_budget(tmp_path):
   # layers and runs the Pallas attention (interpreted here).
   variants = ["jaxlm:minimal",
               "jaxlm:minimal+xla_gpu_autotune_level=0+docs2+chunk32+unroll+pallas_gpu"]
+  # A plan of the first variant's step as compiled for an H100 (which needs jax's CUDA
+  # plugin, absent here): the table sets the least its kernels take beside the measurement.
+  bounds = {"matmul": 0.004, "attention": 0.0, "collective": 0.0, "copy": 0.0005,
+            "reduction": 0.001, "other": 0.002, "total": 0.0075}
+  (tmp_path / "plan_minimal_h100.json").write_text(json.dumps([{
+      "layout": "1 device", "temp_bytes": 2**20, "peak_bytes": 2**21, "attention_impl": "cudnn",
+      "compiled_for": "NVIDIA H100 80GB HBM3", "kernels": {"total": {"bytes": 1e9}},
+      "kernel_bound_s": bounds}]))
   out = subprocess.run(["bash", script, "plan:minimal+unroll", *variants, "maxtext", "torch"],
                        cwd=root, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stdout + out.stderr
@@ -138,6 +146,10 @@ def test_gpu_session_runs_parts_within_its_budget(tmp_path):
     assert ran["overrides"].get("model.attention_impl") == impl
     assert ran["attention_impl"] == (impl or "xla") and ran["loss_chunk_len"] == (chunk or 0)
   assert table[1].startswith(names[0]) and table[2].lstrip().startswith("busy ")
+  (compared,) = [row for row in table if "measured / at least (plan_minimal_h100), ms: " in row]
+  assert re.search(r"matmul \d+\.\d / 4\.0, .*total \d+\.\d / 7\.5$", compared), compared
+  assert any(row.startswith("plan_minimal_h100 planned for NVIDIA H100 80GB HBM3: peak 0.0 GiB")
+             and row.endswith("kernels move 1 GB: 8 ms a step at least") for row in table)
   assert names[1] in table and table[table.index(names[1]) + 2].lstrip().startswith("busy ")
   for part in ("maxtext_anchor", "torch_anchor"):
     assert any(row.startswith(part) and re.search(r"needs \d+ s, BUDGET_S=150 leaves \d+$", row)
