@@ -35,7 +35,9 @@
 # One JSON line per part goes to $OUT (or /tmp/jaxlm_bench); the logs, MaxText's metrics and
 # each jaxlm part's profiler trace (its summary is in the JSON line: device time per step by
 # kernel category, top kernels) go to $OUT/logs.tgz, refreshed after every part, so that the
-# device tool's eight returned files hold them all. A table is printed last.
+# device tool's eight returned files hold them all. A table is printed last; under a jaxlm
+# part whose step a plan:...+h100 part also compiled, its measured device time per kernel
+# category is set beside the least the planned kernels could take.
 set -u
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(jaxlm:none+unroll maxtext jaxlm:none attention
