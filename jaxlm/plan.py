@@ -433,15 +433,21 @@ def format_top_collectives(rows: list[dict]) -> str:
 
 
 def format_kernels(rows: list[dict]) -> str:
-  """Per layout, its kernels by category (launches, GB read + written and TFLOP per step;
-  with the device's peak rates the time they take at least) and its largest kernels."""
+  """Per layout, its kernels by category (launches, bytes read + written and FLOPs per step,
+  in GB and TFLOP, or MB and GFLOP for a small model; with the device's peak rates the time
+  they take at least) and its largest kernels."""
   blocks = []
   for row in rows:
     if "kernels" not in row:
       continue
+    total = row["kernels"]["total"]
+    bytes_unit, byte_scale = ("GB", 1e9) if total["bytes"] >= 1e9 else ("MB", 1e6)
+    flops_unit, flop_scale = ("TFLOP", 1e12) if total["flops"] >= 1e12 else ("GFLOP", 1e9)
     bounds = row.get("kernel_bound_s")
-    header = ("category", "kernels", "GB moved", "TFLOP") + (("ms at least",) if bounds else ())
-    lines = [(category, f"{c['kernels']:,}", f"{c['bytes'] / 1e9:.2f}", f"{c['flops'] / 1e12:.2f}")
+    header = (("category", "kernels", f"{bytes_unit} moved", flops_unit)
+              + (("ms at least",) if bounds else ()))
+    lines = [(category, f"{c['kernels']:,}", f"{c['bytes'] / byte_scale:.2f}",
+              f"{c['flops'] / flop_scale:.2f}")
              + ((f"{bounds[category] * 1e3:.1f}",) if bounds else ())
              for category, c in row["kernels"].items() if c["kernels"]]
     widths = [max(len(cells[i]) for cells in (header, *lines)) for i in range(len(header))]
@@ -452,7 +458,7 @@ def format_kernels(rows: list[dict]) -> str:
     block += ["  " + line for line in rendered]
     if row.get("top_kernels"):
       block.append("  moving the most:")
-      block += [f"    {k['bytes'] / 1e9:7.2f} GB {k['count']:4}x {k['category']:<10} "
-                f"{k['name']}  {k['op']}" for k in row["top_kernels"]]
+      block += [f"    {k['bytes'] / byte_scale:7.2f} {bytes_unit} {k['count']:4}x "
+                f"{k['category']:<10} {k['name']}  {k['op']}" for k in row["top_kernels"]]
     blocks.append("\n".join(block))
   return "\n\n".join(blocks)
