@@ -124,11 +124,17 @@ def _flops(inst: Instruction, shapes: dict[str, str], module) -> float:
   return 2.0 * math.prod(_dims(inst.shape)) * contracted
 
 
+def _first_array(shape: str) -> str:
+  """An array shape, or a tuple's first array (a cuBLAS call's result, before its
+  workspace); "" for none."""
+  match = re.search(r"[a-z][a-z0-9]*\[[\d,]*\]", shape)
+  return match.group(0) if match else ""
+
+
 def _dims(shape: str) -> list[int]:
-  """Dimensions of an array shape, or of a tuple's first array (a cuBLAS call's result,
-  before its workspace)."""
-  match = re.search(r"\[([\d,]*)\]", shape)
-  return [int(d) for d in match.group(1).split(",") if d] if match else []
+  """Dimensions of _first_array(shape)."""
+  inside = _first_array(shape).partition("[")[2].rstrip("]")
+  return [int(d) for d in inside.split(",") if d]
 
 
 def _is_cublas(inst: Instruction) -> bool:
@@ -156,7 +162,7 @@ def _plain_bytes(inst: Instruction, shapes: dict[str, str]) -> tuple[float, floa
     # An asynchronous collective's result holds its operands, then what it writes.
     return sum(operands), max(shape_bytes(inst.shape) - sum(operands), 0.0)
   if _is_cublas(inst):  # its result, not the scratch workspace that follows it in the tuple
-    return sum(operands), shape_bytes(re.match(r"\(?([^ ]+?\])", inst.shape).group(1))
+    return sum(operands), shape_bytes(_first_array(inst.shape))
   return sum(operands), shape_bytes(inst.shape)
 
 

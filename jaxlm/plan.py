@@ -315,7 +315,8 @@ def max_batch(preset: str | None, layout: dict, *, seq_len: int | None, hbm_gib:
           "tokens_per_step": best * seq_len,
           "peak_bytes": rows[best]["peak_bytes"] if best else None, "capped": capped,
           "attention_impl": rows[unit]["attention_impl"],
-          "sequence_parallel": rows[unit]["sequence_parallel"], "probes": probes, "compile_s": sum(row["compile_s"] for row in rows.values())}
+          "sequence_parallel": rows[unit]["sequence_parallel"], "probes": probes,
+          "compile_s": sum(row["compile_s"] for row in rows.values())}
 
 
 class _LayoutError(Exception):

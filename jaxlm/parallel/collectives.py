@@ -29,6 +29,7 @@ import numpy as np
 
 from jaxlm.hlo import KINDS, Instruction, execution_counts, parse, shape_bytes
 
+
 @dataclasses.dataclass(frozen=True)
 class Collective:
   """One collective of the step. bytes: the array it works on, per device (an all-gather's
