@@ -22,6 +22,8 @@ from jaxlm.layers.flash_kernels import config_problem as kernel_config_problem
 from jaxlm.models.factory import is_encoder
 from jaxlm.parallel.collectives import (collectives, compile_with_partitioned_hlo,
                                         sent_bytes_by_axes)
+from jaxlm.parallel.links import (DEVICES_PER_HOST, crosses_hosts, device_hosts, rates_for,
+                                  step_bound)
 from jaxlm.parallel.mesh import MESH_AXES, resolve_mesh_shape
 from jaxlm.train.loop import Run
 from jaxlm.train.metrics import PEAK_MEMORY_TBPS, PEAK_TFLOPS, peak_for_kind
@@ -139,8 +141,9 @@ def compiled_memory(compiled) -> dict:
 
 
 def plan_run(run, *, hbm_gib: float, compile_step: bool = True, top_collectives: int = 0,
-             top_kernels: int | None = None) -> dict:
-  """One row of a plan for a built Run (see plan for the fields)."""
+             top_kernels: int | None = None, devices_per_host: int = DEVICES_PER_HOST,
+             rates_of: str | None = None, link_gbs: tuple[float, float] | None = None) -> dict:
+  """One row of a plan for a built Run (see plan for the fields and options)."""
   mesh = {axis: int(run.mesh.shape[axis]) for axis in MESH_AXES}
   row = {"layout": layout_label(mesh), "mesh": mesh, "devices": run.mesh.size,
          "hbm_gib": hbm_gib, "attention_impl": resolve_attention_impl(
@@ -158,7 +161,11 @@ def plan_run(run, *, hbm_gib: float, compile_step: bool = True, top_collectives:
     row["compile_s"] = time.perf_counter() - start
     row.update(compiled_memory(compiled))
     row["fits"] = row["peak_bytes"] <= hbm_gib * GIB
-    row.update(traffic(run, partitioned, top_collectives))
+    row.update(traffic(run, partitioned, top_collectives, devices_per_host))
+    rates = rates_for(rates_of or row["compiled_for"], link_gbs)
+    if rates and "sent_by_link" in row:
+      row["rates"] = rates.describe(devices_per_host)
+      row["bound"] = step_bound(row["flops_per_device"], row["sent_by_link"], rates)
     if top_kernels is not None:
       row.update(kernel_traffic(compiled.as_text(), row["compiled_for"], top_kernels))
   return row
@@ -178,10 +185,13 @@ def kernel_traffic(optimized_hlo: str, device_kind: str, top: int) -> dict:
   return out
 
 
-def traffic(run, partitioned_hlo: str | None, top: int = 0) -> dict:
-  """What a device sends per step (jaxlm.parallel.collectives): sent_bytes in all and
-  sent_by_axes {mesh axes a collective spans: bytes}, with the model's FLOPs per device per
-  step (flops_per_device) and their ratio (flops_per_sent_byte: communication can hide
+def traffic(run, partitioned_hlo: str | None, top: int = 0,
+            devices_per_host: int = DEVICES_PER_HOST) -> dict:
+  """What a device sends per step (jaxlm.parallel.collectives): sent_bytes in all,
+  sent_by_axes {mesh axes a collective spans: bytes} and sent_by_link {"host": bytes within
+  its host, "network": to other hosts; hosts of devices_per_host, see
+  jaxlm.parallel.links.device_hosts}, with the model's FLOPs per device per step
+  (flops_per_device) and their ratio (flops_per_sent_byte: communication can hide
   behind compute where it exceeds the hardware's FLOP/s over its link bytes/s), and with
   top > 0 the `top` collectives that send the most (top_collectives: kind, shape, axes,
   count, sent_bytes and the jax op they serve); or traffic_error where the program could
@@ -197,8 +207,14 @@ def traffic(run, partitioned_hlo: str | None, top: int = 0) -> dict:
   tokens = run.config.data.batch_size * run.config.data.seq_len
   flops = run.model_cfg.flops_per_token(run.config.data.seq_len) * tokens / run.mesh.size
   sent = sum(by_axes.values())
+  hosts = device_hosts(run.mesh, devices_per_host)
+  by_link = {"host": 0.0, "network": 0.0}
+  for axes, sent_bytes in by_axes.items():
+    crossing = crosses_hosts(hosts, run.mesh.axis_names, tuple(axes.split("+")))
+    by_link["network" if crossing else "host"] += sent_bytes
   largest = sorted((c for c in found if c.sent_bytes), key=lambda c: -c.sent_bytes)[:top]
-  return {"sent_bytes": sent, "sent_by_axes": by_axes, "flops_per_device": flops,
+  return {"sent_bytes": sent, "sent_by_axes": by_axes, "sent_by_link": by_link,
+          "flops_per_device": flops,
           "flops_per_sent_byte": flops / sent if sent else None,
           **({"top_collectives": [
               {"kind": c.kind, "shape": re.sub(r"\{[\d,]*\}", "", c.shape),
@@ -212,7 +228,9 @@ def plan(preset: str | None, layouts: list[dict], *, seq_len: int | None,
          compute_dtype: str | None = None, grad_accum: int | None = 1, overrides=None,
          recipe: str | None = None, compile_step: bool = True, flash_attention: bool = True,
          top_collectives: int = 0, top_kernels: int | None = None,
-         devices: list | None = None) -> list[dict]:
+         devices: list | None = None, devices_per_host: int = DEVICES_PER_HOST,
+         rates_of: str | None = None,
+         link_gbs: tuple[float, float] | None = None) -> list[dict]:
   """Plans each layout (e.g. {"fsdp": 8}, {"fsdp": 4, "tensor": 2}; missing axes are 1) for
   the preset (or the recipe, see experiment_config) at seq_len x batch_size (global batch)
   and returns one row per layout. Each layout must use exactly the devices JAX has (one
@@ -238,6 +256,12 @@ def plan(preset: str | None, layouts: list[dict], *, seq_len: int | None,
 
   devices: compile for these (a GPU target's, jaxlm.parallel.gpu_target) instead of this
   machine's; a decoder's attention is then cuDNN's, as GPUs run it (16-bit compute).
+
+  Time bounds: where the peak rates of rates_of (a device kind, e.g. "h100"; default the
+  kind compiled for) are known (jaxlm.parallel.links.rates_for; link_gbs, GB/s within a
+  host and between hosts, replaces its link rates), a compiled row also has `rates` (what
+  they are) and `bound` (jaxlm.parallel.links.step_bound: compute_s, comm_s, comm_by_link_s,
+  mfu_at_most), with devices on hosts of devices_per_host.
   """
   rows = []
   for layout in layouts:
@@ -254,7 +278,9 @@ def plan(preset: str | None, layouts: list[dict], *, seq_len: int | None,
                    "devices": _layout_devices(layout), "fits": False, "error": str(e)})
       continue
     rows.append(plan_run(run, hbm_gib=hbm_gib, compile_step=compile_step,
-                         top_collectives=top_collectives, top_kernels=top_kernels))
+                         top_collectives=top_collectives, top_kernels=top_kernels,
+                         devices_per_host=devices_per_host, rates_of=rates_of,
+                         link_gbs=link_gbs))
   return rows
 
 
@@ -270,7 +296,8 @@ def max_batch(preset: str | None, layout: dict, *, seq_len: int | None, hbm_gib:
   Returns {"layout", "devices", "max_batch" (0: not even the smallest batch fits),
   "rows_per_device", "tokens_per_step", "peak_bytes" (at max_batch), "capped" (the limit
   still fit), "attention_impl", "sequence_parallel", "probes": [[batch, peak bytes], ...],
-  "compile_s" (all probes)}, or a row with "error" when the layout cannot work."""
+  "compile_s" (all probes)} and, with known rates, the step's "rates" and "bound" at
+  max_batch (see plan); or a row with "error" when the layout cannot work."""
   devices = options.get("devices")
   shape = resolve_mesh_shape(layout, len(devices) if devices else jax.device_count())
   if grad_accum is None or seq_len is None:  # the recipe's
@@ -316,7 +343,8 @@ def max_batch(preset: str | None, layout: dict, *, seq_len: int | None, hbm_gib:
           "peak_bytes": rows[best]["peak_bytes"] if best else None, "capped": capped,
           "attention_impl": rows[unit]["attention_impl"],
           "sequence_parallel": rows[unit]["sequence_parallel"], "probes": probes,
-          "compile_s": sum(row["compile_s"] for row in rows.values())}
+          "compile_s": sum(row["compile_s"] for row in rows.values()),
+          **{key: rows[best][key] for key in ("rates", "bound") if best and key in rows[best]}}
 
 
 class _LayoutError(Exception):
@@ -330,11 +358,15 @@ def format_max_batch_table(rows: list[dict]) -> str:
   """A fixed-width table of max_batch results; a layout that cannot work shows its error."""
   header = ("devices", "layout", "max batch", "rows/device", "tokens/step", "peak GiB",
             "probes", "compile s")
+  timed = any("bound" in row for row in rows)
+  if timed:
+    header += ("compute ms", "comm ms", "MFU at most")
 
   def cells(row):
     batch = f"{row['max_batch']}{'+' if row['capped'] else ''}"
     return (batch, str(row["rows_per_device"]), f"{row['tokens_per_step']:,}",
-            _gib(row["peak_bytes"]), str(len(row["probes"])), f"{row['compile_s']:.1f}")
+            _gib(row["peak_bytes"]), str(len(row["probes"])), f"{row['compile_s']:.1f}",
+            *(_bound_cells(row) if timed else ()))
 
   return _table(header, rows, cells)
 
@@ -374,14 +406,33 @@ def format_table(rows: list[dict]) -> str:
   """A fixed-width table of plan rows; a layout that cannot work shows its error."""
   header = ("devices", "layout", "params+opt GiB/dev", "x ideal", "temp GiB", "peak GiB",
             "fits", "sent GiB/step", "over axes", "FLOP/B", "compile s")
+  timed = any("bound" in row for row in rows)
+  if timed:
+    header += ("compute ms", "comm ms", "MFU at most")
 
   def cells(row):
     compile_s = row.get("compile_s")
     return (_gib(row["state_bytes"]), f"{row['state_ratio']:.3f}", _gib(row.get("temp_bytes")),
             _gib(row.get("peak_bytes")), _fits(row), *_traffic_cells(row),
-            "-" if compile_s is None else f"{compile_s:.1f}")
+            "-" if compile_s is None else f"{compile_s:.1f}", *(_bound_cells(row) if timed else ()))
 
   return _table(header, rows, cells)
+
+
+def _bound_cells(row: dict) -> tuple[str, str, str]:
+  if "bound" not in row:
+    return "-", "-", "-"
+  bound, mfu = row["bound"], row["bound"]["mfu_at_most"]
+  comm = _ms(bound["comm_s"])
+  if bound["comm_by_link_s"]["network"]:
+    comm += f" ({' + '.join(map(_ms, bound['comm_by_link_s'].values()))})"
+  return _ms(bound["compute_s"]), comm, "-" if mfu is None else f"{mfu:.0%}"
+
+
+def _ms(seconds: float) -> str:
+  """Milliseconds to 0.1, or 3 significant digits below 10 (a tiny model's steps)."""
+  ms = seconds * 1e3
+  return f"{ms:.1f}" if ms >= 10 or ms == 0 else f"{ms:.3g}"
 
 
 def _traffic_cells(row: dict) -> tuple[str, str, str]:

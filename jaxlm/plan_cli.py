@@ -17,6 +17,7 @@ shapes and compiled ahead of time.
   jaxlm plan --config ref_1b --mesh fsdp=8 --mesh data=8
   jaxlm plan --preset llama3-8b --mesh tensor=8 --config.mesh.sequence_parallel=True
   jaxlm plan --preset ref-1.1b --mesh data=1 --target h100 --remat none
+  jaxlm plan --preset llama3-8b --devices 64 --mesh data=8,fsdp=8 --mesh fsdp=64 --rates-of h100
 
 A recipe (--config) plans the run `jaxlm train --config RECIPE` would make: its model (a
 model.init_from directory must exist), data shape, optimizer and fine-tuning settings;
@@ -53,6 +54,18 @@ attention cuDNN's, and --devices N (or the --mesh layouts) counts GPUs, on hosts
 --sweep adds the standard layouts for the device count: DP, FSDP, TP, FSDP x TP, DP x TP,
 DP x FSDP. Any config value can be set with --config.SECTION.KEY=VALUE.
 
+Time bounds: where the peak rates of the device compiled for are known (--target h100), or
+given with --rates-of KIND (h100, h200, b200, a100), three columns say how long a step
+takes at least, from datasheet rates: compute ms is the model's FLOPs per device at peak
+(no remat recomputation), comm ms is the bytes sent at the link's rate, one collective at a
+time (NVLink within a host, the network between hosts; "(host + network)" splits it where
+some crosses hosts), and MFU at most is compute over the longer of the two (100 % where
+communication can hide behind compute). Devices sit on hosts of --devices-per-host (8) in
+device order, so the last mesh axes (tensor, then fsdp) stay within a host;
+--link-gbs HOST,NETWORK sets the links' GB/s per device, one direction (H100: 450,50).
+A bound is not a measurement: memory-bound kernels, launch gaps and a collective's
+latency add to it (--kernels bounds the kernels).
+
 --top-collectives N lists, under the table, each layout's N largest collectives: bytes sent
 per step, kind, axes, runs per step, shape and the jax operation each serves (e.g.
 ".../btd,dm->btm/dot_general": a projection's matmul).
@@ -86,6 +99,18 @@ def parse_layout(text: str) -> dict[str, int]:
   return layout
 
 
+def parse_link_gbs(text: str) -> tuple[float, float]:
+  """"450,50" -> (450.0, 50.0): GB/s within a host, between hosts."""
+  try:
+    host, network = (float(part) for part in text.split(","))
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"bad --link-gbs {text!r}: use HOST,NETWORK in GB/s, e.g. 450,50") from None
+  if host <= 0 or network <= 0:
+    raise argparse.ArgumentTypeError(f"--link-gbs {text!r}: rates must be positive")
+  return host, network
+
+
 def add_plan_parser(subparsers) -> argparse.ArgumentParser:
   parser = subparsers.add_parser(
       "plan", help="per-device memory and communication of a model under mesh layouts, "
@@ -105,6 +130,14 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
                       help="compile for GPUs of this model with XLA's GPU compiler, no GPU "
                            "needed (h100, or a GpuTargetConfig text-proto file; needs "
                            "jax[cuda12])")
+  parser.add_argument("--rates-of", metavar="KIND",
+                      help="time each layout's step at this device's peak FLOP/s and link "
+                           "rates (h100, h200, b200, a100; default: the device compiled for)")
+  parser.add_argument("--link-gbs", type=parse_link_gbs, metavar="HOST,NETWORK",
+                      help="GB/s one device sends within its host and to other hosts, in "
+                           "place of the --rates-of device's (e.g. 450,25)")
+  parser.add_argument("--devices-per-host", type=int, default=8, metavar="N",
+                      help="devices per host, in device order (default: 8)")
   parser.add_argument("--seq-len", type=int, help="default: the recipe's, else 2048")
   parser.add_argument("--batch-size", type=int,
                       help="global batch (default: the recipe's, else 8)")
@@ -158,7 +191,7 @@ def _target_devices(args) -> list:
   if not count:
     raise ConfigError("--target needs the GPU count: give --devices N (or --mesh layouts).")
   use_host_backend()
-  return target_devices(args.target, count)
+  return target_devices(args.target, count, args.devices_per_host)
 
 
 def arrange_devices(count: int | None) -> int:
@@ -198,11 +231,14 @@ def _progress(layouts: list[dict], instant: bool = False):
 def run_plan(args, overrides=()) -> int:
   """overrides: --config.SECTION.KEY=VALUE strings, applied to every layout."""
   from jaxlm.config import ConfigError, load_config
+  from jaxlm.parallel.links import HOST_LINK_GBPS, rates_for
   from jaxlm.plan import (format_kernels, format_max_batch_table, format_table,
                           format_top_collectives, max_batch, plan, standard_layouts)
 
   devices = None
   try:
+    if args.devices_per_host < 1:
+      raise ConfigError(f"--devices-per-host {args.devices_per_host}: give 1 or more.")
     if args.target:
       devices = _target_devices(args)
       count = len(devices)
@@ -225,6 +261,15 @@ def run_plan(args, overrides=()) -> int:
                    remat=args.remat, param_dtype=args.param_dtype,
                    compute_dtype=args.compute_dtype, grad_accum=fallback(args.grad_accum, 1),
                    overrides=list(overrides), recipe=args.config, devices=devices)
+    timing = dict(devices_per_host=args.devices_per_host, rates_of=args.rates_of,
+                  link_gbs=args.link_gbs)
+    if args.link_gbs and not (args.rates_of or args.target):
+      raise ConfigError("--link-gbs times each step with a device's peak FLOP/s too: add "
+                        "--rates-of KIND (e.g. h100), or plan with --target.")
+    if args.rates_of and not rates_for(args.rates_of, args.link_gbs):
+      raise ConfigError(f"No peak rates known for --rates-of {args.rates_of!r}: use one of "
+                        f"{', '.join(kind.lower() for kind in HOST_LINK_GBPS)}, or give "
+                        f"--link-gbs HOST,NETWORK with a kind whose FLOP/s are known.")
     seq_len = fallback(args.seq_len, 2048)
     if args.kernels is not None and (args.no_compile or args.max_batch):
       raise ConfigError("--kernels reads the step compiled at one batch size; drop "
@@ -233,14 +278,14 @@ def run_plan(args, overrides=()) -> int:
       if args.no_compile:
         raise ConfigError("--max-batch compiles each step it tries; drop --no-compile.")
       rows = [max_batch(args.preset, layout, seq_len=seq_len, limit=args.batch_limit,
-                        **options) for layout in _progress(layouts)]
+                        **timing, **options) for layout in _progress(layouts)]
     else:
       rows = [row for layout in _progress(layouts, args.no_compile)
               for row in plan(args.preset, [layout], seq_len=seq_len,
                               batch_size=fallback(args.batch_size, 8),
                               compile_step=not args.no_compile,
                               top_collectives=args.top_collectives,
-                              top_kernels=args.kernels, **options)]
+                              top_kernels=args.kernels, **timing, **options)]
   except ValueError as e:  # ConfigError included
     print(f"jaxlm plan: error: {e}", file=sys.stderr)
     return 2
@@ -254,6 +299,8 @@ def run_plan(args, overrides=()) -> int:
     if devices:
       print(f"compiled for {len(devices)} x {devices[0].device_kind} by XLA's GPU compiler "
             f"(--target {args.target}; no GPU used)")
+    if described := sorted({row["rates"] for row in rows if "rates" in row}):
+      print(f"time bounds at {'; '.join(described)} (datasheet figures, not measured)")
     if any(row.get("sequence_parallel") for row in rows):
       print("sequence parallel: the residual stream split over tensor (mesh.sequence_parallel)")
     if top := format_top_collectives(rows):

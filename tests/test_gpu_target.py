@@ -117,3 +117,16 @@ def test_kernels_of_a_step_compiled_for_an_h100():
     bounds = row["kernel_bound_s"]  # an H100's peak rates are known
     assert 0 < bounds["matmul"] < bounds["total"]
   assert rows[False]["kernels"]["copy"]["bytes"] * 4 < rows[True]["kernels"]["copy"]["bytes"]
+
+
+@needs_plugin
+def test_a_plan_for_two_hosts_of_h100s_times_its_step_at_their_rates():
+  """16 H100s are two hosts of 8, each its own process: data=2 crosses between them, fsdp=8
+  stays within one; the H100's own rates time the step, no --rates-of needed."""
+  (row,) = plan("demo", [{"data": 2, "fsdp": 8}], seq_len=256, batch_size=16, hbm_gib=80,
+                devices=target_devices("h100", 16))
+  sent = row["sent_by_axes"]
+  assert row["sent_by_link"]["host"] == sent["fsdp"] > 0
+  assert row["sent_by_link"]["network"] == sum(sent.values()) - sent["fsdp"] > 0
+  assert row["rates"].startswith("NVIDIA H100 80GB HBM3 rates: 989 TFLOP/s, 450 GB/s")
+  assert row["bound"]["comm_by_link_s"]["network"] == row["sent_by_link"]["network"] / 50e9

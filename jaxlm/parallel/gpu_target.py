@@ -15,8 +15,8 @@ from pathlib import Path
 import jax
 
 from jaxlm.config import ConfigError
+from jaxlm.parallel.links import DEVICES_PER_HOST
 
-GPUS_PER_HOST = 8
 
 # GpuTargetConfig (text proto) of an H100 SXM 80GB: what the compiler reads of the device.
 H100 = """\
@@ -64,9 +64,9 @@ def use_host_backend() -> None:
     pass  # JAX already started; target_devices says what is missing if it matters
 
 
-def target_devices(target: str, count: int) -> list:
+def target_devices(target: str, count: int, per_host: int = DEVICES_PER_HOST) -> list:
   """`count` devices of a GPU target: a name in TARGETS or a GpuTargetConfig text-proto
-  file, on hosts of up to GPUS_PER_HOST GPUs each."""
+  file, on hosts of up to per_host GPUs each."""
   if target in TARGETS:
     description = TARGETS[target]
   elif Path(target).is_file():
@@ -74,10 +74,10 @@ def target_devices(target: str, count: int) -> list:
   else:
     raise ConfigError(f"Unknown GPU target {target!r}: use one of {', '.join(TARGETS)}, or "
                       f"the path of a GpuTargetConfig text proto.")
-  hosts = max(1, count // GPUS_PER_HOST)
-  if count > GPUS_PER_HOST and count % GPUS_PER_HOST:
-    raise ConfigError(f"{count} GPUs do not fill hosts of {GPUS_PER_HOST}; plan a multiple "
-                      f"of {GPUS_PER_HOST}, or {GPUS_PER_HOST} or fewer.")
+  hosts = max(1, count // per_host)
+  if count > per_host and count % per_host:
+    raise ConfigError(f"{count} GPUs do not fill hosts of {per_host}; plan a multiple "
+                      f"of {per_host}, or {per_host} or fewer.")
   if not cuda_plugin_installed():
     raise ConfigError(
         f"--target compiles with XLA's GPU compiler, which comes with jax's CUDA plugin: "

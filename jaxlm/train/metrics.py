@@ -32,12 +32,12 @@ def peak_flops_per_device(override_tflops: float = 0.0) -> float | None:
   return peak_for_kind(PEAK_TFLOPS, jax.devices()[0].device_kind)
 
 
-def peak_for_kind(table: dict[str, float], kind: str) -> float | None:
-  """A PEAK_TFLOPS or PEAK_MEMORY_TBPS entry for a device kind, in units per second (x 1e12);
-  None for a kind the table does not know (CPU)."""
+def peak_for_kind(table: dict[str, float], kind: str, unit: float = 1e12) -> float | None:
+  """A table's entry for a device kind (PEAK_TFLOPS, PEAK_MEMORY_TBPS: tera, unit 1e12), in
+  units per second; None for a kind the table does not know (CPU)."""
   for name, value in sorted(table.items(), key=lambda kv: -len(kv[0])):
     if name.lower() in kind.lower():
-      return value * 1e12
+      return value * unit
   return None
 
 
