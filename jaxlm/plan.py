@@ -41,14 +41,33 @@ def layout_label(layout: dict) -> str:
 
 def standard_layouts(num_devices: int) -> list[dict]:
   """DP, FSDP, TP, then the 2-D mixes (FSDP x TP, DP x TP, DP x FSDP) for each split of the
-  devices into two factors."""
+  devices into two factors, then DP x FSDP x TP for each split into three."""
   n = num_devices
   layouts = [{"data": n}, {"fsdp": n}, {"tensor": n}] if n > 1 else [{"data": 1}]
   splits = [k for k in range(2, n) if n % k == 0]
   layouts += [{"fsdp": n // t, "tensor": t} for t in splits]
   layouts += [{"data": n // t, "tensor": t} for t in splits]
   layouts += [{"data": d, "fsdp": n // d} for d in splits]
+  layouts += [{"data": d, "fsdp": n // d // t, "tensor": t} for d in splits for t in splits
+              if n // d % t == 0 and n // d // t > 1]
   return layouts
+
+
+def step_bound_s(row: dict) -> float:
+  """The least time a timed row's step takes: the longer of its compute and communication."""
+  return max(row["bound"]["compute_s"], row["bound"]["comm_s"])
+
+
+def fastest(rows: list[dict]) -> list[dict]:
+  """Of the rows that fit and were timed (see plan's bound), those whose step bound is the
+  shortest (within 1 %: compute-bound layouts tie, since the bound lets their communication
+  hide), the least memory first."""
+  timed = [row for row in rows if row.get("fits") and "bound" in row]
+  if not timed:
+    return []
+  shortest = min(map(step_bound_s, timed))
+  return sorted((row for row in timed if step_bound_s(row) <= 1.01 * shortest),
+                key=lambda row: row["peak_bytes"])
 
 
 def experiment_config(preset: str | None, layout: dict | None = None, *,
@@ -423,13 +442,13 @@ def _bound_cells(row: dict) -> tuple[str, str, str]:
   if "bound" not in row:
     return "-", "-", "-"
   bound, mfu = row["bound"], row["bound"]["mfu_at_most"]
-  comm = _ms(bound["comm_s"])
+  comm = milliseconds(bound["comm_s"])
   if bound["comm_by_link_s"]["network"]:
-    comm += f" ({' + '.join(map(_ms, bound['comm_by_link_s'].values()))})"
-  return _ms(bound["compute_s"]), comm, "-" if mfu is None else f"{mfu:.0%}"
+    comm += f" ({' + '.join(map(milliseconds, bound['comm_by_link_s'].values()))})"
+  return milliseconds(bound["compute_s"]), comm, "-" if mfu is None else f"{mfu:.0%}"
 
 
-def _ms(seconds: float) -> str:
+def milliseconds(seconds: float) -> str:
   """Milliseconds to 0.1, or 3 significant digits below 10 (a tiny model's steps)."""
   ms = seconds * 1e3
   return f"{ms:.1f}" if ms >= 10 or ms == 0 else f"{ms:.3g}"

@@ -52,7 +52,8 @@ names the attention planned.
 plugin must be installed: pip install "jax[cuda12]"): memory is then the GPU compiler's,
 attention cuDNN's, and --devices N (or the --mesh layouts) counts GPUs, on hosts of 8.
 --sweep adds the standard layouts for the device count: DP, FSDP, TP, FSDP x TP, DP x TP,
-DP x FSDP. Any config value can be set with --config.SECTION.KEY=VALUE.
+DP x FSDP, DP x FSDP x TP (with time bounds, a line names the fastest that fits). Any
+config value can be set with --config.SECTION.KEY=VALUE.
 
 Time bounds: where the peak rates of the device compiled for are known (--target h100), or
 given with --rates-of KIND (h100, h200, b200, a100), three columns say how long a step
@@ -232,8 +233,9 @@ def run_plan(args, overrides=()) -> int:
   """overrides: --config.SECTION.KEY=VALUE strings, applied to every layout."""
   from jaxlm.config import ConfigError, load_config
   from jaxlm.parallel.links import HOST_LINK_GBPS, rates_for
-  from jaxlm.plan import (format_kernels, format_max_batch_table, format_table,
-                          format_top_collectives, max_batch, plan, standard_layouts)
+  from jaxlm.plan import (GIB, fastest, format_kernels, format_max_batch_table, format_table,
+                          format_top_collectives, max_batch, milliseconds, plan,
+                          standard_layouts, step_bound_s)
 
   devices = None
   try:
@@ -301,6 +303,12 @@ def run_plan(args, overrides=()) -> int:
             f"(--target {args.target}; no GPU used)")
     if described := sorted({row["rates"] for row in rows if "rates" in row}):
       print(f"time bounds at {'; '.join(described)} (datasheet figures, not measured)")
+      if sum("bound" in row for row in rows) > 1 and (best := fastest(rows)):
+        print(f"shortest step that fits {args.hbm_gib:g} GiB at those rates: "
+              f"{milliseconds(step_bound_s(best[0]))} ms at least (MFU at most "
+              f"{best[0]['bound']['mfu_at_most']:.0%}), by "
+              + ", ".join(f"{row['layout']} ({row['peak_bytes'] / GIB:.2f} GiB)"
+                          for row in best[:4]) + (f" and {len(best) - 4} more" if best[4:] else ""))
     if any(row.get("sequence_parallel") for row in rows):
       print("sequence parallel: the residual stream split over tensor (mesh.sequence_parallel)")
     if top := format_top_collectives(rows):

@@ -9,7 +9,7 @@ import pytest
 from jaxlm import plan_cli
 from jaxlm.parallel.links import crosses_hosts, device_hosts, rates_for, step_bound
 from jaxlm.parallel.mesh import MESH_AXES, build_mesh
-from jaxlm.plan import format_table, plan
+from jaxlm.plan import GIB, fastest, format_table, milliseconds, plan
 
 
 def test_the_last_mesh_axes_stay_within_a_host():
@@ -54,6 +54,18 @@ def test_a_step_takes_the_longer_of_its_compute_and_its_collectives():
   assert slow["mfu_at_most"] == pytest.approx(0.25)
 
 
+def test_the_fastest_layouts_are_those_with_the_shortest_bound_that_fit():
+  def row(layout, compute_ms, comm_ms, peak_gib, fits=True):
+    return {"layout": layout, "fits": fits, "peak_bytes": peak_gib * GIB,
+            "bound": {"compute_s": compute_ms / 1e3, "comm_s": comm_ms / 1e3}}
+
+  rows = [row("a", 100, 150, 20), row("b", 100, 90, 30), row("c", 100, 50, 20),
+          row("d", 100, 10, 90, fits=False), row("e", 100, 100.5, 10)]
+  assert [r["layout"] for r in fastest(rows)] == ["e", "c", "b"]  # ties: least memory first
+  assert fastest([rows[0], rows[3]]) == [rows[0]]
+  assert fastest([rows[3]]) == [] and fastest([{"layout": "x", "fits": True}]) == []
+
+
 def test_plan_splits_what_it_sends_between_host_links_and_the_network():
   """Hosts of 4: fsdp=4 gathers within a host, data=2 reduces gradients across the two;
   at a network 10x slower than NVLink, the data axis's fewer bytes take longer."""
@@ -89,6 +101,19 @@ def test_plan_command_times_steps_only_with_known_rates(capsys):
   assert plan_cli.main([*args, "--rates-of", "a100", "--devices-per-host", "4"]) == 0
   out = capsys.readouterr().out
   assert "MFU at most" in out.splitlines()[0]
+  assert "shortest step" not in out  # one layout: nothing to compare
+  assert plan_cli.main(["--preset", "tiny", "--mesh", "fsdp=8", "--mesh", "data=8",
+                        "--seq-len", "64", "--rates-of", "h100", "--hbm-gib", "1",
+                        "--devices-per-host", "4", "--json"]) == 0
+  rows = {row["layout"]: row for row in json.loads(capsys.readouterr().out)}
+  best = min(rows.values(), key=lambda row: max(row["bound"]["compute_s"],
+                                                row["bound"]["comm_s"]))
+  assert plan_cli.main(["--preset", "tiny", "--mesh", "fsdp=8", "--mesh", "data=8",
+                        "--seq-len", "64", "--rates-of", "h100", "--hbm-gib", "1",
+                        "--devices-per-host", "4"]) == 0
+  assert (f"shortest step that fits 1 GiB at those rates: "
+          f"{milliseconds(max(best['bound']['compute_s'], best['bound']['comm_s']))} ms at least"
+          in capsys.readouterr().out)
   assert ("time bounds at a100 rates: 312 TFLOP/s, 300 GB/s within hosts of 4, 25 GB/s "
           "between hosts (datasheet figures, not measured)") in out
   # --max-batch times the step at the batch it found.

@@ -148,6 +148,13 @@ def test_standard_layouts_cover_dp_fsdp_tp_and_mixes():
   assert {"fsdp": 4, "tensor": 2} in layouts and {"data": 2, "fsdp": 4} in layouts
   assert len({tuple(sorted(layout.items())) for layout in layouts}) == len(layouts)
   assert all(math.prod(layout.values()) == 8 for layout in layouts)
+  assert [layout for layout in layouts if len(layout) == 3] == [
+      {"data": 2, "fsdp": 2, "tensor": 2}]
+  # 64 = 2^6 split into three factors of 2 or more: C(5, 2) ways.
+  layouts = standard_layouts(64)
+  assert len([layout for layout in layouts if len(layout) == 3]) == 10
+  assert {"data": 8, "fsdp": 4, "tensor": 2} in layouts
+  assert all(math.prod(layout.values()) == 64 for layout in layouts)
 
 
 def test_table_shows_sizes_fit_and_errors(compiled_8b_fsdp):
