@@ -10,8 +10,9 @@ branches), not of a fusion's inside: a fusion is one kernel. What it moves:
   except an in-place update (then the update);
 - any other instruction reads its operands and writes its result whole.
 Kernels in a loop count once per iteration. FLOPs are those of the dots (2 x output
-elements x contracted size), in a fusion or as cuBLAS calls; attention kernels' FLOPs are
-not read. Categories are those of a measured profile (jaxlm.profiling): matmul (a kernel
+elements x contracted size), in a fusion or as cuBLAS calls, and of cuDNN's fused attention
+(see _cudnn_attention_flops); other attention kernels' (Pallas, in a custom call) are not
+read. Categories are those of a measured profile (jaxlm.profiling): matmul (a kernel
 with a dot), attention (cuDNN's fused attention, or a kernel made for an attention op),
 collective, copy (copies, slices, in-place updates, transposes, concatenations: data moved
 unchanged), reduction (a fusion with a reduce) and other (elementwise).
@@ -110,6 +111,8 @@ def _flops(inst: Instruction, shapes: dict[str, str], module) -> float:
   of inst's computation."""
   if inst.opcode == "dot":
     contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", inst.attributes)
+  elif inst.opcode == "custom-call" and "fmha" in _target(inst).lower():
+    return _cudnn_attention_flops(inst, shapes)
   elif _is_cublas(inst):
     contracting = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', inst.attributes)
   elif callee := _callee(inst, module):
@@ -122,6 +125,28 @@ def _flops(inst: Instruction, shapes: dict[str, str], module) -> float:
   lhs = _dims(shapes.get(inst.operands[0], ""))
   contracted = math.prod(lhs[int(d)] for d in re.findall(r"\d+", contracting.group(1)))
   return 2.0 * math.prod(_dims(inst.shape)) * contracted
+
+
+def _cudnn_attention_flops(inst: Instruction, shapes: dict[str, str]) -> float:
+  """The matmul FLOPs a cuDNN fused attention call must do: with B, N, T, S the batch, heads,
+  queries and keys of its [B, N, T, S] scores and H the head size (q's last dimension),
+  the forward's two matmuls (QK^T, PV) are 4 BNTSH, the backward's five (QK^T again, dP,
+  dV, dQ, dK) 10 BNTSH; a causal mask halves them (tiles above the diagonal are skipped).
+  0 where a sliding window or FP8 makes that count too high for a bound."""
+  config = inst.attributes
+  scores = re.search(r'"intermediate_tensor_shape":\s*\{.*?"dimensions":\s*\[([^\]]*)\]',
+                     config)
+  window = re.search(r'"sliding_window_length":\s*"?(\d+)', config)
+  if (scores is None or not inst.operands or (window and int(window.group(1)) > 0)
+      or "f8" in _target(inst).lower()):
+    return 0.0
+  head = _dims(shapes.get(inst.operands[0], ""))[-1:]
+  if not head:
+    return 0.0
+  matmuls = 10 if "backward" in _target(inst).lower() else 4
+  causal = re.search(r'"mask_type":\s*"(PADDING_)?CAUSAL"', config) is not None
+  size = math.prod(int(d) for d in re.findall(r"\d+", scores.group(1))) * head[0]
+  return matmuls * size * (0.5 if causal else 1.0)
 
 
 def _first_array(shape: str) -> str:

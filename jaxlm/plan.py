@@ -181,12 +181,14 @@ def plan_run(run, *, hbm_gib: float, compile_step: bool = True, top_collectives:
     row.update(compiled_memory(compiled))
     row["fits"] = row["peak_bytes"] <= hbm_gib * GIB
     row.update(traffic(run, partitioned, top_collectives, devices_per_host))
-    rates = rates_for(rates_of or row["compiled_for"], link_gbs)
-    if rates and "sent_by_link" in row:
-      row["rates"] = rates.describe(devices_per_host)
-      row["bound"] = step_bound(row["flops_per_device"], row["sent_by_link"], rates)
     if top_kernels is not None:
       row.update(kernel_traffic(compiled.as_text(), row["compiled_for"], top_kernels))
+    rates = rates_for(rates_of or row["compiled_for"], link_gbs)
+    if rates and "sent_by_link" in row:
+      kernels = row.get("kernel_bound_s")  # collectives: timed at their links' rates instead
+      row["rates"] = rates.describe(devices_per_host)
+      row["bound"] = step_bound(row["flops_per_device"], row["sent_by_link"], rates,
+                                kernels["total"] - kernels["collective"] if kernels else None)
   return row
 
 

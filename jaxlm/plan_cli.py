@@ -57,15 +57,15 @@ config value can be set with --config.SECTION.KEY=VALUE.
 
 Time bounds: where the peak rates of the device compiled for are known (--target h100), or
 given with --rates-of KIND (h100, h200, b200, a100), three columns say how long a step
-takes at least, from datasheet rates: compute ms is the model's FLOPs per device at peak
-(no remat recomputation), comm ms is the bytes sent at the link's rate, one collective at a
-time (NVLink within a host, the network between hosts; "(host + network)" splits it where
-some crosses hosts), and MFU at most is compute over the longer of the two (100 % where
-communication can hide behind compute). Devices sit on hosts of --devices-per-host (8) in
-device order, so the last mesh axes (tensor, then fsdp) stay within a host;
---link-gbs HOST,NETWORK sets the links' GB/s per device, one direction (H100: 450,50).
-A bound is not a measurement: memory-bound kernels, launch gaps and a collective's
-latency add to it (--kernels bounds the kernels).
+takes at least, from datasheet rates. compute ms: the model's FLOPs per device at peak (no
+remat recomputation; with --kernels, the kernels' bound where that is longer). comm ms: the
+bytes sent at the link's rate, one collective at a time (NVLink within a host, the network
+between hosts; "(host + network)" splits it where some crosses hosts). MFU at most: the
+model's FLOPs at peak over the longer of the two (100 % where communication can hide
+behind compute). Devices sit on hosts of --devices-per-host (8) in device order, so the
+last mesh axes (tensor, then fsdp) stay within a host; --link-gbs HOST,NETWORK sets the
+links' GB/s per device, one direction (H100: 450,50). A bound is not a measurement:
+memory-bound kernels, launch gaps and a collective's latency add to it.
 
 --top-collectives N lists, under the table, each layout's N largest collectives: bytes sent
 per step, kind, axes, runs per step, shape and the jax operation each serves (e.g.

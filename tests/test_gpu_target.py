@@ -99,7 +99,8 @@ def test_minimal_with_attention_keeps_cudnns_attention_forward():
 def test_kernels_of_a_step_compiled_for_an_h100():
   """The GPU compiler's program, read kernel by kernel: its matmuls do exactly 6 FLOPs per
   matmul parameter per token (remat none; attention is cuDNN's, a forward and a backward
-  kernel a layer), and unrolling the layers removes the scan's copies."""
+  kernel a layer, with the FLOPs of a causal attention), and unrolling the layers removes
+  the scan's copies."""
   devices = target_devices("h100", 1)
   rows = {scan: plan("demo", [{"data": 1}], seq_len=256, batch_size=4, hbm_gib=80,
                      remat="none", top_kernels=3, devices=devices,
@@ -114,8 +115,13 @@ def test_kernels_of_a_step_compiled_for_an_h100():
     kernels = row["kernels"]
     assert kernels["matmul"]["flops"] == 6 * 4 * 256 * per_token
     assert kernels["attention"]["kernels"] == 2 * cfg.num_layers
+    # a causal forward (4 B N T^2 H / 2) and backward (10 B N T^2 H / 2) a layer
+    assert kernels["attention"]["flops"] == (
+        7 * 4 * cfg.num_heads * 256 * 256 * head_dim * cfg.num_layers)
     bounds = row["kernel_bound_s"]  # an H100's peak rates are known
     assert 0 < bounds["matmul"] < bounds["total"]
+    # The step's time bound is its kernels' where longer than its model FLOPs at peak.
+    assert row["bound"]["compute_s"] == max(bounds["total"], row["bound"]["model_flops_s"])
   assert rows[False]["kernels"]["copy"]["bytes"] * 4 < rows[True]["kernels"]["copy"]["bytes"]
 
 

@@ -150,6 +150,37 @@ def test_a_cublas_call_is_a_matmul_without_its_workspace():
   assert kernel.op == "jit(step)/btd,dm->btm/dot_general"
 
 
+CUDNN_ATTENTION_MODULE = """\
+HloModule jit_step, entry_computation_layout={(bf16[4,256,8,32]{3,2,1,0}, bf16[4,256,4,32]{3,2,1,0}, bf16[4,256,4,32]{3,2,1,0})->bf16[4,8,256,32]{3,1,2,0}}
+
+ENTRY %main (q: bf16[4,256,8,32], k: bf16[4,256,4,32], v: bf16[4,256,4,32]) -> bf16[4,8,256,32] {
+  %q = bf16[4,256,8,32]{3,2,1,0} parameter(0)
+  %k = bf16[4,256,4,32]{3,2,1,0} parameter(1)
+  %v = bf16[4,256,4,32]{3,2,1,0} parameter(2)
+  %fwd = (bf16[4,8,256,32]{3,1,2,0}, f32[4,8,256]{2,1,0}, u8[0]{0}) custom-call(%q, %k, %v), custom_call_target="__cudnn$fmhaSoftmax", metadata={op_name="jit(step)/jvp()/dot_product_attention_fwd"}, backend_config={"operation_queue_id": "0", "cudnn_fmha_backend_config": {"fmha_scale": 0.17, "intermediate_tensor_shape": {"element_type": "BF16", "dimensions": ["4", "8", "256", "256"], "tuple_shapes": [], "layout": {"minor_to_major": ["3", "2", "1", "0"]}}, "is_flash_attention": true, "mask_type": "%MASK%", "sliding_window_length": %WINDOW%}}
+  ROOT %out = bf16[4,8,256,32]{3,1,2,0} get-tuple-element(%fwd), index=0
+}
+"""
+
+
+def test_cudnn_attention_does_the_matmuls_of_its_scores():
+  """Forward: QK^T and PV, 2 x 2 x B x N x T x S x H FLOPs, half of them under a causal
+  mask; a sliding window's are not counted (a bound must not count what is skipped)."""
+  def attention(mask="CAUSAL", window=0, backward=False):
+    text = CUDNN_ATTENTION_MODULE.replace("%MASK%", mask).replace("%WINDOW%", str(window))
+    if backward:
+      text = text.replace("fmhaSoftmax", "fmhaSoftmaxBackward")
+    (kernel,) = kernel_cost.kernels(text)
+    assert kernel.category == "attention"
+    return kernel.flops
+
+  full = 4 * 4 * 8 * 256 * 256 * 32
+  assert attention(mask="NO_MASK") == full
+  assert attention() == attention(mask="PADDING_CAUSAL") == full / 2
+  assert attention(backward=True) == 2.5 * full / 2  # QK^T again, dP, dV, dQ, dK
+  assert attention(window=64) == 0
+
+
 def test_gradient_accumulation_does_the_same_matmul_flops():
   """Two microbatches in a loop, each scanning the layers: nested loops multiply."""
   flops = [plan("tiny", [{"fsdp": 8}], seq_len=64, batch_size=16, hbm_gib=80,

@@ -52,6 +52,11 @@ def test_a_step_takes_the_longer_of_its_compute_and_its_collectives():
   assert bound["comm_s"] == pytest.approx(0.05) and bound["mfu_at_most"] == pytest.approx(1)
   slow = step_bound(989e12 * 0.1, {"host": 0.0, "network": 50e9 * 0.4}, h100)
   assert slow["mfu_at_most"] == pytest.approx(0.25)
+  # Kernels that take longer than the model's FLOPs at peak (memory-bound ones, remat's
+  # recomputation) lengthen the compute.
+  kernels = step_bound(989e12 * 0.1, {"host": 450e9 * 0.02}, h100, kernels_s=0.125)
+  assert kernels["model_flops_s"] == pytest.approx(0.1)
+  assert kernels["compute_s"] == 0.125 and kernels["mfu_at_most"] == pytest.approx(0.8)
 
 
 def test_the_fastest_layouts_are_those_with_the_shortest_bound_that_fit():

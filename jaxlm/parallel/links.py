@@ -69,13 +69,18 @@ def crosses_hosts(hosts: np.ndarray, axis_names, axes: tuple[str, ...]) -> bool:
   return bool((groups != groups[:, :1]).any())
 
 
-def step_bound(flops_per_device: float, sent_by_link: dict[str, float], rates: Rates) -> dict:
-  """At these rates, the least time a step takes: its model FLOPs at peak (compute_s), and
-  its collectives one at a time at their link's rate (comm_s, split by link in
-  comm_by_link_s); the step takes at least the longer of the two, so the MFU it can reach
-  is at most compute_s / that."""
+def step_bound(flops_per_device: float, sent_by_link: dict[str, float], rates: Rates,
+               kernels_s: float | None = None) -> dict:
+  """At these rates, the least time a step takes: its model FLOPs at peak (model_flops_s),
+  or where given the least time its kernels other than collectives take (kernels_s, see
+  jaxlm.kernel_cost.time_bounds: memory-bound kernels and remat's recomputation count
+  there), whichever is longer (compute_s); and its collectives one at a time at their
+  link's rate (comm_s, split by link in comm_by_link_s). The step takes at least the longer
+  of compute and communication, so the MFU it can reach is at most model_flops_s / that."""
   by_link = {"host": sent_by_link.get("host", 0.0) / rates.host_link,
              "network": sent_by_link.get("network", 0.0) / rates.network}
-  compute_s, comm_s = flops_per_device / rates.flops, sum(by_link.values())
-  return {"compute_s": compute_s, "comm_s": comm_s, "comm_by_link_s": by_link,
-          "mfu_at_most": compute_s / max(compute_s, comm_s) if compute_s else None}
+  model_flops_s = flops_per_device / rates.flops
+  compute_s, comm_s = max(model_flops_s, kernels_s or 0.0), sum(by_link.values())
+  step_s = max(compute_s, comm_s)
+  return {"model_flops_s": model_flops_s, "compute_s": compute_s, "comm_s": comm_s,
+          "comm_by_link_s": by_link, "mfu_at_most": model_flops_s / step_s if step_s else None}
