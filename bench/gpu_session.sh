@@ -159,6 +159,8 @@ for name, r in rows:
           f"{r['temp_bytes'] / 2**30:.1f}), attention as {r['attention_impl']}"
           + (f", kernels move {r['kernels']['total']['bytes'] / 1e9:.0f} GB: {bound * 1e3:.0f}"
              f" ms a step at least" if bound else "")
+          + (f", MFU at most {r['bound']['mfu_at_most']:.0%}"
+             if (r.get("bound") or {}).get("mfu_at_most") else "")
           if "error" not in r else r["error"]))
     continue
   if "cases" in r:  # bench/attention_check.py

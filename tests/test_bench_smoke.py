@@ -124,7 +124,7 @@ def test_gpu_session_runs_parts_within_its_budget(tmp_path):
   (tmp_path / "plan_minimal_h100.json").write_text(json.dumps([{
       "layout": "1 device", "temp_bytes": 2**20, "peak_bytes": 2**21, "attention_impl": "cudnn",
       "compiled_for": "NVIDIA H100 80GB HBM3", "kernels": {"total": {"bytes": 1e9}},
-      "kernel_bound_s": bounds}]))
+      "kernel_bound_s": bounds, "bound": {"mfu_at_most": 0.74}}]))
   out = subprocess.run(["bash", script, "plan:minimal+unroll", *variants, "maxtext", "torch"],
                        cwd=root, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stdout + out.stderr
@@ -149,7 +149,8 @@ def test_gpu_session_runs_parts_within_its_budget(tmp_path):
   (compared,) = [row for row in table if "measured / at least (plan_minimal_h100), ms: " in row]
   assert re.search(r"matmul \d+\.\d / 4\.0, .*total \d+\.\d / 7\.5$", compared), compared
   assert any(row.startswith("plan_minimal_h100 planned for NVIDIA H100 80GB HBM3: peak 0.0 GiB")
-             and row.endswith("kernels move 1 GB: 8 ms a step at least") for row in table)
+             and row.endswith("kernels move 1 GB: 8 ms a step at least, MFU at most 74%")
+             for row in table)
   assert names[1] in table and table[table.index(names[1]) + 2].lstrip().startswith("busy ")
   for part in ("maxtext_anchor", "torch_anchor"):
     assert any(row.startswith(part) and re.search(r"needs \d+ s, BUDGET_S=150 leaves \d+$", row)
