@@ -53,11 +53,6 @@ def standard_layouts(num_devices: int) -> list[dict]:
   return layouts
 
 
-def step_bound_s(row: dict) -> float:
-  """The least time a timed row's step takes: the longer of its compute and communication."""
-  return max(row["bound"]["compute_s"], row["bound"]["comm_s"])
-
-
 def fastest(rows: list[dict]) -> list[dict]:
   """Of the rows that fit and were timed (see plan's bound), those whose step bound is the
   shortest (within 1 %: compute-bound layouts tie, since the bound lets their communication
@@ -65,8 +60,8 @@ def fastest(rows: list[dict]) -> list[dict]:
   timed = [row for row in rows if row.get("fits") and "bound" in row]
   if not timed:
     return []
-  shortest = min(map(step_bound_s, timed))
-  return sorted((row for row in timed if step_bound_s(row) <= 1.01 * shortest),
+  shortest = min(row["bound"]["step_s"] for row in timed)
+  return sorted((row for row in timed if row["bound"]["step_s"] <= 1.01 * shortest),
                 key=lambda row: row["peak_bytes"])
 
 
@@ -161,7 +156,8 @@ def compiled_memory(compiled) -> dict:
 
 def plan_run(run, *, hbm_gib: float, compile_step: bool = True, top_collectives: int = 0,
              top_kernels: int | None = None, devices_per_host: int = DEVICES_PER_HOST,
-             rates_of: str | None = None, link_gbs: tuple[float, float] | None = None) -> dict:
+             rates_of: str | None = None, link_gbs: tuple[float, float] | None = None,
+             peak_rates: tuple[float, float] | None = None) -> dict:
   """One row of a plan for a built Run (see plan for the fields and options)."""
   mesh = {axis: int(run.mesh.shape[axis]) for axis in MESH_AXES}
   row = {"layout": layout_label(mesh), "mesh": mesh, "devices": run.mesh.size,
@@ -182,8 +178,9 @@ def plan_run(run, *, hbm_gib: float, compile_step: bool = True, top_collectives:
     row["fits"] = row["peak_bytes"] <= hbm_gib * GIB
     row.update(traffic(run, partitioned, top_collectives, devices_per_host))
     if top_kernels is not None:
-      row.update(kernel_traffic(compiled.as_text(), row["compiled_for"], top_kernels))
-    rates = rates_for(rates_of or row["compiled_for"], link_gbs)
+      row.update(kernel_traffic(compiled.as_text(), row["compiled_for"], top_kernels,
+                                peak_rates))
+    rates = rates_for(rates_of or row["compiled_for"], link_gbs, peak_rates)
     if rates and "sent_by_link" in row:
       kernels = row.get("kernel_bound_s")  # collectives: timed at their links' rates instead
       row["rates"] = rates.describe(devices_per_host)
@@ -192,15 +189,18 @@ def plan_run(run, *, hbm_gib: float, compile_step: bool = True, top_collectives:
   return row
 
 
-def kernel_traffic(optimized_hlo: str, device_kind: str, top: int) -> dict:
+def kernel_traffic(optimized_hlo: str, device_kind: str, top: int,
+                   peak_rates: tuple[float, float] | None = None) -> dict:
   """What the compiled step's kernels move and compute (jaxlm.kernel_cost): kernels
   {category: {kernels, bytes, flops} per step}, top_kernels (the `top` that move the most)
-  and, where the device kind's peak rates are known (PEAK_TFLOPS, PEAK_MEMORY_TBPS),
-  kernel_bound_s {category: seconds per step, at least}."""
+  and, where the device kind's peak rates are known (PEAK_TFLOPS, PEAK_MEMORY_TBPS) or
+  given (peak_rates: TFLOP/s, TB/s), kernel_bound_s {category: seconds per step, at
+  least}."""
   found = kernel_cost.kernels(optimized_hlo)
   out = {"kernels": kernel_cost.summary(found), "top_kernels": kernel_cost.largest(found, top)}
-  bandwidth = peak_for_kind(PEAK_MEMORY_TBPS, device_kind)
-  flops = peak_for_kind(PEAK_TFLOPS, device_kind)
+  flops, bandwidth = ((rate * 1e12 for rate in peak_rates) if peak_rates else
+                      (peak_for_kind(PEAK_TFLOPS, device_kind),
+                       peak_for_kind(PEAK_MEMORY_TBPS, device_kind)))
   if bandwidth and flops:
     out["kernel_bound_s"] = kernel_cost.time_bounds(found, bandwidth, flops)
   return out
@@ -250,8 +250,8 @@ def plan(preset: str | None, layouts: list[dict], *, seq_len: int | None,
          recipe: str | None = None, compile_step: bool = True, flash_attention: bool = True,
          top_collectives: int = 0, top_kernels: int | None = None,
          devices: list | None = None, devices_per_host: int = DEVICES_PER_HOST,
-         rates_of: str | None = None,
-         link_gbs: tuple[float, float] | None = None) -> list[dict]:
+         rates_of: str | None = None, link_gbs: tuple[float, float] | None = None,
+         peak_rates: tuple[float, float] | None = None) -> list[dict]:
   """Plans each layout (e.g. {"fsdp": 8}, {"fsdp": 4, "tensor": 2}; missing axes are 1) for
   the preset (or the recipe, see experiment_config) at seq_len x batch_size (global batch)
   and returns one row per layout. Each layout must use exactly the devices JAX has (one
@@ -280,9 +280,10 @@ def plan(preset: str | None, layouts: list[dict], *, seq_len: int | None,
 
   Time bounds: where the peak rates of rates_of (a device kind, e.g. "h100"; default the
   kind compiled for) are known (jaxlm.parallel.links.rates_for; link_gbs, GB/s within a
-  host and between hosts, replaces its link rates), a compiled row also has `rates` (what
-  they are) and `bound` (jaxlm.parallel.links.step_bound: compute_s, comm_s, comm_by_link_s,
-  mfu_at_most), with devices on hosts of devices_per_host.
+  host and between hosts, replaces its link rates; peak_rates, TFLOP/s and memory TB/s, its
+  peak FLOP/s and, for top_kernels' bounds, its bandwidth), a compiled row also has `rates`
+  (what they are) and `bound` (jaxlm.parallel.links.step_bound: model_flops_s, compute_s,
+  comm_s, comm_by_link_s, mfu_at_most), with devices on hosts of devices_per_host.
   """
   rows = []
   for layout in layouts:
@@ -301,7 +302,7 @@ def plan(preset: str | None, layouts: list[dict], *, seq_len: int | None,
     rows.append(plan_run(run, hbm_gib=hbm_gib, compile_step=compile_step,
                          top_collectives=top_collectives, top_kernels=top_kernels,
                          devices_per_host=devices_per_host, rates_of=rates_of,
-                         link_gbs=link_gbs))
+                         link_gbs=link_gbs, peak_rates=peak_rates))
   return rows
 
 

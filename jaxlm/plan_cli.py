@@ -64,8 +64,11 @@ between hosts; "(host + network)" splits it where some crosses hosts). MFU at mo
 model's FLOPs at peak over the longer of the two (100 % where communication can hide
 behind compute). Devices sit on hosts of --devices-per-host (8) in device order, so the
 last mesh axes (tensor, then fsdp) stay within a host; --link-gbs HOST,NETWORK sets the
-links' GB/s per device, one direction (H100: 450,50). A bound is not a measurement:
-memory-bound kernels, launch gaps and a collective's latency add to it.
+links' GB/s per device, one direction (H100: 450,50), and --peak-rates TFLOPS,TBPS the
+peak FLOP/s and memory bandwidth (of the time bounds and of --kernels'), e.g. 798,3.0:
+what a bf16 GEMM of 8192^3 and a device-to-device copy reached on an H100, where the
+datasheet says 989 and 3.35. A bound is not a measurement: launch gaps, a collective's
+latency and kernels below the peak rates add to it.
 
 --top-collectives N lists, under the table, each layout's N largest collectives: bytes sent
 per step, kind, axes, runs per step, shape and the jax operation each serves (e.g.
@@ -100,16 +103,18 @@ def parse_layout(text: str) -> dict[str, int]:
   return layout
 
 
-def parse_link_gbs(text: str) -> tuple[float, float]:
-  """"450,50" -> (450.0, 50.0): GB/s within a host, between hosts."""
-  try:
-    host, network = (float(part) for part in text.split(","))
-  except ValueError:
-    raise argparse.ArgumentTypeError(
-        f"bad --link-gbs {text!r}: use HOST,NETWORK in GB/s, e.g. 450,50") from None
-  if host <= 0 or network <= 0:
-    raise argparse.ArgumentTypeError(f"--link-gbs {text!r}: rates must be positive")
-  return host, network
+def rate_pair(flag: str, form: str):
+  """A parser of two positive rates, "450,50" -> (450.0, 50.0), whose errors name the flag
+  and its form (e.g. "HOST,NETWORK in GB/s, e.g. 450,50")."""
+  def parse(text: str) -> tuple[float, float]:
+    try:
+      first, second = (float(part) for part in text.split(","))
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"bad {flag} {text!r}: use {form}") from None
+    if first <= 0 or second <= 0:
+      raise argparse.ArgumentTypeError(f"{flag} {text!r}: rates must be positive")
+    return first, second
+  return parse
 
 
 def add_plan_parser(subparsers) -> argparse.ArgumentParser:
@@ -134,9 +139,15 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
   parser.add_argument("--rates-of", metavar="KIND",
                       help="time each layout's step at this device's peak FLOP/s and link "
                            "rates (h100, h200, b200, a100; default: the device compiled for)")
-  parser.add_argument("--link-gbs", type=parse_link_gbs, metavar="HOST,NETWORK",
+  parser.add_argument("--link-gbs", metavar="HOST,NETWORK",
+                      type=rate_pair("--link-gbs", "HOST,NETWORK in GB/s, e.g. 450,50"),
                       help="GB/s one device sends within its host and to other hosts, in "
                            "place of the --rates-of device's (e.g. 450,25)")
+  parser.add_argument("--peak-rates", metavar="TFLOPS,TBPS",
+                      type=rate_pair("--peak-rates", "TFLOPS,TBPS, e.g. 798,3.0"),
+                      help="bf16 TFLOP/s and memory TB/s per device in place of the "
+                           "datasheet's, for the time bounds and --kernels' (e.g. 798,3.0, "
+                           "as measured on an H100)")
   parser.add_argument("--devices-per-host", type=int, default=8, metavar="N",
                       help="devices per host, in device order (default: 8)")
   parser.add_argument("--seq-len", type=int, help="default: the recipe's, else 2048")
@@ -235,7 +246,7 @@ def run_plan(args, overrides=()) -> int:
   from jaxlm.parallel.links import HOST_LINK_GBPS, rates_for
   from jaxlm.plan import (GIB, fastest, format_kernels, format_max_batch_table, format_table,
                           format_top_collectives, max_batch, milliseconds, plan,
-                          standard_layouts, step_bound_s)
+                          standard_layouts)
 
   devices = None
   try:
@@ -264,11 +275,11 @@ def run_plan(args, overrides=()) -> int:
                    compute_dtype=args.compute_dtype, grad_accum=fallback(args.grad_accum, 1),
                    overrides=list(overrides), recipe=args.config, devices=devices)
     timing = dict(devices_per_host=args.devices_per_host, rates_of=args.rates_of,
-                  link_gbs=args.link_gbs)
-    if args.link_gbs and not (args.rates_of or args.target):
+                  link_gbs=args.link_gbs, peak_rates=args.peak_rates)
+    if args.link_gbs and not (args.rates_of or args.target or args.peak_rates):
       raise ConfigError("--link-gbs times each step with a device's peak FLOP/s too: add "
-                        "--rates-of KIND (e.g. h100), or plan with --target.")
-    if args.rates_of and not rates_for(args.rates_of, args.link_gbs):
+                        "--rates-of KIND (e.g. h100) or --peak-rates, or plan with --target.")
+    if args.rates_of and not rates_for(args.rates_of, args.link_gbs, args.peak_rates):
       raise ConfigError(f"No peak rates known for --rates-of {args.rates_of!r}: use one of "
                         f"{', '.join(kind.lower() for kind in HOST_LINK_GBPS)}, or give "
                         f"--link-gbs HOST,NETWORK with a kind whose FLOP/s are known.")
@@ -302,10 +313,14 @@ def run_plan(args, overrides=()) -> int:
       print(f"compiled for {len(devices)} x {devices[0].device_kind} by XLA's GPU compiler "
             f"(--target {args.target}; no GPU used)")
     if described := sorted({row["rates"] for row in rows if "rates" in row}):
-      print(f"time bounds at {'; '.join(described)} (datasheet figures, not measured)")
+      given = [flag for flag, value in (("--peak-rates", args.peak_rates),
+                                        ("--link-gbs", args.link_gbs)) if value]
+      print(f"time bounds at {'; '.join(described)} ("
+            + (f"{' and '.join(given)} as given, the rest " if given else "")
+            + "datasheet figures, not measured; MFU of the datasheet's peak)")
       if sum("bound" in row for row in rows) > 1 and (best := fastest(rows)):
         print(f"shortest step that fits {args.hbm_gib:g} GiB at those rates: "
-              f"{milliseconds(step_bound_s(best[0]))} ms at least (MFU at most "
+              f"{milliseconds(best[0]['bound']['step_s'])} ms at least (MFU at most "
               f"{best[0]['bound']['mfu_at_most']:.0%}), by "
               + ", ".join(f"{row['layout']} ({row['peak_bytes'] / GIB:.2f} GiB)"
                           for row in best[:4]) + (f" and {len(best) - 4} more" if best[4:] else ""))

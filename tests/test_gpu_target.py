@@ -134,5 +134,5 @@ def test_a_plan_for_two_hosts_of_h100s_times_its_step_at_their_rates():
   sent = row["sent_by_axes"]
   assert row["sent_by_link"]["host"] == sent["fsdp"] > 0
   assert row["sent_by_link"]["network"] == sum(sent.values()) - sent["fsdp"] > 0
-  assert row["rates"].startswith("NVIDIA H100 80GB HBM3 rates: 989 TFLOP/s, 450 GB/s")
+  assert row["rates"].startswith("NVIDIA H100 80GB HBM3 rates: 989 TFLOP/s, 3.35 TB/s, 450 GB/s")
   assert row["bound"]["comm_by_link_s"]["network"] == row["sent_by_link"]["network"] / 50e9

@@ -41,7 +41,12 @@ def test_rates_of_known_devices_and_given_links():
   assert (h100.flops, h100.host_link, h100.network) == (989e12, 450e9, 50e9)
   assert rates_for("h100", (900, 25)).network == 25e9
   assert rates_for("cpu") is None and rates_for("cpu", (10, 1)) is None  # no peak FLOP/s
-  assert "450 GB/s within hosts of 8, 50 GB/s between hosts" in h100.describe(8)
+  assert h100.describe(8) == ("NVIDIA H100 80GB HBM3 rates: 989 TFLOP/s, 3.35 TB/s, 450 GB/s "
+                              "within hosts of 8, 50 GB/s between hosts")
+  # Measured ceilings in place of the datasheet's: MFU still counts against the datasheet.
+  measured = rates_for("h100", peak_rates=(798, 3.0))
+  assert (measured.flops, measured.memory, measured.mfu_flops) == (798e12, 3e12, 989e12)
+  assert rates_for("cpu", (10, 1), (2, 0.1)).mfu_flops == 2e12  # no datasheet: the given
 
 
 def test_a_step_takes_the_longer_of_its_compute_and_its_collectives():
@@ -57,12 +62,16 @@ def test_a_step_takes_the_longer_of_its_compute_and_its_collectives():
   kernels = step_bound(989e12 * 0.1, {"host": 450e9 * 0.02}, h100, kernels_s=0.125)
   assert kernels["model_flops_s"] == pytest.approx(0.1)
   assert kernels["compute_s"] == 0.125 and kernels["mfu_at_most"] == pytest.approx(0.8)
+  # At a measured 798 TFLOP/s the same FLOPs take longer, and MFU is still of 989.
+  measured = step_bound(989e12 * 0.1, {}, rates_for("h100", peak_rates=(798, 3.0)))
+  assert measured["step_s"] == pytest.approx(0.1 * 989 / 798)
+  assert measured["mfu_at_most"] == pytest.approx(798 / 989)
 
 
 def test_the_fastest_layouts_are_those_with_the_shortest_bound_that_fit():
   def row(layout, compute_ms, comm_ms, peak_gib, fits=True):
     return {"layout": layout, "fits": fits, "peak_bytes": peak_gib * GIB,
-            "bound": {"compute_s": compute_ms / 1e3, "comm_s": comm_ms / 1e3}}
+            "bound": {"step_s": max(compute_ms, comm_ms) / 1e3}}
 
   rows = [row("a", 100, 150, 20), row("b", 100, 90, 30), row("c", 100, 50, 20),
           row("d", 100, 10, 90, fits=False), row("e", 100, 100.5, 10)]
@@ -86,8 +95,8 @@ def test_plan_splits_what_it_sends_between_host_links_and_the_network():
   assert bound["comm_by_link_s"]["network"] == pytest.approx(network / 50e9)
   assert bound["comm_by_link_s"]["network"] > bound["comm_by_link_s"]["host"]
   assert bound["compute_s"] == pytest.approx(row["flops_per_device"] / 989e12)
-  assert row["rates"] == ("h100 rates: 989 TFLOP/s, 500 GB/s within hosts of 4, 50 GB/s "
-                          "between hosts")
+  assert row["rates"] == ("h100 rates: 989 TFLOP/s, 3.35 TB/s, 500 GB/s within hosts of 4, "
+                          "50 GB/s between hosts")
   header, _, cells = format_table([row]).splitlines()
   assert re.split(r"\s{2,}", header)[-3:] == ["compute ms", "comm ms", "MFU at most"]
   host_ms, network_ms = (bound["comm_by_link_s"][link] * 1e3 for link in ("host", "network"))
@@ -111,16 +120,15 @@ def test_plan_command_times_steps_only_with_known_rates(capsys):
                         "--seq-len", "64", "--rates-of", "h100", "--hbm-gib", "1",
                         "--devices-per-host", "4", "--json"]) == 0
   rows = {row["layout"]: row for row in json.loads(capsys.readouterr().out)}
-  best = min(rows.values(), key=lambda row: max(row["bound"]["compute_s"],
-                                                row["bound"]["comm_s"]))
+  best = min(rows.values(), key=lambda row: row["bound"]["step_s"])
   assert plan_cli.main(["--preset", "tiny", "--mesh", "fsdp=8", "--mesh", "data=8",
                         "--seq-len", "64", "--rates-of", "h100", "--hbm-gib", "1",
                         "--devices-per-host", "4"]) == 0
   assert (f"shortest step that fits 1 GiB at those rates: "
-          f"{milliseconds(max(best['bound']['compute_s'], best['bound']['comm_s']))} ms at least"
+          f"{milliseconds(best['bound']['step_s'])} ms at least"
           in capsys.readouterr().out)
-  assert ("time bounds at a100 rates: 312 TFLOP/s, 300 GB/s within hosts of 4, 25 GB/s "
-          "between hosts (datasheet figures, not measured)") in out
+  assert ("time bounds at a100 rates: 312 TFLOP/s, 2.04 TB/s, 300 GB/s within hosts of 4, "
+          "25 GB/s between hosts (datasheet figures, not measured") in out
   # --max-batch times the step at the batch it found.
   assert plan_cli.main([*args, "--rates-of", "h100", "--max-batch", "--batch-limit", "16",
                         "--json", "--config.model.num_layers=1"]) == 0
@@ -133,3 +141,11 @@ def test_plan_command_times_steps_only_with_known_rates(capsys):
   with pytest.raises(SystemExit):
     plan_cli.main([*args, "--link-gbs", "450"])
   assert "use HOST,NETWORK in GB/s" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    plan_cli.main([*args, "--peak-rates", "798,0"])
+  assert "--peak-rates '798,0': rates must be positive" in capsys.readouterr().err
+  # Given rates: a CPU plan is timed with them, and the line says which were given.
+  assert plan_cli.main([*args, "--peak-rates", "100,1", "--link-gbs", "20,2"]) == 0
+  assert ("cpu rates: 100 TFLOP/s, 1.00 TB/s, 20 GB/s within hosts of 8, 2 GB/s between "
+          "hosts (--peak-rates and --link-gbs as given, the rest datasheet figures"
+          in capsys.readouterr().out)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from jaxlm.train.metrics import PEAK_TFLOPS, peak_for_kind
+from jaxlm.train.metrics import PEAK_MEMORY_TBPS, PEAK_TFLOPS, peak_for_kind
 
 DEVICES_PER_HOST = 8
 
@@ -21,31 +21,39 @@ NETWORK_GBPS = {"H100": 50.0, "H200": 50.0, "B200": 50.0, "A100": 25.0}
 
 @dataclass(frozen=True)
 class Rates:
-  """Peak rates, per second, that time a plan: bf16 FLOPs of one device, and bytes one
-  device sends within its host and to other hosts."""
+  """Peak rates, per second, that time a plan: bf16 FLOPs of one device, bytes one device
+  sends within its host and to other hosts, its memory bandwidth (None: unknown), and the
+  FLOPs MFU is counted against (the datasheet's, where flops is a measured ceiling)."""
   name: str
   flops: float
   host_link: float
   network: float
+  memory: float | None = None
+  mfu_flops: float | None = None
 
   def describe(self, devices_per_host: int) -> str:
-    return (f"{self.name} rates: {self.flops / 1e12:,.0f} TFLOP/s, "
+    memory = f"{self.memory / 1e12:,.2f} TB/s, " if self.memory else ""
+    return (f"{self.name} rates: {self.flops / 1e12:,.0f} TFLOP/s, {memory}"
             f"{self.host_link / 1e9:,.0f} GB/s within hosts of {devices_per_host}, "
             f"{self.network / 1e9:,.0f} GB/s between hosts")
 
 
-def rates_for(kind: str, link_gbs: tuple[float, float] | None = None) -> Rates | None:
+def rates_for(kind: str, link_gbs: tuple[float, float] | None = None,
+              peak_rates: tuple[float, float] | None = None) -> Rates | None:
   """The Rates of a device kind (e.g. "NVIDIA H100 80GB HBM3", or "h100"), with link_gbs
-  (within a host, between hosts) in place of the table's; None for a kind whose peak
-  FLOP/s or links are not known and no link_gbs (CPU)."""
-  flops = peak_for_kind(PEAK_TFLOPS, kind)
+  (GB/s within a host, between hosts) and peak_rates (TFLOP/s, memory TB/s) in place of the
+  tables'; None where the peak FLOP/s or the links are neither known for the kind nor
+  given (CPU)."""
+  flops, memory = ((rate * 1e12 for rate in peak_rates) if peak_rates else
+                   (peak_for_kind(PEAK_TFLOPS, kind), peak_for_kind(PEAK_MEMORY_TBPS, kind)))
   host_link = peak_for_kind(HOST_LINK_GBPS, kind, unit=1e9)
   network = peak_for_kind(NETWORK_GBPS, kind, unit=1e9)
   if link_gbs:
     host_link, network = (gbs * 1e9 for gbs in link_gbs)
   if not (flops and host_link and network):
     return None
-  return Rates(kind, flops, host_link, network)
+  return Rates(kind, flops, host_link, network, memory,
+               peak_for_kind(PEAK_TFLOPS, kind) or flops)
 
 
 def device_hosts(mesh, devices_per_host: int = DEVICES_PER_HOST) -> np.ndarray:
@@ -76,11 +84,13 @@ def step_bound(flops_per_device: float, sent_by_link: dict[str, float], rates: R
   jaxlm.kernel_cost.time_bounds: memory-bound kernels and remat's recomputation count
   there), whichever is longer (compute_s); and its collectives one at a time at their
   link's rate (comm_s, split by link in comm_by_link_s). The step takes at least the longer
-  of compute and communication, so the MFU it can reach is at most model_flops_s / that."""
+  of compute and communication (step_s), so the MFU it can reach, of rates.mfu_flops, is
+  at most mfu_at_most."""
   by_link = {"host": sent_by_link.get("host", 0.0) / rates.host_link,
              "network": sent_by_link.get("network", 0.0) / rates.network}
   model_flops_s = flops_per_device / rates.flops
   compute_s, comm_s = max(model_flops_s, kernels_s or 0.0), sum(by_link.values())
   step_s = max(compute_s, comm_s)
+  mfu = flops_per_device / (rates.mfu_flops or rates.flops) / step_s if step_s else None
   return {"model_flops_s": model_flops_s, "compute_s": compute_s, "comm_s": comm_s,
-          "comm_by_link_s": by_link, "mfu_at_most": model_flops_s / step_s if step_s else None}
+          "comm_by_link_s": by_link, "step_s": step_s, "mfu_at_most": mfu}
