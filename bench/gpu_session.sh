@@ -25,11 +25,13 @@
 # of the scan's stacked buffers); xla, cudnn, pallas_gpu or splash sets
 # model.attention_impl), maxtext,
 # torch, attention (bench/attention_check.py: XLA, cuDNN and Pallas attention checked
-# against float32 and timed, ATTENTION_ARGS adds arguments), plan:<remat>[+unroll][+h100]
-# (`jaxlm plan --kernels` of the same step on the host's CPU, or compiled for an H100 by
-# XLA's GPU compiler without running: its planned peak memory and, for the H100, the time
-# its kernels take at least, set beside the measured ones; PLAN_ARGS replaces its preset
-# and shape). BENCH_ARGS adds arguments to
+# against float32 and timed, ATTENTION_ARGS adds arguments), ceilings (bench/ceilings.py:
+# this GPU's bf16 matmul rate and memory bandwidth, CEILINGS_ARGS adds arguments),
+# plan:<remat>[+unroll][+h100] (`jaxlm plan --kernels` of the same step on the host's CPU,
+# or compiled for an H100 by XLA's GPU compiler without running: its planned peak memory
+# and, for the H100, the time its kernels take at least, at the ceilings measured in this
+# run when the ceilings part came first, else at the datasheet's rates, set beside the
+# measured ones; PLAN_ARGS replaces its preset and shape). BENCH_ARGS adds arguments to
 # bench/train_throughput.py (a dry run on CPU: BENCH_ARGS="--preset tiny --seq-len 64"
 # bash bench/gpu_session.sh jaxlm:minimal).
 # One JSON line per part goes to $OUT (or /tmp/jaxlm_bench); the logs, MaxText's metrics and
@@ -40,7 +42,7 @@
 # category is set beside the least the planned kernels could take.
 set -u
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(jaxlm:none+unroll maxtext jaxlm:none attention
+[ ${#parts[@]} -eq 0 ] && parts=(ceilings jaxlm:none+unroll maxtext jaxlm:none attention
                                   plan:none+unroll+h100 jaxlm:minimal_with_attention)
 out=${OUT:-/tmp/jaxlm_bench}
 budget=${BUDGET_S:-540}
@@ -114,6 +116,8 @@ for part in "${parts[@]}"; do
       run_part torch_anchor 210 150 python3 "$anchor/torch_llama_anchor.py" --compile ;;
     attention)  # XLA, cuDNN and Pallas attention against float32, with and without a document mask
       run_part attention_check 150 60 python3 bench/attention_check.py ${ATTENTION_ARGS:-} ;;
+    ceilings)  # this GPU's bf16 matmul rate and memory bandwidth, for the plans' bounds
+      run_part ceilings 90 30 python3 bench/ceilings.py ${CEILINGS_ARGS:-} ;;
     plan:*)  # jaxlm plan's memory for the same step, compiled on the host's CPU, or with
              # +<target> by XLA's GPU compiler for that GPU without using it: to set beside
              # what the GPU measured
@@ -128,19 +132,26 @@ for part in "${parts[@]}"; do
           *) target=$option ;;
         esac
       done
+      # Compiled for a GPU, its kernels are bounded at the ceilings measured in this run, if
+      # the ceilings part ran before it, rather than at the datasheet's rates.
+      peak=""
+      [ -n "$target" ] && [ -s "$out/ceilings.json" ] && peak=$(python3 -c "import json, sys
+r = json.loads(open(sys.argv[1]).read().splitlines()[-1])
+print(f\"{r['matmul_tflops']:.1f},{r['memory_tbps']:.3f}\")" "$out/ceilings.json" 2>/dev/null)
       JAX_PLATFORMS=cpu run_part "plan_$remat${unroll:+_unroll}${target:+_$target}" 90 20 \
         python3 -m jaxlm.plan_cli \
         ${PLAN_ARGS:---preset ref-1.1b --seq-len 2048 --batch-size 8} --mesh data=1 \
-        --devices 1 --remat "$remat" ${target:+--target "$target"} $unroll --kernels 0 --json ;;
+        --devices 1 --remat "$remat" ${target:+--target "$target"} $unroll --kernels 0 --json \
+        ${peak:+--peak-rates "$peak"} ;;
     *) echo "unknown part $part (jaxlm:<remat>[+<XLA flag>...][+docs<N>][+chunk<N>][+unroll]" \
-            "[+xla|cudnn|pallas_gpu|splash], maxtext, torch, attention," \
+            "[+xla|cudnn|pallas_gpu|splash], maxtext, torch, attention, ceilings," \
             "plan:<remat>[+unroll][+h100])"
        exit 2 ;;
   esac
 done
 
 python3 - "$out" <<'PY'
-import json, pathlib, sys
+import json, pathlib, re, sys
 rows = []
 for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
   lines = [l for l in path.read_text().splitlines() if l.startswith(("{", "[{"))]
@@ -159,9 +170,15 @@ for name, r in rows:
           f"{r['temp_bytes'] / 2**30:.1f}), attention as {r['attention_impl']}"
           + (f", kernels move {r['kernels']['total']['bytes'] / 1e9:.0f} GB: {bound * 1e3:.0f}"
              f" ms a step at least" if bound else "")
+          + (f" (at {rates.group(1)})" if bound and (rates := re.search(
+              r"rates: ([\d,.]+ TFLOP/s, [\d.]+ TB/s)", r.get("rates", ""))) else "")
           + (f", MFU at most {r['bound']['mfu_at_most']:.0%}"
              if (r.get("bound") or {}).get("mfu_at_most") else "")
           if "error" not in r else r["error"]))
+    continue
+  if "matmul_tflops" in r:  # bench/ceilings.py
+    print(f"{name:<16} measured: {r['matmul_tflops']:.0f} TFLOP/s bf16 matmul "
+          f"({r['matmul_n']}^3), {r['memory_tbps']:.2f} TB/s memory")
     continue
   if "cases" in r:  # bench/attention_check.py
     for c in r["cases"]:

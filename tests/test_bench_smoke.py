@@ -110,6 +110,7 @@ def test_gpu_session_runs_parts_within_its_budget(tmp_path):
   env.update(OUT=str(tmp_path), BUDGET_S="150",
              BENCH_ARGS="--preset tiny --seq-len 64 --batch-size 8 --steps 2",
              PLAN_ARGS="--preset tiny --seq-len 64 --batch-size 8",
+             CEILINGS_ARGS="--matmul-n 256 --memory-mib 8 --repeats 3",
              PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
   script = str(root / "bench" / "gpu_session.sh")
   # The second variant has an XLA flag of its own (one that does nothing on CPU), packs
@@ -125,7 +126,8 @@ def test_gpu_session_runs_parts_within_its_budget(tmp_path):
       "layout": "1 device", "temp_bytes": 2**20, "peak_bytes": 2**21, "attention_impl": "cudnn",
       "compiled_for": "NVIDIA H100 80GB HBM3", "kernels": {"total": {"bytes": 1e9}},
       "kernel_bound_s": bounds, "bound": {"mfu_at_most": 0.74}}]))
-  out = subprocess.run(["bash", script, "plan:minimal+unroll", *variants, "maxtext", "torch"],
+  out = subprocess.run(["bash", script, "ceilings", "plan:minimal+unroll", *variants, "maxtext",
+                        "torch"],
                        cwd=root, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stdout + out.stderr
   table = out.stdout[out.stdout.index("tokens/s"):].splitlines()
@@ -145,7 +147,8 @@ def test_gpu_session_runs_parts_within_its_budget(tmp_path):
     assert ran["scan_layers"] is (scan is None)
     assert ran["overrides"].get("model.attention_impl") == impl
     assert ran["attention_impl"] == (impl or "xla") and ran["loss_chunk_len"] == (chunk or 0)
-  assert table[1].startswith(names[0]) and table[2].lstrip().startswith("busy ")
+  first = next(i for i, row in enumerate(table) if row.startswith(names[0]))
+  assert table[first + 1].lstrip().startswith("busy ")
   (compared,) = [row for row in table if "measured / at least (plan_minimal_h100), ms: " in row]
   assert re.search(r"matmul \d+\.\d / 4\.0, .*total \d+\.\d / 7\.5$", compared), compared
   assert any(row.startswith("plan_minimal_h100 planned for NVIDIA H100 80GB HBM3: peak 0.0 GiB")
@@ -156,8 +159,13 @@ def test_gpu_session_runs_parts_within_its_budget(tmp_path):
     assert any(row.startswith(part) and re.search(r"needs \d+ s, BUDGET_S=150 leaves \d+$", row)
                for row in table)
     assert json.loads((tmp_path / f"{part}.json").read_text())["skipped"]
+  # The ceilings part: this device's matmul rate and memory bandwidth, measured.
+  ceilings = json.loads((tmp_path / "ceilings.json").read_text())
+  assert ceilings["matmul_n"] == 256 and ceilings["matmul_tflops"] > 0
+  assert any(row.startswith("ceilings") and "TFLOP/s bf16 matmul (256^3)" in row
+             for row in table)
   # The plan part: the same step's memory and kernels as jaxlm plan gives them, compiled for
-  # the CPU (no peak rates: no time bound).
+  # the CPU (no peak rates: no time bound; the measured ceilings bound only a GPU target's).
   (planned,) = json.loads((tmp_path / "plan_minimal_unroll.json").read_text())
   assert planned["layout"] == "1 device" and planned["temp_bytes"] > 0
   assert planned["kernels"]["matmul"]["flops"] > 0 and "kernel_bound_s" not in planned
@@ -165,7 +173,7 @@ def test_gpu_session_runs_parts_within_its_budget(tmp_path):
              f"{planned['peak_bytes'] / 2**30:.1f} GiB" in row for row in table)
   with tarfile.open(tmp_path / "logs.tgz") as logs:
     assert sorted(logs.getnames()) == sorted(
-        ["./plan_minimal_unroll.log"] + [f"./{name}.log" for name in names]
+        ["./ceilings.log", "./plan_minimal_unroll.log"] + [f"./{name}.log" for name in names]
         + [f"./profile_{name[len('jaxlm_'):]}.xplane.pb" for name in names])
   bad = subprocess.run(["bash", script, "jax:minimal"], cwd=root, env=env, capture_output=True,
                        text=True, timeout=120)
