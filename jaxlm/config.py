@@ -285,7 +285,12 @@ def model_config(config) -> LlamaConfig:
     fields["num_labels"] = 1  # one score
   encoder = _encoder_config(config, fields, source)
   if encoder is not None:
+    if config.data.shaping == "stream":
+      raise ConfigError("data.shaping 'stream' makes each row one causal stream for a decoder; "
+                        "an encoder reads its rows both ways: use data.shaping 'pack'.")
     return encoder
+  # Stream rows hold one stream each: attention masks no document boundary.
+  fields["document_mask"] = config.data.shaping != "stream"
   if isinstance(fields.get("rope_scaling"), ml_collections.ConfigDict):
     fields["rope_scaling"] = fields["rope_scaling"].to_dict()
   if source is not None:

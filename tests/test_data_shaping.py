@@ -122,6 +122,90 @@ def test_best_fit_packing_fills_rows():
   assert (rows["segment_ids"] > 0).sum() == 26
 
 
+def test_a_stream_runs_documents_together_and_trains_every_pair_once():
+  """data.shaping "stream": whole documents in order, one token stream cut into rows; a long
+  document's windows (cut without overlap, the unit of the validation split) join again
+  without repeating the token they share, and one held out leaves a seam, not a gap."""
+  examples = [_example(10), _example(3) + np.int32(100), _example(25) + np.int32(200)]
+  examples[1] = (examples[1][0] + 100, examples[1][1])  # tokens 300.., 400.. for the others
+  examples[2] = (examples[2][0] + 200, examples[2][1])
+  pieces, _ = cut_pieces(examples, 8, overflow="window", stride=8)
+  rows = pack_rows(pieces, 8, "stream")
+  stream = np.concatenate([ids for ids, _ in examples])
+  pairs = len(stream) - 1
+  np.testing.assert_array_equal(rows["input_ids"].ravel()[:pairs], stream[:-1])
+  np.testing.assert_array_equal(rows["targets"].ravel()[:pairs], stream[1:])
+  np.testing.assert_array_equal(rows["positions"].ravel()[:pairs], np.arange(pairs) % 8)
+  assert (rows["segment_ids"].ravel()[:pairs] == 1).all() and rows["loss_mask"].sum() == pairs
+  assert len(rows["input_ids"]) == -(-pairs // 8)  # only the last row pads
+  assert not rows["segment_ids"].ravel()[pairs:].any()
+  # The third document's second window held out: its neighbours meet, each token once.
+  held_out = (pieces.example == 2) & (pieces.window == 1)
+  train = pack_rows(pieces.select(~held_out), 8, "stream")
+  kept = np.concatenate([stream[:38 - 25 + 8 + 1], stream[38 - 25 + 16:]])
+  np.testing.assert_array_equal(train["input_ids"].ravel()[:len(kept) - 1], kept[:-1])
+  np.testing.assert_array_equal(train["targets"].ravel()[:len(kept) - 1], kept[1:])
+
+
+def test_stream_rows_from_a_corpus_and_a_model_that_attends_across_them(tmp_path):
+  """Built from sources, a stream's rows hold every document in turn; the decoder a stream
+  trains (document_mask False, set from data.shaping by model_config) attends across the
+  row whatever its segment ids say, and a packing one does not."""
+  from flax import nnx
+  from jaxlm.config import base_config, model_config
+  from jaxlm.models import Llama
+
+  docs = ["It is a truth universally acknowledged.", "Emma Woodhouse, handsome, clever and rich.",
+          "The family of Dashwood had long been settled in Sussex."]
+  rows = _all_rows(_batches(tmp_path, [{"text": d} for d in docs], seq_len=16,
+                            shaping="stream"))
+  padded = [row for row in rows if not row["segment_ids"].all()]
+  assert len(padded) == 1 and len(rows) > 1  # the stream's end
+  stream = "".join(doc + EOS for doc in docs)  # in order, as the source holds them
+  tokens = len(TOKENIZER.encode(stream, add_special_tokens=False).ids)
+  assert sum(int(row["segment_ids"].sum()) for row in rows) == tokens - 1
+  for row in rows:  # the loader serves rows shuffled; each is a stretch of the stream
+    real = row["segment_ids"][0] == 1
+    ids = row["input_ids"][0][real].tolist() + [int(row["targets"][0][real][-1])]
+    assert TOKENIZER.decode(ids, skip_special_tokens=False) in stream
+  batch = next(row for row in rows if row["segment_ids"].all())
+  config = base_config()
+  config.model.preset = "tiny"
+  config.model.vocab_size = TOKENIZER.get_vocab_size()
+  config.model.compute_dtype = "float32"
+  config.data.shaping = "stream"
+  stream_cfg = model_config(config)
+  config.data.shaping = "pack"
+  assert stream_cfg.document_mask is False and model_config(config).document_mask is True
+  ids, positions = batch["input_ids"][:1], batch["positions"][:1]
+  segments = np.repeat([[1, 2]], 8, axis=1)  # as if the row held two documents
+  streaming = Llama(stream_cfg, rngs=nnx.Rngs(0))
+  packing = Llama(model_config(config), rngs=nnx.Rngs(0))
+  whole = np.asarray(streaming(ids, positions))
+  np.testing.assert_allclose(np.asarray(streaming(ids, positions, segments)), whole,
+                             rtol=1e-5, atol=1e-5)
+  split = np.asarray(packing(ids, positions, segments))
+  np.testing.assert_allclose(split[:, :8], whole[:, :8], rtol=1e-5, atol=1e-5)
+  assert np.abs(split[:, 8:] - whole[:, 8:]).max() > 1e-3
+
+
+def test_a_stream_is_refused_where_examples_need_their_own_segments(tmp_path):
+  from jaxlm.config import ConfigError, base_config, model_config
+  from jaxlm.data.sources import DataError
+
+  rows = [{"text": "good", "label": "pos"}, {"text": "bad", "label": "neg"}]
+  settings = {"sources": (_jsonl(tmp_path / "labelled.jsonl", rows),), "shaping": "stream",
+              "format": "classification", "labels": ("pos", "neg"),
+              "cache_dir": str(tmp_path / "cache")}
+  with pytest.raises(DataError, match="a classification, regression or tagging head needs"):
+    build_train_data(settings, "embedded", 16, 1, seed=0, label_head=True)
+  config = base_config()
+  config.model.preset = "bert-base"
+  config.data.shaping = "stream"
+  with pytest.raises(ConfigError, match="an encoder reads its rows both ways"):
+    model_config(config)
+
+
 def test_sft_loss_only_on_completions(tmp_path):
   rows = [{"prompt": f"Question {i}: what is {i} plus {i}?\nAnswer:", "completion": f" {2 * i}"}
           for i in range(6)]

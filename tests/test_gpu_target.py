@@ -136,3 +136,21 @@ def test_a_plan_for_two_hosts_of_h100s_times_its_step_at_their_rates():
   assert row["sent_by_link"]["network"] == sum(sent.values()) - sent["fsdp"] > 0
   assert row["rates"].startswith("NVIDIA H100 80GB HBM3 rates: 989 TFLOP/s, 3.35 TB/s, 450 GB/s")
   assert row["bound"]["comm_by_link_s"]["network"] == row["sent_by_link"]["network"] / 50e9
+
+
+@needs_plugin
+def test_stream_rows_give_cudnn_attention_without_a_mask():
+  """Packed rows hand cuDNN the document mask as a [batch, 1, seq, seq] bias, whose
+  gradient its backward computes too; a stream's rows (data.shaping "stream") need none."""
+  devices = target_devices("h100", 1)
+  calls = {}
+  for shaping in ("pack", "stream"):
+    config, _ = experiment_config("demo", {"data": 1}, seq_len=256, batch_size=4,
+                                  overrides={"data.shaping": shaping,
+                                             "model.attention_impl": "cudnn"})
+    compiled = Run.build(config, planning=True, devices=devices).trainer.lower_train_step(
+        {key: (4, 256) for key in BATCH_KEYS}).compile()
+    calls[shaping] = set(re.findall(r'custom_call_target="__cudnn\$(fmha\w*)"',
+                                    compiled.as_text()))
+  assert calls == {"pack": {"fmhaScaleBiasSoftmax", "fmhaScaleBiasSoftmaxBackward"},
+                   "stream": {"fmhaSoftmax", "fmhaSoftmaxBackward"}}

@@ -154,7 +154,8 @@ def _build(out: Path, sources: list[Source], tok: TextTokenizer, settings: dict,
   seen: set[bytes] = set()
   regression = settings["regression"]
   dtypes = cache.storage_dtypes(tok.vocab_size, seq_len, regression)
-  per_window = settings["overflow"] == "window" and settings["stride"] in (0, seq_len)
+  per_window = settings["shaping"] == "stream" or (
+      settings["overflow"] == "window" and settings["stride"] in (0, seq_len))
   described = []
 
   tagging = settings["format"] == "tagging"
@@ -163,8 +164,12 @@ def _build(out: Path, sources: list[Source], tok: TextTokenizer, settings: dict,
     labels = (np.array([e.label for e in examples], np.float32 if regression else np.int64)
               if settings["label_head"] and not tagging else None)
     encoded = _tokenize(examples, tok)
+    # A stream runs an example's windows together again (shaping.stream_rows): cut without
+    # overlap, they are only the unit of the train / validation split.
+    overflow, stride = ((("window", seq_len) if settings["shaping"] == "stream" else
+                         (settings["overflow"], settings["stride"])))
     pieces, counts = cut_pieces([(ids, flags) for ids, flags, _ in encoded], seq_len,
-                                overflow=settings["overflow"], stride=settings["stride"],
+                                overflow=overflow, stride=stride,
                                 labels=labels,
                                 tags=[tags for _, _, tags in encoded] if tagging else None)
     stats.update(counts)

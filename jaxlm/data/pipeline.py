@@ -17,7 +17,10 @@ are ignored):
                            "?text=content" reads a field from another column
   format = "text"          text | sft | chat | classification | pairs (see jaxlm.data.formats)
   shaping = "pack"         pack: several documents per row, attention kept within each by
-                           segment_ids; window: one document window per padded row
+                           segment_ids; window: one document window per padded row;
+                           stream: whole documents in order as one stream cut into rows,
+                           attention across documents (GPT-style pretraining; overflow
+                           and stride do not apply)
   overflow = "auto"        examples longer than seq_len: window | truncate_left |
                            truncate_right | drop; auto = window for text, truncate_left
                            (the prompt loses its start) for the other formats, and
@@ -114,6 +117,10 @@ def resolve_settings(data_config: Mapping, seq_len: int, label_head: bool = Fals
     raise DataError(f"data.add_special_tokens wraps whole examples for an encoder; "
                     f"data.format = {settings['format']!r} trains a decoder, whose templates "
                     f"carry their own tokens: unset it.")
+  if settings["shaping"] == "stream" and (label_head or settings["format"] == "tagging"):
+    raise DataError("data.shaping 'stream' runs documents together for a language model; a "
+                    "classification, regression or tagging head needs each example in its "
+                    "own segment: use data.shaping 'pack'.")
   check_budget_value(settings["error_budget"])
   check_shaping(settings["shaping"], settings["overflow"], settings["stride"] or seq_len, seq_len)
   return settings

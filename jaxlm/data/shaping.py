@@ -9,7 +9,11 @@ the start) or "drop". Each piece is one segment: positions restart at 0 and segm
 the pieces of a row 1, 2, ...; padding has segment 0 and loss_mask 0.
 
 data.shaping "pack" fills rows best-fit with pieces taken longest first; "window" gives every
-piece its own padded row.
+piece its own padded row; "stream" concatenates whole examples, in order, into one token
+stream cut into rows of seq_len pairs, as GPT-style pretraining does: positions run on
+through a row, every row is segment 1 (only the last row of a stream has padding), and a
+document's first token is the target of the one before it, so the model attends across
+documents (model.document_mask False).
 
 With class labels (a classification head) every example is one piece, and its only target
 is its label's index at its last pair: the last token the decoder reads, the one that has
@@ -37,7 +41,7 @@ from jaxlm.data.sources import DataError
 
 FIELDS = ("input_ids", "targets", "loss_mask", "positions", "segment_ids")
 OVERFLOW = ("window", "truncate_left", "truncate_right", "drop")
-SHAPING = ("pack", "window")
+SHAPING = ("pack", "window", "stream")
 
 
 def encode_scores(scores) -> np.ndarray:
@@ -171,8 +175,34 @@ def _best_fit(lengths: np.ndarray, seq_len: int):
   return row, offset, segment, len(used)
 
 
+def stream_rows(pieces: Pieces, seq_len: int) -> dict[str, np.ndarray]:
+  """int32 [rows, seq_len] arrays of the pieces' tokens as one stream (data.shaping
+  "stream"), each piece's tokens start..start+size (its size pairs need size + 1 tokens).
+  A piece that continues the one before it (the next window of the same example, cut
+  without overlap) shares its first token with that one's last, which the stream holds
+  once."""
+  continues = np.zeros(len(pieces.size), np.int64)
+  continues[1:] = ((pieces.example[1:] == pieces.example[:-1])
+                   & (pieces.window[1:] == pieces.window[:-1] + 1))
+  tokens = pieces.size + 1 - continues
+  index = (np.repeat(pieces.start + continues, tokens)
+           + np.arange(int(tokens.sum())) - np.repeat(np.cumsum(tokens) - tokens, tokens))
+  ids, trained = pieces.ids[index], pieces.trained[index]
+  pairs = max(len(ids) - 1, 0)
+  num_rows = -(-pairs // seq_len)
+  rows = {f: np.zeros(num_rows * seq_len, np.int32) for f in FIELDS}
+  rows["input_ids"][:pairs] = ids[:-1]
+  rows["targets"][:pairs] = ids[1:]
+  rows["loss_mask"][:pairs] = trained[1:]
+  rows["positions"][:pairs] = np.arange(pairs) % seq_len
+  rows["segment_ids"][:pairs] = 1
+  return {f: a.reshape(num_rows, seq_len) for f, a in rows.items()}
+
+
 def pack_rows(pieces: Pieces, seq_len: int, shaping: str) -> dict[str, np.ndarray]:
   """int32 [rows, seq_len] arrays holding the pieces."""
+  if shaping == "stream":
+    return stream_rows(pieces, seq_len)
   size = pieces.size
   if shaping == "pack":
     row, offset, segment, num_rows = _best_fit(size, seq_len)

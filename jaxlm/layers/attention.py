@@ -54,6 +54,7 @@ class Attention(nnx.Module):
     self.inv_freq = (tuple(inverse_frequencies(hd, cfg.rope_theta, cfg.rope_scaling).tolist())
                      if cfg.position_embedding == "rope" else None)
     self.sliding_window = cfg.sliding_window
+    self.document_mask = cfg.document_mask
     self.implementation = cfg.attention_impl
     load_kernel(cfg.attention_impl)
 
@@ -70,7 +71,8 @@ class Attention(nnx.Module):
       k = apply_rotary(k, positions, self.inv_freq)
     if cache is not None:
       return self._attend_cached(q, k, v, positions, cache)
-    out = causal_attention(q, k, v, segment_ids, sliding_window=self.sliding_window,
+    out = causal_attention(q, k, v, segment_ids if self.document_mask else None,
+                           sliding_window=self.sliding_window,
                            implementation=self.implementation)
     out = constrain(out, ("act_batch", "act_length", "act_heads", None))
     return self.o_proj(out)

@@ -41,6 +41,10 @@ class LlamaConfig:
   attention_out_bias: bool = False  # GPT-2
   mlp_bias: bool = False  # GPT-2
   sliding_window: int | None = None  # Mistral: a token sees itself and the window-1 before it
+  # True: attention stays inside each document (segment) of a packed row. False: a row is
+  # one causal stream whatever its segment ids say, as data.shaping "stream" rows are (set
+  # from it, config.model_config); on a GPU cuDNN's attention then needs no mask.
+  document_mask: bool = True
   tie_embeddings: bool = False
   # > 0: a classifier: a `score` projection to num_labels classes replaces the output
   # projection to the vocabulary. classifier "sequence" (HF *ForSequenceClassification) is
