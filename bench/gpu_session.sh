@@ -138,11 +138,12 @@ for part in "${parts[@]}"; do
       [ -n "$target" ] && [ -s "$out/ceilings.json" ] && peak=$(python3 -c "import json, sys
 r = json.loads(open(sys.argv[1]).read().splitlines()[-1])
 print(f\"{r['matmul_tflops']:.1f},{r['memory_tbps']:.3f}\")" "$out/ceilings.json" 2>/dev/null)
+      # data.shaping=stream: no document mask, as in the benchmark's rows (without docsN).
       JAX_PLATFORMS=cpu run_part "plan_$remat${unroll:+_unroll}${target:+_$target}" 90 20 \
         python3 -m jaxlm.plan_cli \
         ${PLAN_ARGS:---preset ref-1.1b --seq-len 2048 --batch-size 8} --mesh data=1 \
         --devices 1 --remat "$remat" ${target:+--target "$target"} $unroll --kernels 0 --json \
-        ${peak:+--peak-rates "$peak"} ;;
+        ${peak:+--peak-rates "$peak"} --config.data.shaping=stream ;;
     *) echo "unknown part $part (jaxlm:<remat>[+<XLA flag>...][+docs<N>][+chunk<N>][+unroll]" \
             "[+xla|cudnn|pallas_gpu|splash], maxtext, torch, attention, ceilings," \
             "plan:<remat>[+unroll][+h100])"
