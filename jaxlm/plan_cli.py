@@ -318,12 +318,16 @@ def run_plan(args, overrides=()) -> int:
       print(f"time bounds at {'; '.join(described)} ("
             + (f"{' and '.join(given)} as given, the rest " if given else "")
             + "datasheet figures, not measured; MFU of the datasheet's peak)")
-      if sum("bound" in row for row in rows) > 1 and (best := fastest(rows)):
+      best = fastest(rows)
+      if sum("bound" in row for row in rows) > 1 and best:
         print(f"shortest step that fits {args.hbm_gib:g} GiB at those rates: "
               f"{milliseconds(best[0]['bound']['step_s'])} ms at least (MFU at most "
               f"{best[0]['bound']['mfu_at_most']:.0%}), by "
               + ", ".join(f"{row['layout']} ({row['peak_bytes'] / GIB:.2f} GiB)"
                           for row in best[:4]) + (f" and {len(best) - 4} more" if best[4:] else ""))
+      elif not best and not args.max_batch:
+        print(f"no layout timed fits {args.hbm_gib:g} GiB: more devices, remat, or a smaller "
+              f"batch")
     if any(row.get("sequence_parallel") for row in rows):
       print("sequence parallel: the residual stream split over tensor (mesh.sequence_parallel)")
     if top := format_top_collectives(rows):

@@ -127,6 +127,9 @@ def test_plan_command_times_steps_only_with_known_rates(capsys):
   assert (f"shortest step that fits 1 GiB at those rates: "
           f"{milliseconds(best['bound']['step_s'])} ms at least"
           in capsys.readouterr().out)
+  assert plan_cli.main(["--preset", "tiny", "--mesh", "fsdp=8", "--seq-len", "64",
+                        "--rates-of", "h100", "--hbm-gib", "0.0001"]) == 0
+  assert "no layout timed fits 0.0001 GiB: more devices, remat" in capsys.readouterr().out
   assert ("time bounds at a100 rates: 312 TFLOP/s, 2.04 TB/s, 300 GB/s within hosts of 4, "
           "25 GB/s between hosts (datasheet figures, not measured") in out
   # --max-batch times the step at the batch it found.
