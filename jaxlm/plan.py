@@ -22,14 +22,15 @@ from jaxlm.layers.flash_kernels import config_problem as kernel_config_problem
 from jaxlm.models.factory import is_encoder
 from jaxlm.parallel.collectives import (collectives, compile_with_partitioned_hlo,
                                         sent_bytes_by_axes)
-from jaxlm.parallel.links import (DEVICES_PER_HOST, crosses_hosts, device_hosts, rates_for,
-                                  step_bound)
+from jaxlm.parallel.links import (DEVICES_PER_HOST, crosses_hosts, device_hosts,
+                                  peak_compute_and_memory, rates_for, step_bound)
 from jaxlm.parallel.mesh import MESH_AXES, resolve_mesh_shape
 from jaxlm.train.loop import Run
-from jaxlm.train.metrics import PEAK_MEMORY_TBPS, PEAK_TFLOPS, peak_for_kind
 from jaxlm.train.trainer import BATCH_KEYS  # what every data batch holds, as jaxlm train feeds it
 
 GIB = 2**30
+# The time-bound columns of a table, filled by _bound_cells.
+BOUND_COLUMNS = ("compute ms", "comm ms", "MFU at most")
 
 
 def layout_label(layout: dict) -> str:
@@ -193,14 +194,12 @@ def kernel_traffic(optimized_hlo: str, device_kind: str, top: int,
                    peak_rates: tuple[float, float] | None = None) -> dict:
   """What the compiled step's kernels move and compute (jaxlm.kernel_cost): kernels
   {category: {kernels, bytes, flops} per step}, top_kernels (the `top` that move the most)
-  and, where the device kind's peak rates are known (PEAK_TFLOPS, PEAK_MEMORY_TBPS) or
-  given (peak_rates: TFLOP/s, TB/s), kernel_bound_s {category: seconds per step, at
-  least}."""
+  and, where the device kind's peak rates are known or given (peak_rates: TFLOP/s, TB/s;
+  jaxlm.parallel.links.peak_compute_and_memory), kernel_bound_s {category: seconds per
+  step, at least}."""
   found = kernel_cost.kernels(optimized_hlo)
   out = {"kernels": kernel_cost.summary(found), "top_kernels": kernel_cost.largest(found, top)}
-  flops, bandwidth = ((rate * 1e12 for rate in peak_rates) if peak_rates else
-                      (peak_for_kind(PEAK_TFLOPS, device_kind),
-                       peak_for_kind(PEAK_MEMORY_TBPS, device_kind)))
+  flops, bandwidth = peak_compute_and_memory(device_kind, peak_rates)
   if bandwidth and flops:
     out["kernel_bound_s"] = kernel_cost.time_bounds(found, bandwidth, flops)
   return out
@@ -381,8 +380,7 @@ def format_max_batch_table(rows: list[dict]) -> str:
   header = ("devices", "layout", "max batch", "rows/device", "tokens/step", "peak GiB",
             "probes", "compile s")
   timed = any("bound" in row for row in rows)
-  if timed:
-    header += ("compute ms", "comm ms", "MFU at most")
+  header += BOUND_COLUMNS if timed else ()
 
   def cells(row):
     batch = f"{row['max_batch']}{'+' if row['capped'] else ''}"
@@ -429,8 +427,7 @@ def format_table(rows: list[dict]) -> str:
   header = ("devices", "layout", "params+opt GiB/dev", "x ideal", "temp GiB", "peak GiB",
             "fits", "sent GiB/step", "over axes", "FLOP/B", "compile s")
   timed = any("bound" in row for row in rows)
-  if timed:
-    header += ("compute ms", "comm ms", "MFU at most")
+  header += BOUND_COLUMNS if timed else ()
 
   def cells(row):
     compile_s = row.get("compile_s")

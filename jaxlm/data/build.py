@@ -166,8 +166,8 @@ def _build(out: Path, sources: list[Source], tok: TextTokenizer, settings: dict,
     encoded = _tokenize(examples, tok)
     # A stream runs an example's windows together again (shaping.stream_rows): cut without
     # overlap, they are only the unit of the train / validation split.
-    overflow, stride = ((("window", seq_len) if settings["shaping"] == "stream" else
-                         (settings["overflow"], settings["stride"])))
+    overflow, stride = (("window", seq_len) if settings["shaping"] == "stream" else
+                        (settings["overflow"], settings["stride"]))
     pieces, counts = cut_pieces([(ids, flags) for ids, flags, _ in encoded], seq_len,
                                 overflow=overflow, stride=stride,
                                 labels=labels,

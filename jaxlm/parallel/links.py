@@ -28,8 +28,8 @@ class Rates:
   flops: float
   host_link: float
   network: float
-  memory: float | None = None
-  mfu_flops: float | None = None
+  memory: float | None
+  mfu_flops: float
 
   def describe(self, devices_per_host: int) -> str:
     memory = f"{self.memory / 1e12:,.2f} TB/s, " if self.memory else ""
@@ -38,14 +38,22 @@ class Rates:
             f"{self.network / 1e9:,.0f} GB/s between hosts")
 
 
+def peak_compute_and_memory(kind: str, peak_rates: tuple[float, float] | None = None
+                            ) -> tuple[float | None, float | None]:
+  """FLOP/s and memory bytes/s of a device kind: peak_rates (TFLOP/s, TB/s) where given,
+  else the datasheet's (None where the tables do not know the kind)."""
+  if peak_rates:
+    return peak_rates[0] * 1e12, peak_rates[1] * 1e12
+  return peak_for_kind(PEAK_TFLOPS, kind), peak_for_kind(PEAK_MEMORY_TBPS, kind)
+
+
 def rates_for(kind: str, link_gbs: tuple[float, float] | None = None,
               peak_rates: tuple[float, float] | None = None) -> Rates | None:
   """The Rates of a device kind (e.g. "NVIDIA H100 80GB HBM3", or "h100"), with link_gbs
   (GB/s within a host, between hosts) and peak_rates (TFLOP/s, memory TB/s) in place of the
   tables'; None where the peak FLOP/s or the links are neither known for the kind nor
   given (CPU)."""
-  flops, memory = ((rate * 1e12 for rate in peak_rates) if peak_rates else
-                   (peak_for_kind(PEAK_TFLOPS, kind), peak_for_kind(PEAK_MEMORY_TBPS, kind)))
+  flops, memory = peak_compute_and_memory(kind, peak_rates)
   host_link = peak_for_kind(HOST_LINK_GBPS, kind, unit=1e9)
   network = peak_for_kind(NETWORK_GBPS, kind, unit=1e9)
   if link_gbs:
@@ -53,7 +61,7 @@ def rates_for(kind: str, link_gbs: tuple[float, float] | None = None,
   if not (flops and host_link and network):
     return None
   return Rates(kind, flops, host_link, network, memory,
-               peak_for_kind(PEAK_TFLOPS, kind) or flops)
+               mfu_flops=peak_for_kind(PEAK_TFLOPS, kind) or flops)
 
 
 def device_hosts(mesh, devices_per_host: int = DEVICES_PER_HOST) -> np.ndarray:
@@ -91,6 +99,6 @@ def step_bound(flops_per_device: float, sent_by_link: dict[str, float], rates: R
   model_flops_s = flops_per_device / rates.flops
   compute_s, comm_s = max(model_flops_s, kernels_s or 0.0), sum(by_link.values())
   step_s = max(compute_s, comm_s)
-  mfu = flops_per_device / (rates.mfu_flops or rates.flops) / step_s if step_s else None
+  mfu = flops_per_device / rates.mfu_flops / step_s if step_s else None
   return {"model_flops_s": model_flops_s, "compute_s": compute_s, "comm_s": comm_s,
           "comm_by_link_s": by_link, "step_s": step_s, "mfu_at_most": mfu}
