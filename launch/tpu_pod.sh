@@ -4,8 +4,8 @@
 #
 #   launch/tpu_pod.sh create my-pod us-central2-b v4-32 tpu-ubuntu2204-base [--spot ...]
 #   launch/tpu_pod.sh install my-pod us-central2-b
-#   launch/tpu_pod.sh run my-pod us-central2-b -- jaxlm train --config configs/x.py \
-#     --workdir /mnt/shared/runs/x
+#   launch/tpu_pod.sh run my-pod us-central2-b -- jaxlm train --config ref_1b \
+#     --workdir /mnt/shared/runs/ref_1b
 #   launch/tpu_pod.sh delete my-pod us-central2-b
 #
 # --workdir must be a filesystem all workers share (Filestore NFS, a gcsfuse mount): every
