@@ -1,8 +1,8 @@
 """Every command the README and `jaxlm --help` show parses as written: each `jaxlm`
 command's arguments (the CLI's own parser), its preset, recipe and --config overrides (keys
-that exist, values of their type), and each `python bench/*.py` command's arguments. Running them is for the tests of
-each feature; this catches a README that drifted from the code (a renamed flag or key, a
-removed recipe)."""
+that exist, values of their type), and each `python bench/*.py` command's arguments.
+Running them is for each feature's own tests; this catches examples that drifted from the
+code (a renamed flag or key, a removed recipe or preset)."""
 from __future__ import annotations
 
 import argparse
