@@ -10,9 +10,9 @@ def get_config():
   config.model.preset = "ref-1.1b"
   # No remat policy, layers unrolled: compiled for one H100 (`jaxlm plan --config ref_1b
   # --mesh data=1 --target h100 --kernels`) the step needs 36.0 GiB and its kernels move
-  # 217 GB a step, where scanned layers move 344 GB (copies of each layer's saved
+  # 215 GB a step, where scanned layers move 340 GB (copies of each layer's saved
   # activations in and out of the scan's stacked buffers) and remat minimal_with_attention
-  # 245 GB (README, "What the kernels move"). Planned, not yet timed on a GPU.
+  # 243 GB (README, "What the kernels move"). Planned, not yet timed on a GPU.
   config.model.remat_policy = "none"
   config.model.scan_layers = False
   config.data.seq_len = 2048

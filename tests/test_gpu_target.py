@@ -3,6 +3,7 @@ CUDA plugin (`pip install "jax[cuda12]"`, several GB, not a test dependency): wh
 missing they are skipped and the error that names the install is checked instead."""
 import re
 
+import jax
 import pytest
 
 from jaxlm import plan_cli
@@ -154,3 +155,25 @@ def test_stream_rows_give_cudnn_attention_without_a_mask():
                                     compiled.as_text()))
   assert calls == {"pack": {"fmhaScaleBiasSoftmax", "fmhaScaleBiasSoftmaxBackward"},
                    "stream": {"fmhaSoftmax", "fmhaSoftmaxBackward"}}
+
+
+@needs_plugin
+def test_the_update_is_one_pass_over_each_weight_unless_it_may_be_dropped(monkeypatch):
+  """The new parameters' norm is taken behind an optimization barrier (train/step.py):
+  fused into the update instead, it has XLA split the update into two passes over each
+  weight. Without the barrier the step moves at least one more float32 pass over the
+  weights; with on_nonfinite=skip, whose update waits for the norm, it is left out."""
+  devices = target_devices("h100", 1)
+  params = 4_196_608  # the demo preset's
+
+  def moved(on_nonfinite="stop"):
+    (row,) = plan("demo", [{"data": 1}], seq_len=256, batch_size=4, hbm_gib=80,
+                  remat="none", top_kernels=1, devices=devices,
+                  overrides=["--config.model.scan_layers=False",
+                             f"--config.train.on_nonfinite={on_nonfinite}"])
+    return row["kernels"]["total"]["bytes"]
+
+  with_barrier, skipping = moved(), moved("skip")
+  monkeypatch.setattr(jax.lax, "optimization_barrier", lambda tree: tree)
+  assert with_barrier <= moved() - 4 * params
+  assert moved("skip") == skipping

@@ -233,8 +233,12 @@ def apply_gradients(state, grads, loss, *, tx: optax.GradientTransformation, sch
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   # The new parameters' norm catches an update that overflowed even from finite gradients
-  # (of the trainable ones: the frozen ones do not change).
-  param_norm = optax.tree.norm(params)
+  # (of the trainable ones: the frozen ones do not change). Unless the update may be
+  # dropped, the barrier has XLA write the update in one pass over each weight and read the
+  # result once for the norm; fused into the update instead, the norm split it in two
+  # passes (reference 1.1B on an H100: 1.95 GB more a step, README "What the kernels move").
+  param_norm = optax.tree.norm(params if skip_nonfinite else
+                               jax.lax.optimization_barrier(params))
   finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss) & jnp.isfinite(param_norm)
   if skip_nonfinite:
     # Drop the whole update (params and optimizer moments) when anything overflowed.
