@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.layers.attention import causal_attention
+from ceilings import median_seconds
 from train_throughput import synthetic_rows
 
 
@@ -92,15 +91,10 @@ def check(args, implementation: str, docs: int, rng) -> dict:
     case["finite"] = bool(all(jnp.isfinite(x).all() for x in values))
     case["errors"] = {name: relative_error(x, r)
                       for name, x, r in zip(("out", "dq", "dk", "dv"), values, references)}
-    times = []
-    for _ in range(args.repeats):
-      begin = time.perf_counter()
-      jax.block_until_ready(step(q, k, v, cotangent))
-      times.append(time.perf_counter() - begin)
+    seconds = median_seconds(step, [(q, k, v, cotangent)], args.repeats)
   except Exception as e:  # an implementation that refuses the case is a finding, not a crash
     case.update(ok=False, error=f"{type(e).__name__}: {e}"[:500])
     return case
-  seconds = statistics.median(times)
   # Causal: half the score and value matmuls; a backward costs 2.5 forwards (FlashAttention).
   flops = 4 * args.batch * args.heads * args.seq_len ** 2 * args.head_dim * 0.5 * 3.5
   case.update(ms_forward_backward=seconds * 1e3, tflops=flops / seconds / 1e12,
