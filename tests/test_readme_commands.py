@@ -87,8 +87,8 @@ def bench_arguments(command: str) -> tuple[Path, list[str]] | None:
 
 def help_commands(parser: argparse.ArgumentParser) -> list[str]:
   """The example commands of a parser's and its subcommands' help texts."""
-  lines = [line for line in f"{parser.description or ''}\n{parser.epilog or ''}".splitlines()]
-  examples = _joined([line for line in lines if line.startswith("  ")])
+  text = f"{parser.description or ''}\n{parser.epilog or ''}"
+  examples = _joined([line for line in text.splitlines() if line.startswith("  ")])
   for action in parser._actions:
     if isinstance(action, argparse._SubParsersAction):
       for subparser in action.choices.values():
@@ -96,26 +96,27 @@ def help_commands(parser: argparse.ArgumentParser) -> list[str]:
   return [c for c in examples if c.startswith("jaxlm ")]
 
 
-README = (ROOT / "README.md").read_text()
-COMMANDS = shell_commands(README) + help_commands(cli._parser())
-JAXLM = [(c, jaxlm_arguments(c)) for c in COMMANDS if jaxlm_arguments(c) is not None]
-BENCH = [(c, bench_arguments(c)) for c in COMMANDS if bench_arguments(c) is not None]
+PARSER = cli._parser()
+HELP_COMMANDS = help_commands(PARSER)
+COMMANDS = shell_commands((ROOT / "README.md").read_text()) + HELP_COMMANDS
+JAXLM = [(c, arguments) for c in COMMANDS if (arguments := jaxlm_arguments(c)) is not None]
+BENCH = [(c, *found) for c in COMMANDS if (found := bench_arguments(c)) is not None]
 
 
 def test_the_readme_shows_commands_of_every_kind():
   subcommands = {arguments[0] for _, arguments in JAXLM if arguments}
   assert {"train", "generate", "convert", "eval", "plan", "data", "baseline", "profile",
           "show-config"} <= subcommands, subcommands
-  assert len(help_commands(cli._parser())) >= 30
-  assert {path.name for _, (path, _) in BENCH} >= {"train_throughput.py", "ceilings.py",
+  assert len(HELP_COMMANDS) >= 30
+  assert {path.name for _, path, _ in BENCH} >= {"train_throughput.py", "ceilings.py",
                                                    "attention_check.py"}
 
 
-@pytest.mark.parametrize("command", [c for c, _ in JAXLM], ids=range(len(JAXLM)))
-def test_each_jaxlm_command_parses_with_its_recipe_and_overrides(command):
-  rest, overrides = cli._split_overrides(jaxlm_arguments(command))
+@pytest.mark.parametrize("command, arguments", JAXLM, ids=range(len(JAXLM)))
+def test_each_jaxlm_command_parses_with_its_recipe_and_overrides(command, arguments):
+  rest, overrides = cli._split_overrides(arguments)
   try:
-    args = cli._parser().parse_args(rest)
+    args = PARSER.parse_args(rest)
   except SystemExit:
     pytest.fail(f"`jaxlm` rejects the arguments of this example: {command}")
   preset = getattr(args, "preset", None)
@@ -133,9 +134,8 @@ def test_each_jaxlm_command_parses_with_its_recipe_and_overrides(command):
     pytest.fail(f"{e}\nin the example: {command}")
 
 
-@pytest.mark.parametrize("command", [c for c, _ in BENCH], ids=range(len(BENCH)))
-def test_each_benchmark_command_parses(command, monkeypatch):
-  path, arguments = bench_arguments(command)
+@pytest.mark.parametrize("command, path, arguments", BENCH, ids=range(len(BENCH)))
+def test_each_benchmark_command_parses(command, path, arguments, monkeypatch):
   monkeypatch.syspath_prepend(str(path.parent))  # as `python bench/x.py` has it
   spec = importlib.util.spec_from_file_location(f"readme_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
@@ -149,7 +149,7 @@ def test_each_benchmark_command_parses(command, monkeypatch):
 def test_a_renamed_flag_or_key_is_caught():
   """The checks above can fail: a flag or key the code does not have is refused."""
   with pytest.raises(SystemExit):
-    cli._parser().parse_args(jaxlm_arguments("jaxlm train --work-dir runs/x"))
+    PARSER.parse_args(jaxlm_arguments("jaxlm train --work-dir runs/x"))
   with pytest.raises(config_lib.ConfigError):
     config_lib.load_config(config_lib.DEFAULT_RECIPE, ["--config.train.step=3"])
   assert jaxlm_arguments("launch/local.sh 2 jaxlm train --workdir w  # a comment") == [
